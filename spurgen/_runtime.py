@@ -1,0 +1,73 @@
+"""Shared run-time helpers: device choice, consoles and progress bars."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, Task,
+                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+
+from .errors import SpurgenError
+
+if TYPE_CHECKING:
+    import torch
+
+# Tables and summaries go to stdout; progress, warnings and errors to stderr so that stdout can be piped.
+console = Console()
+err_console = Console(stderr=True)
+
+
+def resolve_device(name: str = "auto") -> "torch.device":
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; anything else must exist.
+
+    Raises:
+        SpurgenError: the named device is not available.
+    """
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SpurgenError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpurgenError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")
+    return device
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. ``12.3 images/s``."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} {self.unit}/s" if speed else f"-- {self.unit}/s", style="progress.data.speed")
+
+
+def progress_bar(unit: str = "images") -> Progress:
+    """A rich progress bar with count, rate and time left, drawn on stderr."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)

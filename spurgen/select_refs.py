@@ -1,0 +1,196 @@
+"""Stage 1, ``spurgen select-refs``: pick each class's reference images.
+
+An image of class k's spurious set is *consistently spurious* when every classifier's top-1
+prediction is k. Those images are ranked by their weakest vote — the lowest of the classifiers'
+probabilities for k — and the top ``k`` are copied to ``refs/<index>-<name>/`` with
+``selection.json``, which records every scanned image's predictions and why it was or was not kept.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._runtime import console, warn
+from .classifiers import load_classifiers
+from .config import SelectRefsConfig
+from .errors import SpurgenError
+from .images import SpuriousImageNetFolder, list_images
+from .labels import ClassInfo, get_label_set
+from .predict import PredictionCache, Predictions, predict_files
+from .workspace import Workspace, atomic_directory, atomic_write_json, environment_versions, utc_now
+
+__all__ = ["ClassSelection", "select_refs", "class_image_files", "consistency", "print_selection_table"]
+
+SELECTION_FILE = "selection.json"
+
+
+@dataclass
+class ClassSelection:
+    """The outcome of select-refs for one class."""
+
+    cls: ClassInfo
+    scanned: int
+    unreadable: int
+    spurious_per_classifier: dict[str, int]
+    consistent: int
+    selected: list[Path] = field(default_factory=list)
+    folder: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.selected)
+
+
+def class_image_files(classes: Sequence[ClassInfo], dataset: str | None, images: str | None) -> dict[int, list[Path]]:
+    """The image files of each class, from Spurious ImageNet's layout or a plain one-class folder.
+
+    Raises:
+        SpurgenError: no source given, a class missing from the data set, or an empty folder.
+    """
+    if images:
+        folder = Path(images).expanduser()
+        if len(classes) != 1:
+            raise SpurgenError("--images holds one class; pass exactly one class with --classes")
+        if not folder.is_dir():
+            raise SpurgenError(f"image folder {folder} does not exist; check the --images path")
+        found = {classes[0].index: list_images(folder)}
+    elif dataset:
+        spurious = SpuriousImageNetFolder(dataset)
+        missing = [str(c) for c in classes if c.index not in spurious]
+        if missing:
+            raise SpurgenError(f"{spurious.root} has no folder for {', '.join(missing[:5])}"
+                               f"{' ...' if len(missing) > 5 else ''}; check --classes or the --dataset path")
+        found = {c.index: spurious.class_images(c.index) for c in classes}
+    else:
+        raise SpurgenError("no images given; pass --dataset SPURIOUS_IMAGENET/images or --images DIR")
+    empty = [str(c) for c in classes if not found[c.index]]
+    if empty:
+        raise SpurgenError(f"no image files for {', '.join(empty)}; check that the folder holds .png/.jpg images")
+    return found
+
+
+def consistency(predictions: Predictions, rows: list[int], class_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per classifier and image: top-1 index, probability of the class; and the consistency mask.
+
+    Returns:
+        ``top1`` [classifiers, images], ``prob`` [classifiers, images], ``consistent`` [images].
+    """
+    top1 = np.stack([predictions.logits[name][rows].argmax(axis=1) for name in predictions.logits])
+    prob = np.stack([predictions.probabilities(name)[rows, class_index] for name in predictions.logits])
+    return top1, prob, (top1 == class_index).all(axis=0)
+
+
+def _select_class(cls: ClassInfo, files: list[Path], predictions: Predictions, k: int,
+                  workspace: Workspace, manifest_base: dict[str, Any]) -> ClassSelection:
+    readable = [f for f in files if f not in predictions.unreadable]
+    rows = predictions.rows(readable)
+    top1, prob, consistent = consistency(predictions, rows, cls.index)
+    weakest = prob.min(axis=0)
+    # Highest weakest vote first; file name breaks ties so the order never depends on the file system.
+    order = sorted(np.flatnonzero(consistent), key=lambda i: (-weakest[i], readable[i].name))
+    chosen = order[:k]
+    rank = {int(i): r + 1 for r, i in enumerate(chosen)}
+    names = list(predictions.logits)
+    selection = ClassSelection(cls=cls, scanned=len(files), unreadable=len(files) - len(readable),
+                               spurious_per_classifier={n: int((top1[c] == cls.index).sum()) for c, n in enumerate(names)},
+                               consistent=int(consistent.sum()))
+    target = workspace.refs_dir(cls)
+    with atomic_directory(target) as staging:
+        copied: dict[int, str] = {}
+        for i in chosen:
+            source = readable[i]
+            name = source.name if source.name not in copied.values() else f"{source.parent.name}_{source.name}"
+            shutil.copyfile(source, staging / name)
+            copied[int(i)] = name
+        images = []
+        for i, path in enumerate(readable):
+            images.append({
+                "file": str(path),
+                "sha256": predictions.hashes[rows[i]],
+                "consistently_spurious": bool(consistent[i]),
+                "weakest_probability": float(weakest[i]),
+                "selected": i in rank,
+                "rank": rank.get(i),
+                "copied_as": copied.get(i),
+                "predictions": {n: {"top1": int(top1[c, i]), "probability": float(prob[c, i])} for c, n in enumerate(names)},
+            })
+        atomic_write_json(staging / SELECTION_FILE, {
+            **manifest_base,
+            "class": {"index": cls.index, "name": cls.name, "synset": cls.synset, "spurious_feature": cls.spurious_feature},
+            "summary": {"scanned": selection.scanned, "unreadable": selection.unreadable,
+                        "spurious_per_classifier": selection.spurious_per_classifier,
+                        "consistently_spurious": selection.consistent, "selected": len(chosen)},
+            "selected": [copied[int(i)] for i in chosen],
+            "images": images,
+            "unreadable": [{"file": str(f), "reason": predictions.unreadable[f]} for f in files if f in predictions.unreadable],
+        })
+    selection.selected = [target / copied[int(i)] for i in chosen]
+    selection.folder = target
+    return selection
+
+
+def select_refs(config: SelectRefsConfig, workspace: Workspace, classifier_flags: Sequence[str] = ()) -> list[ClassSelection]:
+    """Runs select-refs for every class of ``config`` and writes ``refs/<class>/``.
+
+    Args:
+        config: Resolved settings.
+        workspace: Where references, manifests and the prediction cache go.
+        classifier_flags: ``--classifier NAME=ARCH[@PATH]`` values.
+
+    Raises:
+        SpurgenError: bad input; nothing in the workspace is changed then.
+    """
+    settings = workspace.settings()
+    labels = get_label_set(config.labels)
+    classes = labels.resolve_many(config.classes)
+    files = class_image_files(classes, config.dataset, config.images)
+    workspace.ensure_writable()
+    classifiers = load_classifiers(config.classifiers, classifier_flags, labels, settings, config.crop, config.device)
+    all_files = [f for c in classes for f in files[c.index]]
+    predictions = predict_files(all_files, classifiers, cache=PredictionCache(workspace.cache_dir("predictions")),
+                                batch_size=config.batch_size, num_workers=config.num_workers)
+    for path, reason in predictions.unreadable.items():
+        warn(f"skipped unreadable image {path}: {reason}")
+    manifest_base = {
+        "stage": "select-refs",
+        "created": utc_now(),
+        "versions": environment_versions(),
+        "settings": {**vars(config), "classes": [c.index for c in classes]},
+        "source": {"dataset": config.dataset, "images": config.images},
+        "classifiers": [{"name": c.name, "arch": c.spec.arch, "path": c.spec.path, "crop": c.crop,
+                         "input_size": list(c.input_size), "temperature": c.spec.temperature,
+                         "fingerprint": c.fingerprint()} for c in classifiers],
+        "computed_predictions": predictions.computed,
+    }
+    results = [_select_class(c, files[c.index], predictions, config.k, workspace, manifest_base) for c in classes]
+    for result in results:
+        if not result.ok:
+            warn(f"{result.cls}: no image is predicted as the class by every classifier; nothing selected "
+                 "(try fewer --classifiers or another image folder)")
+        elif len(result.selected) < config.k:
+            warn(f"{result.cls}: only {len(result.selected)} of {config.k} images are consistently spurious; selected those")
+    return results
+
+
+def print_selection_table(results: Sequence[ClassSelection], classifiers: Sequence[str]) -> None:
+    """The per-class summary table of select-refs."""
+    from rich.table import Table
+
+    table = Table(title="select-refs", show_lines=False)
+    table.add_column("class")
+    table.add_column("scanned", justify="right")
+    for name in classifiers:
+        table.add_column(f"spurious\n{name}", justify="right")
+    table.add_column("consistent", justify="right")
+    table.add_column("selected", justify="right")
+    for r in results:
+        style = "" if r.ok else "red"
+        table.add_row(str(r.cls), f"{r.scanned}" + (f" ({r.unreadable} unreadable)" if r.unreadable else ""),
+                      *(str(r.spurious_per_classifier[n]) for n in classifiers), str(r.consistent),
+                      str(len(r.selected)), style=style)
+    console.print(table)

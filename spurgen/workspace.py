@@ -1,0 +1,228 @@
+"""The workspace: one folder holding every stage's outputs at fixed places.
+
+::
+
+    spurgen.toml                      settings (optional)
+    refs/94-hummingbird/              select-refs: reference images + selection.json
+    models/94-hummingbird/<run>/      finetune: LoRA or full weights + training.json + README.md
+    generated/94-hummingbird/<run>/   generate: PNGs + generation.json
+    reports/                          evaluate: evaluation.json/.csv, report.html
+    cache/                            predictions, class images, reference features
+
+Each command finds the previous one's work here without flags. Every file is written to a
+temporary name and renamed, so a crash never leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import tomllib
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import SpurgenError
+from .labels import ClassInfo
+
+__all__ = [
+    "Workspace",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_directory",
+    "safe_name",
+    "environment_versions",
+    "DEFAULT_WORKSPACE",
+]
+
+DEFAULT_WORKSPACE = "spurgen-work"
+SETTINGS_FILE = "spurgen.toml"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
+
+
+def safe_name(name: str, what: str = "name") -> str:
+    """Checks that a user-chosen name (run name, classifier name) is safe to use as one path part.
+
+    Raises:
+        SpurgenError: the name has separators, ``..``, spaces or non-ASCII characters.
+    """
+    if not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise SpurgenError(
+            f"invalid {what} {name!r}; use 1-100 ASCII letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; some file systems do not support it, which is harmless.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    Raises:
+        SpurgenError: the folder is not writable or the disk is full; ``path`` is left untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SpurgenError(
+            f"cannot write {path}: {exc.strerror or exc}; free disk space or choose a writable --workspace"
+        ) from None
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yields an empty temporary folder beside ``final`` that replaces ``final`` on success.
+
+    On an exception the temporary folder is removed and ``final`` keeps its old content. The
+    swap renames the old folder aside first, so at no moment is a half-filled folder visible under
+    the final name.
+    """
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as exc:
+        raise SpurgenError(
+            f"cannot write in {final.parent}: {exc.strerror or exc}; choose a writable --workspace"
+        ) from None
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(final.parent)
+
+
+def environment_versions() -> dict[str, str]:
+    """Versions of Python and the libraries whose behaviour shapes the results, for manifests."""
+    versions = {"python": platform.python_version(), "platform": sys.platform}
+    for package in ("spurgen", "torch", "torchvision", "timm", "diffusers", "transformers", "peft",
+                    "accelerate", "safetensors", "pillow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Workspace:
+    """Paths of one workspace and its settings file.
+
+    Args:
+        root: The workspace folder; created on first write, not on construction.
+    """
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.root)!r})"
+
+    @property
+    def settings_path(self) -> Path:
+        return self.root / SETTINGS_FILE
+
+    def settings(self) -> dict[str, Any]:
+        """The parsed ``spurgen.toml`` (empty when absent).
+
+        Raises:
+            SpurgenError: malformed TOML, with the line and column named.
+        """
+        path = self.settings_path
+        if not path.is_file():
+            return {}
+        try:
+            return tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise SpurgenError(f"{path}: {exc}; fix the TOML syntax there") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpurgenError(f"cannot read {path}: {exc}; check its permissions and encoding") from None
+
+    def refs_dir(self, cls: ClassInfo) -> Path:
+        return self.root / "refs" / cls.dirname
+
+    def class_models_dir(self, cls: ClassInfo) -> Path:
+        return self.root / "models" / cls.dirname
+
+    def model_dir(self, cls: ClassInfo, run: str) -> Path:
+        return self.class_models_dir(cls) / safe_name(run, "run name")
+
+    def class_generated_dir(self, cls: ClassInfo) -> Path:
+        return self.root / "generated" / cls.dirname
+
+    def generated_dir(self, cls: ClassInfo, run: str) -> Path:
+        return self.class_generated_dir(cls) / safe_name(run, "run name")
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    def cache_dir(self, *parts: str) -> Path:
+        return self.root.joinpath("cache", *parts)
+
+    def ensure_writable(self) -> None:
+        """Creates the workspace and proves it writable before long work starts.
+
+        Raises:
+            SpurgenError: the folder cannot be created or written.
+        """
+        atomic_write_bytes(self.root / ".spurgen-write-test", b"")
+        (self.root / ".spurgen-write-test").unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> Any:
+    """Reads a JSON manifest; a missing or corrupt one is a clear error, not a traceback."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpurgenError(f"{path} is missing; run the stage that writes it first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpurgenError(f"{path} is unreadable ({exc}); delete it and re-run the stage that writes it") from None

@@ -1,0 +1,167 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Set at import, before any test module imports huggingface_hub: it reads HF_HUB_OFFLINE once, when imported,
+# so a fixture alone would come too late. Offline, a missing local file fails at once instead of trying the
+# network (which these machines do not have).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hf_hub_offline() -> Iterator[None]:
+    """Keep the Hugging Face libraries offline for the whole session, even if a test changed the variable."""
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+    yield
+    if previous is None:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    else:
+        os.environ["HF_HUB_OFFLINE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Stable Diffusion pipeline folder (64 px, seed 0), built once per session.
+
+    Shared by every test that asks for it: treat it as read-only (copy it before changing anything).
+    """
+    from spurgen._sd_builders import build_stable_diffusion
+
+    return build_stable_diffusion(tmp_path_factory.mktemp("tiny-sd") / "tiny-sd", "tiny", seed=0)
+
+
+# --- Classifiers with known predictions ---------------------------------------------------------------------------
+#
+# Three tiny timm classifiers, saved in three weight formats, whose last linear layer is solved so that on the
+# images of a small Spurious-ImageNet-layout folder they output exactly the logits designed below: for image i of
+# class k, classifier c gives logit SCORES[k][c, i] to class k, 0 to the decoy class and -10 to every other
+# class. So classifier c predicts k iff the score is > 0, with probability ~ sigmoid(score).
+
+RIGGED_CLASSES = {94: "hummingbird", 105: "koala", 557: "flagpole"}
+RIGGED_DECOY = 1
+RIGGED_CLASSIFIERS = ("res-a", "conv-b", "vit-c")
+RIGGED_SCORES = {
+    #          img0  img1  img2  img3  img4  img5  img6  img7
+    94: [[3.0, 1.0, 4.0, 2.5, -2.0, 5.0, 0.5, 3.0],   # res-a
+         [2.0, 5.0, 4.0, 3.0, -1.0, 1.5, 6.0, 3.0],   # conv-b
+         [4.0, 5.0, -1.0, 3.5, -3.0, 2.0, 6.0, 3.0]],  # vit-c
+    105: [[2.0, 2.0, -1.0, 1.0, 3.0, -2.0, 1.0, 2.0],
+          [1.0, 3.0, 2.0, -1.0, 2.0, 2.0, -0.5, 2.5],
+          [2.5, 1.0, 2.0, 2.0, -1.5, 2.0, 1.0, -1.0]],
+    557: [[-1.0, 2.0, 3.0, -2.0, 1.0, 2.0, -1.0, 1.0],
+          [2.0, -1.0, 2.0, 1.0, -2.0, 1.0, 1.0, -1.0],
+          [1.0, 1.0, -3.0, 1.0, 1.0, -1.0, 2.0, 1.0]],
+}
+
+
+class RiggedSetup:
+    """The data set, classifier flags and designed scores of the rigged classifiers."""
+
+    def __init__(self, dataset: Path, flags: dict[str, str], files: dict[int, list[Path]]) -> None:
+        self.dataset = dataset
+        self.flags = flags
+        self.files = files
+
+    def scores(self, class_index: int, classifiers: tuple[str, ...] = RIGGED_CLASSIFIERS):
+        import numpy as np
+
+        rows = [RIGGED_CLASSIFIERS.index(c) for c in classifiers]
+        return np.array(RIGGED_SCORES[class_index])[rows]
+
+    def expected_selection(self, class_index: int, k: int, classifiers: tuple[str, ...] = RIGGED_CLASSIFIERS) -> list[str]:
+        """File names select-refs must choose, in rank order, computed from the designed scores."""
+        scores = self.scores(class_index, classifiers)
+        consistent = [i for i in range(scores.shape[1]) if (scores[:, i] > 0).all()]
+        ranked = sorted(consistent, key=lambda i: -scores[:, i].min())
+        return [self.files[class_index][i].name for i in ranked[:k]]
+
+
+def _noise_image(seed: int, size: int = 40):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.fixture(scope="session")
+def rigged(tmp_path_factory: pytest.TempPathFactory) -> RiggedSetup:
+    """A Spurious-ImageNet-layout folder (3 classes x 8 images) and three rigged classifiers on disk.
+
+    Formats: ``res-a`` a safetensors state dict, ``conv-b`` a timm training checkpoint (``{"state_dict": ...}``
+    with DataParallel's ``module.`` prefix, read with ``torch.load(weights_only=True)``), ``vit-c`` a timm model
+    folder (config.json + model.safetensors).
+    """
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from timm.data import resolve_data_config
+
+    from spurgen.classifiers import Classifier, ClassifierSpec
+    from spurgen.images import load_rgb
+
+    root = tmp_path_factory.mktemp("rigged")
+    dataset = root / "images"
+    files: dict[int, list[Path]] = {}
+    for k, name in RIGGED_CLASSES.items():
+        folder = dataset / f"spurious_imagenet_{k}_{name}_0"
+        folder.mkdir(parents=True)
+        files[k] = []
+        for i in range(8):
+            path = folder / f"{name}_{i:02d}.png"
+            _noise_image(k * 100 + i).save(path)
+            files[k].append(path)
+    (dataset / "timestamp.txt").write_text("rigged test set\n")
+
+    archs = {"res-a": "test_resnet.r160_in1k", "conv-b": "test_convnext.r160_in1k", "vit-c": "test_vit.r160_in1k"}
+    flags: dict[str, str] = {}
+    all_files = [f for k in RIGGED_CLASSES for f in files[k]]
+    for c, (name, arch) in enumerate(archs.items()):
+        torch.manual_seed(c)
+        model = timm.create_model(arch, pretrained=False).eval()
+        wrapper = Classifier(ClassifierSpec(name, arch), model, resolve_data_config(model=model, use_test_size=True))
+        transform = wrapper.transform()
+        with torch.no_grad():
+            features = wrapper.penultimate(torch.stack([transform(load_rgb(f)) for f in all_files])).double()
+        target = torch.full((len(all_files), model.num_classes), -10.0, dtype=torch.float64)
+        target[:, RIGGED_DECOY] = 0.0
+        row = 0
+        for k in RIGGED_CLASSES:
+            for i in range(8):
+                target[row, k] = RIGGED_SCORES[k][c][i]
+                row += 1
+        # Least squares with a bias column: features (N x D+1) @ W^T = target, exact since N < D.
+        design = torch.cat([features, torch.ones(len(all_files), 1, dtype=torch.float64)], dim=1)
+        solution = torch.linalg.lstsq(design, target).solution
+        head = model.get_classifier()
+        head.weight.data = solution[:-1].T.float().contiguous()
+        head.bias.data = solution[-1].float().contiguous()
+        with torch.no_grad():
+            check = wrapper.logits(torch.stack([transform(load_rgb(f)) for f in all_files]))
+        assert torch.allclose(check.double(), target, atol=1e-2), "rigged classifier could not be solved"
+        if name == "res-a":
+            path = root / "res-a.safetensors"
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        elif name == "conv-b":
+            path = root / "conv-b.pth"
+            torch.save({"epoch": 3, "arch": arch,
+                        "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+        else:
+            path = root / "vit-c"
+            timm.models.save_for_hf(model, str(path), safe_serialization=True)
+        flags[name] = f"{name}={arch}@{path}"
+    return RiggedSetup(dataset, flags, files)
