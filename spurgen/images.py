@@ -42,10 +42,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         # PIL's own I -> L conversion clips at 255 instead of rescaling, turning 16-bit images white.
         array = np.asarray(image, dtype=np.float64)
         scale = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        image = Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
     elif image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        image = Image.fromarray(np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent pixels carry arbitrary colours; show them on white as a viewer would.
         rgba = image.convert("RGBA")

@@ -1,0 +1,29 @@
+# One-command set-up and the project's entry points. `make test` is what CI runs (.ci/run).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# The CPU machines we build on have these two wheels on local disk; elsewhere pip fetches them.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/spurgen demo
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) spurgen-work .pytest_cache
