@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -15,8 +16,15 @@ from .errors import SpurgenError
 if TYPE_CHECKING:
     import torch
 
+
+
+def is_main_process() -> bool:
+    """False in the other ranks of ``accelerate launch`` or torchrun, which do their share silently."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 # Tables and summaries go to stdout; progress, warnings and errors to stderr so that stdout can be piped.
-console = Console()
+console = Console(quiet=not is_main_process())
 err_console = Console(stderr=True)
 
 
@@ -56,7 +64,7 @@ class RateColumn(ProgressColumn):
 
 
 def progress_bar(unit: str = "images") -> Progress:
-    """A rich progress bar with count, rate and time left, drawn on stderr."""
+    """A rich progress bar with count, rate and time left, drawn on stderr by the main process."""
     return Progress(
         SpinnerColumn(),
         TextColumn("[progress.description]{task.description}"),
@@ -67,8 +75,11 @@ def progress_bar(unit: str = "images") -> Progress:
         TimeRemainingColumn(),
         console=err_console,
         transient=False,
+        disable=not is_main_process(),
     )
 
 
 def warn(message: str) -> None:
+    if not is_main_process():
+        return
     err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)

@@ -309,6 +309,7 @@ class Classifier:
         self.input_size: tuple[int, int] = tuple(data_config["input_size"][1:])  # type: ignore[assignment]
         self.mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
         self.std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
+        self._fingerprint: str | None = None
 
     @property
     def name(self) -> str:
@@ -369,6 +370,11 @@ class Classifier:
 
     def fingerprint(self) -> str:
         """A hash of everything that determines this classifier's outputs, the prediction cache key."""
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
         weights = self.spec.path
         if weights:
             path = Path(weights).expanduser()

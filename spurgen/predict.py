@@ -121,22 +121,26 @@ def predict_files(files: Sequence[Path], classifiers: Sequence["Classifier"], *,
         description: Progress bar label.
     """
     import torch
+    from accelerate import PartialState
     from torch.utils.data import DataLoader
 
+    # Under `accelerate launch` every process decodes and classifies its own share of the images, then
+    # all results are gathered to every process; alone, the share is everything.
+    state = PartialState()
     files = list(files)
     hashes = [file_sha256(f) for f in files]
     fingerprints = [c.fingerprint() for c in classifiers]
     known = [cache.load(fp) if cache else {} for fp in fingerprints]
     needs = np.array([[h not in k for h in hashes] for k in known], dtype=bool).reshape(len(classifiers), len(files))
     to_decode = [i for i in range(len(files)) if needs[:, i].any()]
+    mine = to_decode[state.process_index::state.num_processes]
     new: list[dict[str, np.ndarray]] = [{} for _ in classifiers]
     unreadable: dict[Path, str] = {}
-    if to_decode:
-        dataset = _DecodeDataset([files[i] for i in to_decode], [c.transform() for c in classifiers], needs[:, to_decode])
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_batch,
-                            persistent_workers=False, pin_memory=False)
+    if mine:
+        dataset = _DecodeDataset([files[i] for i in mine], [c.transform() for c in classifiers], needs[:, mine])
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_batch)
         with progress_bar() as progress, torch.inference_mode():
-            task = progress.add_task(description, total=len(to_decode))
+            task = progress.add_task(description, total=len(mine))
             for batch in loader:
                 for c, classifier in enumerate(classifiers):
                     rows = [(i, tensors[c]) for i, tensors, _ in batch if tensors is not None and tensors[c] is not None]
@@ -144,12 +148,19 @@ def predict_files(files: Sequence[Path], classifiers: Sequence["Classifier"], *,
                         images = torch.stack([t for _, t in rows]).to(classifier.device)
                         logits = classifier.logits(images).float().cpu().numpy()
                         for (i, _), row in zip(rows, logits):
-                            new[c][hashes[to_decode[i]]] = row
+                            new[c][hashes[mine[i]]] = row
                 for i, _, reason in batch:
                     if reason is not None:
-                        unreadable[files[to_decode[i]]] = reason
+                        unreadable[files[mine[i]]] = reason
                 progress.advance(task, len(batch))
-    if cache:
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        for part_new, part_unreadable in gather_object([(new, unreadable)]):
+            for c, entries in enumerate(part_new):
+                new[c].update(entries)
+            unreadable.update(part_unreadable)
+    if cache and state.is_main_process:
         for fingerprint, entries in zip(fingerprints, new):
             cache.add(fingerprint, entries)
     readable = [i for i, f in enumerate(files) if f not in unreadable]

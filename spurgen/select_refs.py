@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from accelerate import PartialState
 
 from ._runtime import console, warn
 from .classifiers import load_classifiers
@@ -85,53 +86,57 @@ def consistency(predictions: Predictions, rows: list[int], class_index: int) -> 
     return top1, prob, (top1 == class_index).all(axis=0)
 
 
-def _select_class(cls: ClassInfo, files: list[Path], predictions: Predictions, k: int,
-                  workspace: Workspace, manifest_base: dict[str, Any]) -> ClassSelection:
+def _rank_class(cls: ClassInfo, files: list[Path], predictions: Predictions, k: int) -> tuple[ClassSelection, list[dict[str, Any]]]:
+    """Ranks one class's images; returns the selection and the per-image manifest entries."""
     readable = [f for f in files if f not in predictions.unreadable]
     rows = predictions.rows(readable)
     top1, prob, consistent = consistency(predictions, rows, cls.index)
     weakest = prob.min(axis=0)
     # Highest weakest vote first; file name breaks ties so the order never depends on the file system.
-    order = sorted(np.flatnonzero(consistent), key=lambda i: (-weakest[i], readable[i].name))
-    chosen = order[:k]
+    chosen = sorted(np.flatnonzero(consistent), key=lambda i: (-weakest[i], readable[i].name))[:k]
     rank = {int(i): r + 1 for r, i in enumerate(chosen)}
     names = list(predictions.logits)
     selection = ClassSelection(cls=cls, scanned=len(files), unreadable=len(files) - len(readable),
                                spurious_per_classifier={n: int((top1[c] == cls.index).sum()) for c, n in enumerate(names)},
-                               consistent=int(consistent.sum()))
+                               consistent=int(consistent.sum()), selected=[readable[i] for i in chosen])
+    images = [{
+        "file": str(path),
+        "sha256": predictions.hashes[rows[i]],
+        "consistently_spurious": bool(consistent[i]),
+        "weakest_probability": float(weakest[i]),
+        "selected": i in rank,
+        "rank": rank.get(i),
+        "predictions": {n: {"top1": int(top1[c, i]), "probability": float(prob[c, i])} for c, n in enumerate(names)},
+    } for i, path in enumerate(readable)]
+    return selection, images
+
+
+def _write_refs(selection: ClassSelection, images: list[dict[str, Any]], unreadable: dict[Path, str],
+                workspace: Workspace, manifest_base: dict[str, Any]) -> None:
+    """Replaces ``refs/<class>/`` with copies of the selected images and ``selection.json``."""
+    cls = selection.cls
     target = workspace.refs_dir(cls)
+    copied: dict[Path, str] = {}
     with atomic_directory(target) as staging:
-        copied: dict[int, str] = {}
-        for i in chosen:
-            source = readable[i]
+        for source in selection.selected:
+            # Two component folders may hold the same file name; prefix the folder to keep both.
             name = source.name if source.name not in copied.values() else f"{source.parent.name}_{source.name}"
             shutil.copyfile(source, staging / name)
-            copied[int(i)] = name
-        images = []
-        for i, path in enumerate(readable):
-            images.append({
-                "file": str(path),
-                "sha256": predictions.hashes[rows[i]],
-                "consistently_spurious": bool(consistent[i]),
-                "weakest_probability": float(weakest[i]),
-                "selected": i in rank,
-                "rank": rank.get(i),
-                "copied_as": copied.get(i),
-                "predictions": {n: {"top1": int(top1[c, i]), "probability": float(prob[c, i])} for c, n in enumerate(names)},
-            })
+            copied[source] = name
+        for entry in images:
+            entry["copied_as"] = copied.get(Path(entry["file"]))
         atomic_write_json(staging / SELECTION_FILE, {
             **manifest_base,
             "class": {"index": cls.index, "name": cls.name, "synset": cls.synset, "spurious_feature": cls.spurious_feature},
             "summary": {"scanned": selection.scanned, "unreadable": selection.unreadable,
                         "spurious_per_classifier": selection.spurious_per_classifier,
-                        "consistently_spurious": selection.consistent, "selected": len(chosen)},
-            "selected": [copied[int(i)] for i in chosen],
+                        "consistently_spurious": selection.consistent, "selected": len(selection.selected)},
+            "selected": [copied[p] for p in selection.selected],
             "images": images,
-            "unreadable": [{"file": str(f), "reason": predictions.unreadable[f]} for f in files if f in predictions.unreadable],
+            "unreadable": [{"file": str(f), "reason": reason} for f, reason in unreadable.items()],
         })
-    selection.selected = [target / copied[int(i)] for i in chosen]
+    selection.selected = [target / copied[p] for p in selection.selected]
     selection.folder = target
-    return selection
 
 
 def select_refs(config: SelectRefsConfig, workspace: Workspace, classifier_flags: Sequence[str] = ()) -> list[ClassSelection]:
@@ -167,7 +172,14 @@ def select_refs(config: SelectRefsConfig, workspace: Workspace, classifier_flags
                          "fingerprint": c.fingerprint()} for c in classifiers],
         "computed_predictions": predictions.computed,
     }
-    results = [_select_class(c, files[c.index], predictions, config.k, workspace, manifest_base) for c in classes]
+    is_main = PartialState().is_main_process  # under `accelerate launch`, one process writes
+    results = []
+    for cls in classes:
+        selection, images = _rank_class(cls, files[cls.index], predictions, config.k)
+        if is_main:
+            unreadable = {f: predictions.unreadable[f] for f in files[cls.index] if f in predictions.unreadable}
+            _write_refs(selection, images, unreadable, workspace, manifest_base)
+        results.append(selection)
     for result in results:
         if not result.ok:
             warn(f"{result.cls}: no image is predicted as the class by every classifier; nothing selected "
