@@ -15,6 +15,7 @@ from .errors import SpurgenError
 
 if TYPE_CHECKING:
     import torch
+    from accelerate import PartialState
 
 
 
@@ -26,6 +27,18 @@ def is_main_process() -> bool:
 # Tables and summaries go to stdout; progress, warnings and errors to stderr so that stdout can be piped.
 console = Console(quiet=not is_main_process())
 err_console = Console(stderr=True)
+
+
+def distributed_state() -> "PartialState":
+    """accelerate's view of the processes of this run: one alone, N under ``accelerate launch``/torchrun.
+
+    ``cpu=True`` where no GPU exists lets processes started with ``--multi_gpu`` join over gloo instead of
+    each running alone.
+    """
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def resolve_device(name: str = "auto") -> "torch.device":

@@ -234,7 +234,7 @@ def load_state_dict_file(path: Path) -> dict[str, "torch.Tensor"]:
     except Exception as exc:  # noqa: BLE001 - any parse failure of a user file is a user error
         raise SpurgenError(f"cannot read weights from {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                            "give a safetensors file or a torch state dict") from None
-    for key in ("state_dict_ema", "state_dict", "model_state_dict", "model"):
+    for key in ("state_dict_ema", "state_dict", "model_state_dict", "model", "params"):  # params: pyiqa
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break

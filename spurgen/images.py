@@ -113,7 +113,7 @@ class SpuriousImageNetFolder:
     rest of the name is not documented and not relied on.
 
     Args:
-        root: The ``images/`` folder (the folder holding the class sub-folders).
+        root: The ``images/`` folder (the folder holding the class sub-folders), or the folder above it.
 
     Raises:
         SpurgenError: the folder is missing or a sub-folder's name does not follow the layout.
@@ -121,6 +121,9 @@ class SpuriousImageNetFolder:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser()
+        if (self.root / "images").is_dir():
+            # The data set's top folder (images/ beside spurious_imagenet_classes.tsv) is accepted as well.
+            self.root = self.root / "images"
         if not self.root.is_dir():
             raise SpurgenError(f"dataset folder {self.root} does not exist; pass Spurious ImageNet's 'images' folder to --dataset")
         self.folders: dict[int, list[SpuriousClassFolder]] = {}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ._runtime import progress_bar, warn
+from ._runtime import distributed_state, progress_bar, warn
 from .images import UnreadableImage, file_sha256, load_rgb
 from .workspace import atomic_write_bytes
 
@@ -121,18 +121,22 @@ def predict_files(files: Sequence[Path], classifiers: Sequence["Classifier"], *,
         description: Progress bar label.
     """
     import torch
-    from accelerate import PartialState
     from torch.utils.data import DataLoader
 
     # Under `accelerate launch` every process decodes and classifies its own share of the images, then
     # all results are gathered to every process; alone, the share is everything.
-    state = PartialState()
+    state = distributed_state()
     files = list(files)
     hashes = [file_sha256(f) for f in files]
     fingerprints = [c.fingerprint() for c in classifiers]
     known = [cache.load(fp) if cache else {} for fp in fingerprints]
     needs = np.array([[h not in k for h in hashes] for k in known], dtype=bool).reshape(len(classifiers), len(files))
-    to_decode = [i for i in range(len(files)) if needs[:, i].any()]
+    # Files with the same content (a reference image and its original in the data set) are decoded and
+    # classified once.
+    first_of: dict[str, int] = {}
+    for i, digest in enumerate(hashes):
+        first_of.setdefault(digest, i)
+    to_decode = [i for i in range(len(files)) if first_of[hashes[i]] == i and needs[:, i].any()]
     mine = to_decode[state.process_index::state.num_processes]
     new: list[dict[str, np.ndarray]] = [{} for _ in classifiers]
     unreadable: dict[Path, str] = {}
@@ -163,6 +167,8 @@ def predict_files(files: Sequence[Path], classifiers: Sequence["Classifier"], *,
     if cache and state.is_main_process:
         for fingerprint, entries in zip(fingerprints, new):
             cache.add(fingerprint, entries)
+    bad_content = {h: unreadable[f] for f, h in zip(files, hashes) if f in unreadable}
+    unreadable = {f: bad_content[h] for f, h in zip(files, hashes) if h in bad_content}
     readable = [i for i, f in enumerate(files) if f not in unreadable]
     logits = {}
     for c, classifier in enumerate(classifiers):

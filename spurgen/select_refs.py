@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from accelerate import PartialState
 
-from ._runtime import console, warn
-from .classifiers import load_classifiers
+from ._runtime import console, distributed_state, warn
+from .classifiers import Classifier, load_classifiers
 from .config import SelectRefsConfig
 from .errors import SpurgenError
 from .images import SpuriousImageNetFolder, list_images
@@ -25,7 +24,8 @@ from .labels import ClassInfo, get_label_set
 from .predict import PredictionCache, Predictions, predict_files
 from .workspace import Workspace, atomic_directory, atomic_write_json, environment_versions, utc_now
 
-__all__ = ["ClassSelection", "select_refs", "class_image_files", "consistency", "print_selection_table"]
+__all__ = ["ClassSelection", "select_refs", "class_image_files", "consistency", "classifier_records",
+           "print_selection_table"]
 
 SELECTION_FILE = "selection.json"
 
@@ -139,6 +139,12 @@ def _write_refs(selection: ClassSelection, images: list[dict[str, Any]], unreada
     selection.folder = target
 
 
+def classifier_records(classifiers: Sequence[Classifier]) -> list[dict[str, Any]]:
+    """What a manifest records of each classifier: where it came from and what decides its outputs."""
+    return [{"name": c.name, "arch": c.spec.arch, "path": c.spec.path, "crop": c.crop, "input_size": list(c.input_size),
+             "temperature": c.spec.temperature, "fingerprint": c.fingerprint()} for c in classifiers]
+
+
 def select_refs(config: SelectRefsConfig, workspace: Workspace, classifier_flags: Sequence[str] = ()) -> list[ClassSelection]:
     """Runs select-refs for every class of ``config`` and writes ``refs/<class>/``.
 
@@ -161,22 +167,21 @@ def select_refs(config: SelectRefsConfig, workspace: Workspace, classifier_flags
                                 batch_size=config.batch_size, num_workers=config.num_workers)
     for path, reason in predictions.unreadable.items():
         warn(f"skipped unreadable image {path}: {reason}")
+    state = distributed_state()
     manifest_base = {
         "stage": "select-refs",
         "created": utc_now(),
         "versions": environment_versions(),
         "settings": {**vars(config), "classes": [c.index for c in classes]},
         "source": {"dataset": config.dataset, "images": config.images},
-        "classifiers": [{"name": c.name, "arch": c.spec.arch, "path": c.spec.path, "crop": c.crop,
-                         "input_size": list(c.input_size), "temperature": c.spec.temperature,
-                         "fingerprint": c.fingerprint()} for c in classifiers],
+        "classifiers": classifier_records(classifiers),
         "computed_predictions": predictions.computed,
+        "processes": state.num_processes,
     }
-    is_main = PartialState().is_main_process  # under `accelerate launch`, one process writes
     results = []
     for cls in classes:
         selection, images = _rank_class(cls, files[cls.index], predictions, config.k)
-        if is_main:
+        if state.is_main_process:  # under `accelerate launch`, one process writes
             unreadable = {f: predictions.unreadable[f] for f in files[cls.index] if f in predictions.unreadable}
             _write_refs(selection, images, unreadable, workspace, manifest_base)
         results.append(selection)

@@ -10,9 +10,13 @@ from pathlib import Path
 
 
 def accelerate_launch(*args: str, processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Runs ``accelerate launch --cpu --num_processes N -m spurgen ARGS`` and returns the finished process."""
+    """Runs ``accelerate launch --multi_gpu --num_processes N -m spurgen ARGS`` on the CPU (gloo).
+
+    ``--cpu --num_processes N`` would start a single process unless mpirun is set up; ``--multi_gpu`` on a
+    machine without GPUs starts N torch.distributed processes that fall back to the gloo backend.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "spurgen", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -20,7 +24,7 @@ def accelerate_launch(*args: str, processes: int = 2, timeout: int = 600) -> sub
 
 def _selection_without_timestamps(path: Path) -> dict:
     manifest = json.loads(path.read_text())
-    for key in ("created", "computed_predictions"):
+    for key in ("created", "computed_predictions", "processes"):
         manifest.pop(key)
     return manifest
 
@@ -40,6 +44,9 @@ def test_select_refs_with_two_processes_equals_one(rigged, tmp_path):
         assert one == two
         names = sorted(p.name for p in (tmp_path / "two" / "refs" / folder).iterdir())
         assert names == sorted(p.name for p in (tmp_path / "one" / "refs" / folder).iterdir())
-    # each process computed its half; the cache holds every image once per classifier
+    one = json.loads((tmp_path / "one" / "refs" / "94-hummingbird" / "selection.json").read_text())
+    two = json.loads((tmp_path / "two" / "refs" / "94-hummingbird" / "selection.json").read_text())
+    assert (one["processes"], two["processes"]) == (1, 2)
+    # each process computed its half, the main process wrote them: every image once per classifier
     shards = list((tmp_path / "two" / "cache" / "predictions").rglob("*.safetensors"))
     assert len(shards) == 3

@@ -1,0 +1,131 @@
+"""Helpers shared by the benchmarks: repeated timing, medians, peak memory, and the printed comparison.
+
+Every benchmark times our code and a bare baseline doing the same work in the same process, a few
+repetitions each after a warm-up, and reports the ratio of the medians. Absolute numbers depend on
+the machine; the ratio is what a benchmark asserts about our overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+__all__ = ["Measurement", "measure", "peak_memory", "compare", "save_result"]
+
+RESULTS_FILE = Path(__file__).with_name("results.json")
+
+
+@dataclass
+class Measurement:
+    """Wall-clock seconds of each repetition of one timed function, and its peak memory."""
+
+    seconds: list[float]
+    peak_memory_mb: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def rate(self, items: int) -> float:
+        """Items per second at the median time."""
+        return items / self.median
+
+
+def _rss_mb() -> float | None:
+    # /proc/self/statm gives the resident set now (ru_maxrss only has the lifetime peak, which
+    # cannot be reset between our run and the baseline's).
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@contextmanager
+def peak_memory(device: str = "cpu", interval_s: float = 0.01) -> Iterator[dict[str, float | None]]:
+    """Measures the peak memory of the block: CUDA's allocator peak on a GPU, sampled RSS on the CPU.
+
+    Yields a dict whose ``"mb"`` is filled in when the block ends (``None`` where not measurable).
+    """
+    result: dict[str, float | None] = {"mb": None}
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        yield result
+        torch.cuda.synchronize()
+        result["mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            value = _rss_mb()
+            if value is not None:
+                samples.append(value)
+            stop.wait(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        sampler.join()
+        result["mb"] = max(samples) if samples else None
+
+
+def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, device: str = "cpu") -> Measurement:
+    """Times ``fn`` ``repeats`` times after ``warmup`` untimed calls; peak memory over the timed calls."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    with peak_memory(device) as memory:
+        for _ in range(repeats):
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+    return Measurement(seconds, memory["mb"])
+
+
+def _memory_note(measurement: Measurement) -> str:
+    return f", peak {measurement.peak_memory_mb:.0f} MB" if measurement.peak_memory_mb is not None else ""
+
+
+def compare(name: str, ours: Measurement, baseline: Measurement, items: int, unit: str, target: float) -> dict[str, Any]:
+    """Prints ours vs the baseline as rates (items per second) and their ratio against the target."""
+    ratio = ours.rate(items) / baseline.rate(items)
+    verdict = "ok" if ratio >= target else "BELOW TARGET"
+    print(f"{name}: ours {ours.rate(items):.2f} {unit}/s (median of {len(ours.seconds)}{_memory_note(ours)}) | "
+          f"baseline {baseline.rate(items):.2f} {unit}/s (median of {len(baseline.seconds)}{_memory_note(baseline)}) | "
+          f"ratio {ratio:.3f} (target >= {target}) {verdict}")
+    return {"name": name, "unit": f"{unit}/s", "items": items, "ours": ours.rate(items), "baseline": baseline.rate(items),
+            "ratio": ratio, "target": target, "ours_seconds": ours.seconds, "baseline_seconds": baseline.seconds,
+            "ours_peak_mb": ours.peak_memory_mb, "baseline_peak_mb": baseline.peak_memory_mb,
+            "ours_extra": ours.extra, "baseline_extra": baseline.extra}
+
+
+def save_result(benchmark: str, result: dict[str, Any]) -> None:
+    """Records a benchmark's latest result in ``bench/results.json`` (not versioned), keyed by benchmark."""
+    try:
+        results = json.loads(RESULTS_FILE.read_text())
+    except (OSError, json.JSONDecodeError):
+        results = {}
+    results[benchmark] = {**result, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    RESULTS_FILE.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,203 @@
+"""The base Stable Diffusion model: finding it (a folder or a hub id), describing it, and loading its parts.
+
+Training needs the parts separately (tokenizer, text encoder, VAE, UNet, the training noise schedule) and
+samples images with a pipeline assembled from them, so the weights are loaded once and shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import SpurgenError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+__all__ = ["BaseModel", "Components", "resolve_base_model", "load_components", "sampling_pipeline", "image_generator"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+# Bytes read from each end of a weight file for the fingerprint: enough to tell apart two checkpoints of the
+# same architecture, without reading gigabytes on every run.
+_FINGERPRINT_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """Where a base model is and what it is.
+
+    Args:
+        name: The id or path as the user gave it (recorded as is in manifests).
+        path: The local diffusers folder (for a hub id, its snapshot in the Hugging Face cache).
+        local: The user gave a folder (not a hub id).
+        revision: The hub commit of the snapshot; ``None`` for a local folder.
+        fingerprint: A hash of the folder's configs and weight files, the cache key of what it generates.
+        prediction_type: What the UNet predicts: ``epsilon``, ``v_prediction`` or ``sample``.
+        resolution: The native image side (UNet sample size x VAE scale factor).
+        size_multiple: Image sides must be a multiple of this (every UNet level halves the latent).
+    """
+
+    name: str
+    path: Path
+    local: bool
+    revision: str | None
+    fingerprint: str
+    prediction_type: str
+    resolution: int
+    size_multiple: int
+
+
+def _read_config(path: Path, where: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SpurgenError(f"{where}: cannot read {path} ({exc}); give a complete diffusers Stable Diffusion folder") from None
+
+
+def _fingerprint(folder: Path) -> str:
+    """Hash of the configs and of each weight file's size and first and last megabyte."""
+    digest = hashlib.sha256()
+    for part in _PARTS:
+        for file in sorted((folder / part).glob("*")):
+            if not file.is_file():
+                continue
+            digest.update(f"{part}/{file.name}:{file.stat().st_size}".encode())
+            with open(file, "rb") as handle:
+                digest.update(handle.read(_FINGERPRINT_BYTES))
+                handle.seek(max(0, file.stat().st_size - _FINGERPRINT_BYTES))
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def _download(name: str) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        # The safety checker (1.2 GB) is never used for training: passing None skips its download.
+        return Path(StableDiffusionPipeline.download(name, safety_checker=None, feature_extractor=None))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, gated repository, network failure
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpurgenError(f"cannot find base model '{name}': not a local folder, and the hub gave: {first}; "
+                           "pass --model with a diffusers folder, or check the id and the network") from None
+
+
+def resolve_base_model(name: str) -> BaseModel:
+    """Finds a base model and reads what training needs to know from its configs (no weights loaded).
+
+    Raises:
+        SpurgenError: the folder does not exist or is not a Stable Diffusion folder, or the hub id cannot be
+            fetched.
+    """
+    folder = Path(name).expanduser()
+    local = folder.exists() or not _HUB_ID.fullmatch(name)
+    if local and not folder.is_dir():
+        raise SpurgenError(f"base model folder {folder} does not exist; check --model (a diffusers folder or a hub id)")
+    path = folder.resolve() if local else _download(name)
+    where = f"base model {name}"
+    index = _read_config(path / "model_index.json", where)
+    missing = [part for part in _PARTS if part not in index or not (path / part).is_dir()]
+    if missing:
+        raise SpurgenError(f"{where} has no {', '.join(missing)}; give a Stable Diffusion pipeline folder "
+                           "(model_index.json with tokenizer, text_encoder, vae, unet and scheduler)")
+    unet = _read_config(path / "unet" / "config.json", where)
+    vae = _read_config(path / "vae" / "config.json", where)
+    scheduler = _read_config(path / "scheduler" / "scheduler_config.json", where)
+    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    sample_size = unet["sample_size"] if isinstance(unet["sample_size"], int) else unet["sample_size"][0]
+    return BaseModel(
+        name=name, path=path, local=local,
+        revision=None if local else path.name,
+        fingerprint=_fingerprint(path),
+        prediction_type=scheduler.get("prediction_type", "epsilon"),
+        resolution=sample_size * vae_scale,
+        size_multiple=vae_scale * 2 ** (len(unet["block_out_channels"]) - 1),
+    )
+
+
+@dataclass
+class Components:
+    """The parts of a Stable Diffusion pipeline, loaded for training.
+
+    ``noise_scheduler`` is a DDPM scheduler with the model's training schedule (it adds noise and gives
+    velocities); ``sampler`` is the model's own inference scheduler, used for class and validation images.
+    """
+
+    tokenizer: "CLIPTokenizer"
+    text_encoder: "CLIPTextModel"
+    vae: "AutoencoderKL"
+    unet: "UNet2DConditionModel"
+    noise_scheduler: "DDPMScheduler"
+    sampler: "SchedulerMixin"
+
+
+def load_components(base: BaseModel, attention: str = "sdpa", *, unet_dtype: "torch.dtype | None" = None,
+                    text_encoder_dtype: "torch.dtype | None" = None, vae_dtype: "torch.dtype | None" = None) -> Components:
+    """Loads the parts of the base model on the CPU.
+
+    Args:
+        base: The resolved base model.
+        attention: ``sdpa`` (PyTorch's fused attention) or ``eager`` (the plain matmul-softmax kernels).
+        unet_dtype, text_encoder_dtype, vae_dtype: Weight precision of each part (default float32). Loading
+            in the final precision avoids casting afterwards.
+
+    Raises:
+        SpurgenError: a part is missing or its weights do not load.
+    """
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = base.path
+    # Explicit, since a folder may store half-precision weights that training must not inherit by accident.
+    float32 = torch.float32
+    try:
+        sampler_class = getattr(diffusers, _read_config(path / "model_index.json", base.name)["scheduler"][1])
+        components = Components(
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", attn_implementation=attention,
+                                                       dtype=text_encoder_dtype or float32),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype or float32),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=unet_dtype or float32),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+            sampler=sampler_class.from_pretrained(path, subfolder="scheduler"),
+        )
+    except SpurgenError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt files, unknown classes, mismatched shapes
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpurgenError(f"cannot load base model '{base.name}' from {path}: {first}; "
+                           "check that it is a complete Stable Diffusion folder") from None
+    processor = AttnProcessor2_0() if attention == "sdpa" else AttnProcessor()
+    components.unet.set_attn_processor(processor)
+    components.vae.set_attn_processor(processor)
+    return components
+
+
+def sampling_pipeline(components: Components, unet: "UNet2DConditionModel | None" = None,
+                      text_encoder: "CLIPTextModel | None" = None) -> "StableDiffusionPipeline":
+    """A text-to-image pipeline over loaded parts (no copy), optionally with trained UNet / text encoder."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=text_encoder or components.text_encoder, tokenizer=components.tokenizer,
+        unet=unet or components.unet, scheduler=components.sampler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def image_generator(seed: int) -> "torch.Generator":
+    """A CPU generator: the same seed gives the same image on every device."""
+    import torch
+
+    return torch.Generator("cpu").manual_seed(seed)

@@ -1,0 +1,60 @@
+"""LoRA adapters for the UNet and the CLIP text encoder, saved in the format plain diffusers loads.
+
+Target modules are those of diffusers' DreamBooth LoRA script: the attention projections of the UNet
+(``to_q/k/v``, ``to_out.0``, and ``add_k/v_proj`` where a model has them) and of the text encoder
+(``q/k/v_proj``, ``out_proj``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["LORA_WEIGHTS_NAME", "UNET_TARGETS", "TEXT_ENCODER_TARGETS", "add_lora", "save_lora"]
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def add_lora(model: "torch.nn.Module", targets: tuple[str, ...], rank: int, alpha: float) -> None:
+    """Adds a trainable LoRA adapter (peft) to ``model`` in place and freezes everything else.
+
+    ``init_lora_weights="gaussian"`` starts B at zero, so the adapted model equals the base model at step 0.
+    """
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)))
+
+
+def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Module | None") -> Path:
+    """Writes ``pytorch_lora_weights.safetensors`` for ``StableDiffusionPipeline.load_lora_weights``.
+
+    The adapter metadata (rank, alpha, targets) goes into the file: without it a loader assumes
+    alpha = rank and silently scales the update differently (method.md §5).
+
+    Returns:
+        The written file.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    def layers(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
+        # Embeddings are never adapted; saying so keeps peft from probing the hub for the base model's config.
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
+
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=layers(unet),
+        text_encoder_lora_layers=layers(text_encoder) if text_encoder is not None else None,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=(text_encoder.peft_config["default"].to_dict()
+                                            if text_encoder is not None else None),
+        safe_serialization=True,
+    )
+    return Path(folder) / LORA_WEIGHTS_NAME

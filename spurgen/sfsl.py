@@ -1,0 +1,288 @@
+"""The spurious feature similarity loss (SFSL) and the class-wise neural PCA it can use (method.md §2).
+
+For class k and a classifier with penultimate features phi(x) and last linear layer rows w_k:
+
+- ``contrib`` (default): s_k(x) = w_k * phi(x), the contribution of every feature to the class-k logit.
+- ``npca``: Spurious ImageNet's neural PCA coordinates
+  alpha_k(x) = ((w_k * phi(x)) - mu_k) @ V_k * (1^T V_k), with mu_k and V_k (eigenvectors, descending
+  eigenvalues) fitted on real images of class k by ``spurgen fit-npca``; optionally only the class's
+  spurious components.
+
+L_SFSL = 1 - cos(s_k(x_gen), s_k(x_ref)). x_gen comes from the training step (decoded one-step estimate,
+differentiable); x_ref is the clean reference image of the same row, whose features are computed once.
+Images enter as [-1, 1] tensors at the training resolution, exactly as the diffusion model sees them, and
+are mapped to the classifier's [0, 1] input here, the same way for x_gen and x_ref.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._runtime import progress_bar, warn
+from .classifiers import Classifier, load_classifiers
+from .config import FitNpcaConfig
+from .errors import SpurgenError
+from .images import UnreadableImage, list_images, load_rgb
+from .labels import ClassInfo, get_label_set
+from .workspace import Workspace, atomic_write_bytes
+
+if TYPE_CHECKING:
+    from .config import FinetuneConfig
+
+__all__ = [
+    "NeuralPCA",
+    "SpuriousFeature",
+    "SpuriousFeatureLoss",
+    "to_classifier_input",
+    "spurious_feature",
+    "npca_path",
+    "fit_npca",
+    "NpcaFit",
+]
+
+
+def to_classifier_input(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[-1, 1] images at any size -> [0, 1] float32 images at the classifier's input size, differentiably."""
+    images = (images.float() / 2 + 0.5).clamp(0, 1)  # resampling kernels lack half precision on some devices
+    if tuple(images.shape[-2:]) != tuple(size):
+        # Antialiasing matters when 512 px shrink to 224: without it the classifier sees aliased pixels.
+        images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return images
+
+
+@dataclass
+class NeuralPCA:
+    """A class's neural PCA of last-layer contributions w_k * phi(x) over real images of the class.
+
+    Args:
+        mean: mu_k, [D].
+        components: V_k, eigenvectors as columns by descending eigenvalue, [D, D].
+        eigenvalues: descending, [D].
+        classifier: Registry name of the classifier it was fitted with.
+        fingerprint: That classifier's fingerprint (weights, preprocessing); finetune checks it.
+        class_index: k.
+        num_images: Images it was fitted on.
+    """
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    eigenvalues: torch.Tensor
+    classifier: str
+    fingerprint: str
+    class_index: int
+    num_images: int
+
+    @classmethod
+    def fit(cls, contributions: torch.Tensor, classifier: Classifier, class_index: int) -> "NeuralPCA":
+        """Fits mu_k and V_k on contributions [N, D] (float64 eigendecomposition of the covariance)."""
+        values = contributions.double()
+        mean = values.mean(dim=0)
+        centered = values - mean
+        covariance = centered.T @ centered / max(len(values) - 1, 1)
+        eigenvalues, vectors = torch.linalg.eigh(covariance)  # ascending
+        return cls(mean=mean.float(), components=vectors.flip(1).float().contiguous(),
+                   eigenvalues=eigenvalues.flip(0).float().contiguous(), classifier=classifier.name,
+                   fingerprint=classifier.fingerprint(), class_index=class_index, num_images=len(values))
+
+    def coordinates(self, contributions: torch.Tensor, columns: Sequence[int] | None = None) -> torch.Tensor:
+        """alpha_k: ((c - mu_k) @ V_k) * (1^T V_k), over all components or the given ones."""
+        vectors = self.components if columns is None else self.components[:, list(columns)]
+        return ((contributions - self.mean) @ vectors) * vectors.sum(dim=0)
+
+    def to(self, device: torch.device | str) -> "NeuralPCA":
+        self.mean, self.components = self.mean.to(device), self.components.to(device)
+        return self
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save
+
+        metadata = {"classifier": self.classifier, "fingerprint": self.fingerprint,
+                    "class_index": str(self.class_index), "num_images": str(self.num_images)}
+        atomic_write_bytes(path, save({"mean": self.mean, "components": self.components,
+                                       "eigenvalues": self.eigenvalues}, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: Path) -> "NeuralPCA":
+        """Reads a saved fit.
+
+        Raises:
+            SpurgenError: the file is missing or not a neural PCA file.
+        """
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise SpurgenError(f"no neural PCA at {path}; run spurgen fit-npca for the class first")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in ("mean", "components", "eigenvalues")}
+            return cls(**tensors, classifier=meta["classifier"], fingerprint=meta["fingerprint"],
+                       class_index=int(meta["class_index"]), num_images=int(meta["num_images"]))
+        except Exception as exc:  # noqa: BLE001 - truncated or foreign files
+            raise SpurgenError(f"{path} is not a neural PCA file ({type(exc).__name__}); run spurgen fit-npca again") from None
+
+
+class SpuriousFeature(torch.nn.Module):
+    """s_k(x) of one class: the contributions w_k * phi(x), or their neural PCA coordinates.
+
+    Args:
+        classifier: The frozen classifier (its last layer must be linear).
+        class_index: k.
+        npca: The class's neural PCA for the ``npca`` feature; ``None`` for ``contrib``.
+        columns: Components of the neural PCA to keep; ``None`` keeps all.
+    """
+
+    def __init__(self, classifier: Classifier, class_index: int, npca: NeuralPCA | None = None,
+                 columns: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.register_buffer("weight", classifier.last_linear().weight[class_index].detach().clone())
+        self.npca = npca.to(classifier.device) if npca is not None else None
+        self.columns = list(columns) if columns is not None else None
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.classifier.input_size
+
+    def contributions(self, images: torch.Tensor) -> torch.Tensor:
+        """w_k * phi(x) of [0, 1] images at the input size."""
+        return self.classifier.penultimate(images) * self.weight
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        contributions = self.contributions(images)
+        return contributions if self.npca is None else self.npca.coordinates(contributions, self.columns)
+
+
+class SpuriousFeatureLoss:
+    """L_SFSL of a class over its reference images, applied to rows with timestep <= ``max_timestep``.
+
+    Args:
+        feature: s_k.
+        reference_pixels: The reference images [N, 3, H, W] in [-1, 1], as training sees them.
+        max_timestep: The bound on t; rows above it get no SFSL (nothing is decoded or classified for them).
+    """
+
+    def __init__(self, feature: SpuriousFeature, reference_pixels: torch.Tensor, max_timestep: int) -> None:
+        self.feature = feature
+        self.max_timestep = max_timestep
+        with torch.no_grad():
+            self.reference = feature(to_classifier_input(reference_pixels.to(feature.weight.device),
+                                                         feature.input_size)).float()
+
+    def rows(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Indices of the rows SFSL applies to."""
+        return torch.nonzero(timesteps <= self.max_timestep).flatten()
+
+    def __call__(self, generated: torch.Tensor, reference_index: torch.Tensor) -> torch.Tensor:
+        """Mean of 1 - cos(s_k(x_gen), s_k(x_ref)) over rows.
+
+        Args:
+            generated: x_gen [R, 3, H, W] in [-1, 1], carrying gradients.
+            reference_index: The reference image of each row, [R].
+        """
+        features = self.feature(to_classifier_input(generated, self.feature.input_size)).float()
+        return (1 - F.cosine_similarity(features, self.reference[reference_index], dim=1)).mean()
+
+
+def npca_path(workspace: Workspace, classifier: str, cls: ClassInfo) -> Path:
+    """Where fit-npca saves a class's neural PCA for one classifier: ``npca/<classifier>/<class>.safetensors``."""
+    return workspace.root / "npca" / classifier / f"{cls.dirname}.safetensors"
+
+
+def spurious_feature(classifier: Classifier, cls: ClassInfo, config: "FinetuneConfig", workspace: Workspace) -> SpuriousFeature:
+    """Builds s_k for finetune's settings, checking everything it needs before training starts.
+
+    Raises:
+        SpurgenError: the classifier has no last linear layer or too few outputs, the neural PCA is missing
+            or was fitted with another classifier, or the class lists no spurious components.
+    """
+    classifier.last_linear()  # raises for a head that is not a linear layer
+    if cls.index >= classifier.num_classes:
+        raise SpurgenError(f"--sfsl-model '{classifier.name}' has {classifier.num_classes} outputs, so no class "
+                           f"{cls.index}; choose a classifier of the label set")
+    if config.sfsl_feature == "contrib":
+        return SpuriousFeature(classifier, cls.index)
+    path = npca_path(workspace, classifier.name, cls)
+    npca = NeuralPCA.load(path)
+    if npca.fingerprint != classifier.fingerprint() or npca.class_index != cls.index:
+        raise SpurgenError(f"{path} was fitted with another classifier or class; run spurgen fit-npca --classes "
+                           f"{cls.index} --sfsl-model {classifier.name} again")
+    columns = None
+    if config.sfsl_npca_components == "spurious":
+        if not cls.npca_components:
+            raise SpurgenError(f"{cls} lists no spurious neural PCA components in the '{config.labels}' label set; "
+                               "use --sfsl-npca-components all")
+        columns = list(cls.npca_components)
+        if max(columns) >= npca.components.shape[1]:
+            raise SpurgenError(f"{cls}: component {max(columns)} does not exist in {path} "
+                               f"({npca.components.shape[1]} components); use --sfsl-npca-components all")
+    return SpuriousFeature(classifier, cls.index, npca, columns)
+
+
+# --- fit-npca ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NpcaFit:
+    """The outcome of fit-npca for one class."""
+
+    cls: ClassInfo
+    classifier: str
+    path: Path
+    num_images: int
+    unreadable: int
+    dimensions: int
+    top_variance: list[float]
+
+
+def fit_npca(config: FitNpcaConfig, workspace: Workspace, classifier_flags: Sequence[str] = ()) -> NpcaFit:
+    """Fits and saves a class's neural PCA from a folder of real images of the class.
+
+    Images are preprocessed by the classifier's own data config (resize and center crop, as Spurious
+    ImageNet treats real images).
+
+    Raises:
+        SpurgenError: bad input: a missing folder, too few readable images, a classifier without a last
+            linear layer; nothing is written then.
+    """
+    labels = get_label_set(config.labels)
+    cls = labels.resolve(config.classes[0])
+    folder = Path(config.images or "").expanduser()
+    if not folder.is_dir():
+        raise SpurgenError(f"image folder {folder} does not exist; check the --images path")
+    files = list_images(folder)
+    if len(files) < 2:
+        raise SpurgenError(f"{folder} has {len(files)} image files; the neural PCA needs at least 2 (ideally hundreds)")
+    workspace.ensure_writable()
+    classifier = load_classifiers([config.sfsl_model], classifier_flags, labels, workspace.settings(), None,
+                                  config.device)[0]
+    feature = SpuriousFeature(classifier, cls.index)
+    transform = classifier.transform()
+    contributions, unreadable = [], 0
+    with progress_bar("images") as progress, torch.no_grad():
+        task = progress.add_task(f"neural PCA of {cls.name}", total=len(files))
+        for start in range(0, len(files), config.batch_size):
+            batch = []
+            for path in files[start:start + config.batch_size]:
+                try:
+                    batch.append(transform(load_rgb(path)))
+                except UnreadableImage as exc:
+                    warn(f"skipped unreadable image {path}: {exc}")
+                    unreadable += 1
+            if batch:
+                contributions.append(feature.contributions(torch.stack(batch).to(classifier.device)).cpu())
+            progress.advance(task, len(files[start:start + config.batch_size]))
+    values = torch.cat(contributions) if contributions else torch.empty(0)
+    if len(values) < 2:
+        raise SpurgenError(f"{folder} has fewer than 2 readable images; the neural PCA needs at least 2")
+    npca = NeuralPCA.fit(values, classifier, cls.index)
+    path = npca_path(workspace, classifier.name, cls)
+    npca.save(path)
+    share = (npca.eigenvalues / npca.eigenvalues.clamp(min=0).sum().clamp(min=1e-12))[:3]
+    return NpcaFit(cls=cls, classifier=classifier.name, path=path, num_images=len(values), unreadable=unreadable,
+                   dimensions=int(npca.mean.numel()), top_variance=[round(float(v), 4) for v in share])
