@@ -93,7 +93,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the folder itself is unusable (a file in the way, read-only): nothing was written
+            pass
         raise SpurgenError(
             f"cannot write {path}: {exc.strerror or exc}; free disk space or choose a writable --workspace"
         ) from None
