@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["Measurement", "measure", "peak_memory", "compare", "save_result"]
+__all__ = ["Measurement", "measure", "measure_interleaved", "peak_memory", "compare", "save_result"]
 
 RESULTS_FILE = Path(__file__).with_name("results.json")
 
@@ -104,19 +104,53 @@ def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, device:
     return Measurement(seconds, memory["mb"])
 
 
+def measure_interleaved(functions: dict[str, Callable[[], Any]], *, repeats: int = 3, warmup: int = 1,
+                        device: str = "cpu") -> dict[str, Measurement]:
+    """Times several functions in turns (A B A B ...), so that a machine whose load drifts, shared with other
+    jobs, slows each of them alike; each one's peak memory is the highest over its own calls."""
+    for _ in range(warmup):
+        for fn in functions.values():
+            fn()
+    results = {name: Measurement([]) for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            with peak_memory(device) as memory:
+                if device.startswith("cuda"):
+                    import torch
+
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                results[name].seconds.append(time.perf_counter() - start)
+            if memory["mb"] is not None:
+                results[name].peak_memory_mb = max(results[name].peak_memory_mb or 0.0, memory["mb"])
+    return results
+
+
 def _memory_note(measurement: Measurement) -> str:
     return f", peak {measurement.peak_memory_mb:.0f} MB" if measurement.peak_memory_mb is not None else ""
 
 
-def compare(name: str, ours: Measurement, baseline: Measurement, items: int, unit: str, target: float) -> dict[str, Any]:
-    """Prints ours vs the baseline as rates (items per second) and their ratio against the target."""
+def compare(name: str, ours: Measurement, baseline: Measurement, items: int, unit: str, target: float,
+            paired: bool = False) -> dict[str, Any]:
+    """Prints ours vs the baseline as rates (items per second) and their ratio against the target.
+
+    With ``paired`` (measurements from :func:`measure_interleaved`), the verdict uses the median of the
+    per-turn ratios, which cancels the load drift of a shared machine better than the ratio of medians.
+    """
     ratio = ours.rate(items) / baseline.rate(items)
-    verdict = "ok" if ratio >= target else "BELOW TARGET"
+    turns = [b / o for o, b in zip(ours.seconds, baseline.seconds)] if paired else []
+    decisive = statistics.median(turns) if turns else ratio
+    verdict = "ok" if decisive >= target else "BELOW TARGET"
+    paired_note = f", paired ratio {decisive:.3f} (median of {len(turns)} turns)" if turns else ""
     print(f"{name}: ours {ours.rate(items):.2f} {unit}/s (median of {len(ours.seconds)}{_memory_note(ours)}) | "
           f"baseline {baseline.rate(items):.2f} {unit}/s (median of {len(baseline.seconds)}{_memory_note(baseline)}) | "
-          f"ratio {ratio:.3f} (target >= {target}) {verdict}")
+          f"ratio {ratio:.3f}{paired_note} (target >= {target}) {verdict}")
     return {"name": name, "unit": f"{unit}/s", "items": items, "ours": ours.rate(items), "baseline": baseline.rate(items),
-            "ratio": ratio, "target": target, "ours_seconds": ours.seconds, "baseline_seconds": baseline.seconds,
+            "ratio": ratio, "paired_ratio": decisive if turns else None, "target": target,
+            "ours_seconds": ours.seconds, "baseline_seconds": baseline.seconds,
             "ours_peak_mb": ours.peak_memory_mb, "baseline_peak_mb": baseline.peak_memory_mb,
             "ours_extra": ours.extra, "baseline_extra": baseline.extra}
 

@@ -16,6 +16,9 @@ import typer
 
 from . import __version__
 from .config import SelectRefsConfig, help_for
+from .config import EvaluateConfig, GenerateConfig
+from .config import RateConfig
+from .config import FinetuneConfig, FitNpcaConfig
 from .errors import SpurgenError
 from .workspace import DEFAULT_WORKSPACE, Workspace
 
@@ -175,19 +178,265 @@ def classifiers_command(
     console.print(table)
 
 
-def _not_yet(stage: str, issue: str) -> Callable[[], None]:
-    def command() -> None:
-        raise SpurgenError(f"'spurgen {stage}' is not yet available in spurgen {__version__}; it lands with {issue}",
-                           exit_code=2)
+@app.command("generate")
+@_user_errors
+def generate_command(
+    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c", help=help_for(GenerateConfig, "classes")),
+    runs: Optional[list[str]] = typer.Option(None, "--runs", "--run", help=help_for(GenerateConfig, "runs")),
+    base: Optional[bool] = typer.Option(None, "--base", help=help_for(GenerateConfig, "base"), show_default=False),
+    model: Optional[str] = typer.Option(None, "--model", help=help_for(GenerateConfig, "model")),
+    num_images: Optional[int] = typer.Option(None, "-n", "--num-images", help=help_for(GenerateConfig, "num_images")),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help=help_for(GenerateConfig, "prompt")),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help=help_for(GenerateConfig, "negative_prompt")),
+    steps: Optional[int] = typer.Option(None, "--steps", help=help_for(GenerateConfig, "steps")),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help=help_for(GenerateConfig, "guidance")),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=help_for(GenerateConfig, "scheduler")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=help_for(GenerateConfig, "batch_size")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=help_for(GenerateConfig, "seed")),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help=help_for(GenerateConfig, "resolution")),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=help_for(GenerateConfig, "dtype")),
+    device: Optional[str] = typer.Option(None, "--device", help=help_for(GenerateConfig, "device")),
+    labels: Optional[str] = typer.Option(None, "--labels", help=help_for(GenerateConfig, "labels")),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help=help_for(GenerateConfig, "overwrite"), show_default=False),
+    workspace: Path = WorkspaceOption,
+) -> None:
+    """Sample images from each class's fine-tuned models (or, with --base, the untouched base model).
 
-    command.__doc__ = f"(not yet available) the {stage} stage."
-    return _user_errors(command)
+    Writes generated/<index>-<name>/<run>/00000.png ... with generation.json. Image i uses seed SEED + i, so the
+    images do not depend on --batch-size, and running the same command again makes only the missing ones.
+    """
+    from .config import resolve_config
+    from .generate import generate, print_generation_table
+
+    ws = Workspace(workspace)
+    config = resolve_config(GenerateConfig, ws.settings(), "generate", {
+        "classes": _split(classes), "runs": _split(runs), "base": base, "model": model, "num_images": num_images,
+        "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,
+        "scheduler": scheduler, "batch_size": batch_size, "seed": seed, "resolution": resolution, "dtype": dtype,
+        "device": device, "labels": labels, "overwrite": overwrite})
+    results = generate(config, ws)
+    print_generation_table(results)
+    typer.echo(f"{sum(r.made for r in results)} new images, {sum(r.existing for r in results)} already there, "
+               f"under {ws.root / 'generated'}")
 
 
-for _stage in ("finetune", "generate", "evaluate"):
-    if _stage not in {c.name for c in app.registered_commands}:
-        app.command(_stage, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-            _not_yet(_stage, "a later release"))
+@app.command("rate")
+@_user_errors
+def rate_command(
+    export: bool = typer.Option(False, "--export", help="Write every rating to the CSV file PATH (default: reports/ratings.csv in the workspace) and exit without serving."),
+    path: Optional[Path] = typer.Argument(None, metavar="PATH", help="The CSV file of --export."),
+    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c", help=help_for(RateConfig, "classes")),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help=help_for(RateConfig, "dataset")),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help=help_for(RateConfig, "max_images")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=help_for(RateConfig, "seed")),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help=help_for(RateConfig, "image_size")),
+    host: Optional[str] = typer.Option(None, "--host", help=help_for(RateConfig, "host")),
+    port: Optional[int] = typer.Option(None, "--port", help=help_for(RateConfig, "port")),
+    labels: Optional[str] = typer.Option(None, "--labels", help=help_for(RateConfig, "labels")),
+    workspace: Path = WorkspaceOption,
+) -> None:
+    """Serve the rating page of a human study: naturalness 1-5 and "do you see the class object?" per image.
+
+    The images are a shuffled mix of references, generated images and (with --dataset) Spurious ImageNet images,
+    their source hidden. Raters enter a name once; every click is saved to ratings/<rater>.json, and a rater
+    resumes where they stopped. Needs the rate extra: pip install 'spurgen\\[rate]'.
+    """
+    from .config import resolve_config
+    from .rate import export_ratings_csv, rate
+
+    ws = Workspace(workspace)
+    if export:
+        target, rows = export_ratings_csv(ws, path)
+        typer.echo(f"{rows} ratings written to {target}")
+        return
+    if path is not None:
+        raise SpurgenError(f"{path} is only used with --export; pass --export {path}, or leave it out to serve")
+    config = resolve_config(RateConfig, ws.settings(), "rate", {
+        "classes": _split(classes), "dataset": _path(dataset), "max_images": max_images, "seed": seed,
+        "image_size": image_size, "host": host, "port": port, "labels": labels})
+    rate(config, ws)
+
+
+def _class_weights(values: Optional[list[str]]) -> Optional[dict[str, float]]:
+    """Parses ``--class-sfsl-weight hummingbird=0.2,koala=0.05`` (repeatable) into a table."""
+    if values is None:
+        return None
+    table: dict[str, float] = {}
+    for item in _split(values) or []:
+        name, sep, kappa = item.rpartition("=")
+        try:
+            table[name.strip()] = float(kappa)
+        except ValueError:
+            name = ""
+        if not sep or not name.strip():
+            raise SpurgenError(f"--class-sfsl-weight: bad entry {item!r}; write CLASS=KAPPA, e.g. hummingbird=0.2")
+    return table
+
+
+@app.command("finetune")
+@_user_errors
+def finetune_command(
+    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c", help=help_for(FinetuneConfig, "classes")),
+    model: Optional[str] = typer.Option(None, "--model", help=help_for(FinetuneConfig, "model")),
+    preset: Optional[str] = typer.Option(None, "--preset", help=help_for(FinetuneConfig, "preset")),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help=help_for(FinetuneConfig, "run_name")),
+    identifier: Optional[str] = typer.Option(None, "--identifier", help=help_for(FinetuneConfig, "identifier")),
+    noun: Optional[str] = typer.Option(None, "--noun", help=help_for(FinetuneConfig, "noun")),
+    instance_prompt: Optional[str] = typer.Option(None, "--instance-prompt", help=help_for(FinetuneConfig, "instance_prompt")),
+    class_prompt: Optional[str] = typer.Option(None, "--class-prompt", help=help_for(FinetuneConfig, "class_prompt")),
+    train_text_encoder: Optional[bool] = typer.Option(None, "--train-text-encoder/--no-train-text-encoder", show_default=False, help=help_for(FinetuneConfig, "train_text_encoder")),
+    lora: Optional[bool] = typer.Option(None, "--lora/--full", show_default=False, help=help_for(FinetuneConfig, "lora")),
+    rank: Optional[int] = typer.Option(None, "--rank", help=help_for(FinetuneConfig, "rank")),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help=help_for(FinetuneConfig, "alpha")),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help=help_for(FinetuneConfig, "learning_rate")),
+    text_encoder_lr: Optional[float] = typer.Option(None, "--text-encoder-lr", help=help_for(FinetuneConfig, "text_encoder_lr")),
+    lr_scheduler: Optional[str] = typer.Option(None, "--lr-scheduler", help=help_for(FinetuneConfig, "lr_scheduler")),
+    lr_warmup_steps: Optional[int] = typer.Option(None, "--lr-warmup-steps", help=help_for(FinetuneConfig, "lr_warmup_steps")),
+    adam_weight_decay: Optional[float] = typer.Option(None, "--adam-weight-decay", help=help_for(FinetuneConfig, "adam_weight_decay")),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help=help_for(FinetuneConfig, "max_grad_norm")),
+    use_8bit_adam: Optional[bool] = typer.Option(None, "--use-8bit-adam", show_default=False, help=help_for(FinetuneConfig, "use_8bit_adam")),
+    steps: Optional[int] = typer.Option(None, "--steps", help=help_for(FinetuneConfig, "steps")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=help_for(FinetuneConfig, "batch_size")),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps", help=help_for(FinetuneConfig, "gradient_accumulation_steps")),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help=help_for(FinetuneConfig, "resolution")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=help_for(FinetuneConfig, "seed")),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help=help_for(FinetuneConfig, "mixed_precision")),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", show_default=False, help=help_for(FinetuneConfig, "gradient_checkpointing")),
+    attention: Optional[str] = typer.Option(None, "--attention", help=help_for(FinetuneConfig, "attention")),
+    device: Optional[str] = typer.Option(None, "--device", help=help_for(FinetuneConfig, "device")),
+    prior_preservation: Optional[bool] = typer.Option(None, "--prior-preservation/--no-prior-preservation", show_default=False, help=help_for(FinetuneConfig, "prior_preservation")),
+    prior_weight: Optional[float] = typer.Option(None, "--prior-weight", help=help_for(FinetuneConfig, "prior_weight")),
+    num_class_images: Optional[int] = typer.Option(None, "--num-class-images", help=help_for(FinetuneConfig, "num_class_images")),
+    sample_steps: Optional[int] = typer.Option(None, "--sample-steps", help=help_for(FinetuneConfig, "sample_steps")),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help=help_for(FinetuneConfig, "guidance_scale")),
+    sample_batch_size: Optional[int] = typer.Option(None, "--sample-batch-size", help=help_for(FinetuneConfig, "sample_batch_size")),
+    sfsl_weight: Optional[float] = typer.Option(None, "--sfsl-weight", help=help_for(FinetuneConfig, "sfsl_weight")),
+    class_sfsl_weight: Optional[list[str]] = typer.Option(None, "--class-sfsl-weight", metavar="CLASS=KAPPA", help=help_for(FinetuneConfig, "class_sfsl_weight")),
+    sfsl_model: Optional[str] = typer.Option(None, "--sfsl-model", help=help_for(FinetuneConfig, "sfsl_model")),
+    sfsl_feature: Optional[str] = typer.Option(None, "--sfsl-feature", help=help_for(FinetuneConfig, "sfsl_feature")),
+    sfsl_npca_components: Optional[str] = typer.Option(None, "--sfsl-npca-components", help=help_for(FinetuneConfig, "sfsl_npca_components")),
+    sfsl_max_timestep: Optional[int] = typer.Option(None, "--sfsl-max-timestep", help=help_for(FinetuneConfig, "sfsl_max_timestep")),
+    checkpointing_steps: Optional[int] = typer.Option(None, "--checkpointing-steps", help=help_for(FinetuneConfig, "checkpointing_steps")),
+    checkpoints_total_limit: Optional[int] = typer.Option(None, "--checkpoints-total-limit", help=help_for(FinetuneConfig, "checkpoints_total_limit")),
+    resume: Optional[bool] = typer.Option(None, "--resume", show_default=False, help=help_for(FinetuneConfig, "resume")),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", show_default=False, help=help_for(FinetuneConfig, "overwrite")),
+    validation_steps: Optional[int] = typer.Option(None, "--validation-steps", help=help_for(FinetuneConfig, "validation_steps")),
+    num_validation_images: Optional[int] = typer.Option(None, "--num-validation-images", help=help_for(FinetuneConfig, "num_validation_images")),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard", show_default=False, help=help_for(FinetuneConfig, "tensorboard")),
+    labels: Optional[str] = typer.Option(None, "--labels", help=help_for(FinetuneConfig, "labels")),
+    classifier: Optional[list[str]] = ClassifierOption,
+    workspace: Path = WorkspaceOption,
+) -> None:
+    """Fine-tune Stable Diffusion on each class's references: DreamBooth + prior preservation + SFSL, LoRA or full.
+
+    Reads refs/<index>-<name>/ (spurgen select-refs) and writes models/<index>-<name>/<run>/: the LoRA file or a
+    diffusers folder, validation images, README.md and training.json ("status": "complete" once finished). The
+    three --preset runs (dreambooth, dreambooth-te, sfsl) are the paper's ablation. Several GPUs:
+    accelerate launch -m spurgen finetune ...
+    """
+    from ._runtime import console
+    from .config import resolve_config
+    from .finetune import finetune, print_finetune_table
+
+    ws = Workspace(workspace)
+    config = resolve_config(FinetuneConfig, ws.settings(), "finetune", {
+        "classes": _split(classes), "model": model, "preset": preset, "run_name": run_name, "identifier": identifier,
+        "noun": noun, "instance_prompt": instance_prompt, "class_prompt": class_prompt,
+        "train_text_encoder": train_text_encoder, "lora": lora, "rank": rank, "alpha": alpha,
+        "learning_rate": learning_rate, "text_encoder_lr": text_encoder_lr, "lr_scheduler": lr_scheduler,
+        "lr_warmup_steps": lr_warmup_steps, "adam_weight_decay": adam_weight_decay, "max_grad_norm": max_grad_norm,
+        "use_8bit_adam": use_8bit_adam, "steps": steps, "batch_size": batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps, "resolution": resolution, "seed": seed,
+        "mixed_precision": mixed_precision, "gradient_checkpointing": gradient_checkpointing, "attention": attention,
+        "device": device, "prior_preservation": prior_preservation, "prior_weight": prior_weight,
+        "num_class_images": num_class_images, "sample_steps": sample_steps, "guidance_scale": guidance_scale,
+        "sample_batch_size": sample_batch_size, "sfsl_weight": sfsl_weight,
+        "class_sfsl_weight": _class_weights(class_sfsl_weight), "sfsl_model": sfsl_model, "sfsl_feature": sfsl_feature,
+        "sfsl_npca_components": sfsl_npca_components, "sfsl_max_timestep": sfsl_max_timestep,
+        "checkpointing_steps": checkpointing_steps, "checkpoints_total_limit": checkpoints_total_limit,
+        "resume": resume, "overwrite": overwrite, "validation_steps": validation_steps,
+        "num_validation_images": num_validation_images, "tensorboard": tensorboard, "labels": labels})
+    results = finetune(config, ws, classifier_flags=classifier or [])
+    print_finetune_table(results)
+    console.print(f"models written under {ws.root / 'models'}", highlight=False, soft_wrap=True)
+
+
+@app.command("fit-npca")
+@_user_errors
+def fit_npca_command(
+    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c", help=help_for(FitNpcaConfig, "classes")),
+    images: Optional[Path] = typer.Option(None, "--images", help=help_for(FitNpcaConfig, "images")),
+    sfsl_model: Optional[str] = typer.Option(None, "--sfsl-model", help=help_for(FitNpcaConfig, "sfsl_model")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=help_for(FitNpcaConfig, "batch_size")),
+    device: Optional[str] = typer.Option(None, "--device", help=help_for(FitNpcaConfig, "device")),
+    labels: Optional[str] = typer.Option(None, "--labels", help=help_for(FitNpcaConfig, "labels")),
+    classifier: Optional[list[str]] = ClassifierOption,
+    workspace: Path = WorkspaceOption,
+) -> None:
+    """Fit a class's neural PCA for finetune --sfsl-feature npca, from a folder of real images of the class.
+
+    The neural PCA is Spurious ImageNet's class-wise PCA of the --sfsl-model's last-layer contributions
+    w_k * phi(x). Writes npca/<sfsl-model>/<index>-<name>.safetensors in the workspace.
+    """
+    from .config import resolve_config
+    from .sfsl import fit_npca
+
+    ws = Workspace(workspace)
+    config = resolve_config(FitNpcaConfig, ws.settings(), "fit-npca", {
+        "classes": _split(classes), "images": _path(images), "sfsl_model": sfsl_model, "batch_size": batch_size,
+        "device": device, "labels": labels})
+    fit = fit_npca(config, ws, classifier_flags=classifier or [])
+    typer.echo(f"{fit.cls}: neural PCA of {fit.dimensions} '{fit.classifier}' features fitted on {fit.num_images} "
+               f"images (variance share of the first components: {', '.join(map(str, fit.top_variance))}); "
+               f"written to {fit.path}")
+
+
+@app.command("evaluate")
+@_user_errors
+def evaluate_command(
+    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c", help=help_for(EvaluateConfig, "classes")),
+    runs: Optional[list[str]] = typer.Option(None, "--runs", "--run", help=help_for(EvaluateConfig, "runs")),
+    refs: Optional[bool] = typer.Option(None, "--refs/--no-refs", help=help_for(EvaluateConfig, "refs"), show_default=False),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help=help_for(EvaluateConfig, "dataset")),
+    images: Optional[list[str]] = typer.Option(None, "--images", metavar="[NAME=]DIR", help=help_for(EvaluateConfig, "images")),
+    val_images: Optional[Path] = typer.Option(None, "--val-images", help=help_for(EvaluateConfig, "val_images")),
+    classifiers: Optional[list[str]] = typer.Option(None, "--classifiers", help=help_for(EvaluateConfig, "classifiers")),
+    classifier: Optional[list[str]] = ClassifierOption,
+    crop: Optional[str] = typer.Option(None, "--crop", help=help_for(EvaluateConfig, "crop")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=help_for(EvaluateConfig, "batch_size")),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help=help_for(EvaluateConfig, "num_workers")),
+    device: Optional[str] = typer.Option(None, "--device", help=help_for(EvaluateConfig, "device")),
+    labels: Optional[str] = typer.Option(None, "--labels", help=help_for(EvaluateConfig, "labels")),
+    quality: Optional[str] = typer.Option(None, "--quality", help=help_for(EvaluateConfig, "quality")),
+    quality_weights: Optional[Path] = typer.Option(None, "--quality-weights", help=help_for(EvaluateConfig, "quality_weights")),
+    min_quality: Optional[float] = typer.Option(None, "--min-quality", help=help_for(EvaluateConfig, "min_quality")),
+    export: Optional[Path] = typer.Option(None, "--export", help=help_for(EvaluateConfig, "export")),
+    report_images: Optional[int] = typer.Option(None, "--report-images", help=help_for(EvaluateConfig, "report_images")),
+    workspace: Path = WorkspaceOption,
+) -> None:
+    """Measure how spurious each class's images are for each classifier: generated runs, references, data sets.
+
+    Per class, source and classifier: spurious accuracy (top-1 = the class), top-5 rate, mean class probability,
+    and the rate of images every classifier predicts as the class. Writes reports/evaluation.json, .csv and
+    report.html; prints Table 1 (and Table 2 when several runs exist).
+    """
+    from .config import resolve_config
+    from .evaluate import evaluate, print_evaluation_tables
+
+    ws = Workspace(workspace)
+    config = resolve_config(EvaluateConfig, ws.settings(), "evaluate", {
+        "classes": _split(classes), "runs": _split(runs), "refs": refs, "dataset": _path(dataset), "images": images,
+        "val_images": _path(val_images), "classifiers": _split(classifiers), "crop": crop, "batch_size": batch_size,
+        "num_workers": num_workers, "device": device, "labels": labels, "quality": quality,
+        "quality_weights": _path(quality_weights), "min_quality": min_quality, "export": _path(export),
+        "report_images": report_images})
+    evaluation = evaluate(config, ws, classifier_flags=classifier or [])
+    print_evaluation_tables(evaluation)
+    images = sum(len(r.files) for r in evaluation.results)
+    typer.echo(f"{images} images of {len(evaluation.classes)} class(es) evaluated; report: "
+               f"{evaluation.reports / 'report.html'}")
+    if evaluation.export:
+        typer.echo(f"exported {evaluation.exported} consistently spurious images to {evaluation.export}")
 
 
 def run() -> None:

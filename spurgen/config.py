@@ -17,7 +17,8 @@ from typing import Any, Mapping, TypeVar
 
 from .errors import SpurgenError
 
-__all__ = ["setting", "help_for", "resolve_config", "SelectRefsConfig", "CROP_POLICIES"]
+__all__ = ["setting", "same_setting", "help_for", "resolve_config", "SelectRefsConfig", "CROP_POLICIES", "SCHEDULERS",
+           "find_scheduler", "GenerateConfig", "EvaluateConfig"]
 
 C = TypeVar("C")
 
@@ -160,3 +161,279 @@ class SelectRefsConfig:
         require(self.num_workers >= 0, f"--num-workers must be 0 or more, got {self.num_workers}")
         require(self.crop in (None, *CROP_POLICIES), f"--crop must be 'center' or 'none', got {self.crop!r}")
         require(not (self.dataset and self.images), "--dataset and --images both given; pass only one source of images")
+
+
+def same_setting(config_cls: type, name: str) -> Any:
+    """A field with the default and help text of another stage's setting, so a shared flag reads the same."""
+    fld = {f.name: f for f in dataclasses.fields(config_cls)}[name]
+    default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()  # type: ignore[misc]
+    return setting(default, fld.metadata.get("help", ""))
+
+
+# Samplers by the names users know them from (diffusers' docs, web UIs): the diffusers class and the settings
+# it is built with from the model's own scheduler config (which keeps the noise schedule and prediction type).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "DDIM": ("DDIMScheduler", {}),
+    "DDPM": ("DDPMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "DPM-Solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "DPM-Solver++-Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2-a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "DEIS": ("DEISMultistepScheduler", {}),
+}
+MODEL_SCHEDULER = "model"
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def find_scheduler(name: str) -> str | None:
+    """The canonical name in :data:`SCHEDULERS` (or ``"model"``) of a user's spelling, else ``None``.
+
+    Case, hyphens, underscores and spaces are ignored: ``dpm_solver++`` and ``euler a`` are found.
+    """
+    def key(text: str) -> str:
+        return "".join(ch for ch in text.lower() if ch not in "-_ ")
+
+    names = {key(n): n for n in (*SCHEDULERS, MODEL_SCHEDULER)}
+    return names.get(key(name))
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of ``spurgen generate``."""
+
+    classes: list[str] = setting([], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all'. Default: every class with a fine-tuned model in the workspace.")
+    runs: list[str] = setting(["all"], "Fine-tuned runs to sample from (models/<class>/<run>/), comma-separated, or 'all' (every finished run of the class).")
+    base: bool = setting(False, "Sample from the untouched base model instead of the fine-tuned runs (the no-fine-tuning baseline); saved as run 'base'.")
+    model: str | None = setting(None, "Base model for --base: a diffusers Stable Diffusion folder or hub id. Default: the top-level 'model' of spurgen.toml, else the base model the class's finished runs were trained on. Also where a LoRA run's base model is when it has moved since training (checked against the fingerprint in training.json).")
+    num_images: int = setting(75, "Images per class and run (the paper samples 75, as many as Spurious ImageNet has per class).")
+    prompt: str | None = setting(None, "Prompt; {class} and {feature} stand for the class name and its spurious feature. Default: the run's instance prompt ('a photo of sks <noun>'); with --base, the class prompt ('a photo of <noun>').")
+    negative_prompt: str = setting("", "Negative prompt; the same placeholders as --prompt.")
+    steps: int = setting(25, "Denoising steps.")
+    guidance: float = setting(7.5, "Classifier-free guidance scale (1 turns guidance off).")
+    scheduler: str = setting("DPM-Solver++", f"Sampler: {', '.join(SCHEDULERS)}, or '{MODEL_SCHEDULER}' (the scheduler saved with the model).")
+    batch_size: int = setting(4, "Images per pipeline call; it does not change the images.")
+    seed: int = setting(0, "Image i uses seed SEED + i, whatever the batch size, so re-runs and other batch sizes give the same images.")
+    resolution: int | None = setting(None, "Image side in pixels, a multiple of 8. Default: the run's training resolution, else the model's native size.")
+    dtype: str = setting("auto", "Precision: 'auto' (fp16 on CUDA, fp32 elsewhere), 'fp32', 'fp16' or 'bf16'.")
+    device: str = same_setting(SelectRefsConfig, "device")
+    labels: str = same_setting(SelectRefsConfig, "labels")
+    overwrite: bool = setting(False, "Replace images made earlier with other settings (another model, prompt, sampler...) instead of stopping.")
+
+    def validate(self) -> None:
+        require(self.num_images >= 1, f"-n must be at least 1, got {self.num_images}")
+        require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
+        require(self.guidance >= 0, f"--guidance must be 0 or more, got {self.guidance}")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
+        require(self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
+                f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        require(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        require(find_scheduler(self.scheduler) is not None,
+                f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)} or '{MODEL_SCHEDULER}'")
+        require(bool(self.runs), "--runs is empty; pass run names or 'all'")
+
+
+@dataclass
+class EvaluateConfig:
+    """Settings of ``spurgen evaluate``."""
+
+    classes: list[str] = setting([], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all'. Default: every class with generated images or references in the workspace.")
+    runs: list[str] = setting(["all"], "Generated runs to evaluate (generated/<class>/<run>/), comma-separated, or 'all' (every finished one; 'base' is the untouched base model's).")
+    refs: bool = setting(True, "Also evaluate each class's selected reference images (refs/<class>/) when present.")
+    dataset: str | None = setting(None, "Spurious ImageNet (its 'images' folder or the folder above it): adds each class's spurious images as the source 'spurious-imagenet'.")
+    images: list[str] = setting([], "More image sources, [NAME=]DIR each (repeatable): a folder of one class's images (with a single --classes) or a folder in Spurious ImageNet's layout, such as an --export.")
+    val_images: str | None = setting(None, "Real images of each class (e.g. its 50 ImageNet validation images): one sub-folder per class named by WordNet id (n01833805), index (94) or 94-hummingbird, or a plain folder for a single class. Adds Spurious ImageNet's spurious score per class: ROC-AUC of the class probability separating these images (positives) from each source's images (negatives), and average precision of the same ranking. Spurious ImageNet's paper calls its score an AUC while its code computes average precision; both are reported, each under its own name.")
+    classifiers: list[str] = setting(["all"], "Classifiers to evaluate with, comma-separated registry names, or 'all' (every configured one).")
+    crop: str | None = same_setting(SelectRefsConfig, "crop")
+    batch_size: int = same_setting(SelectRefsConfig, "batch_size")
+    num_workers: int = same_setting(SelectRefsConfig, "num_workers")
+    device: str = same_setting(SelectRefsConfig, "device")
+    labels: str = same_setting(SelectRefsConfig, "labels")
+    quality: str | None = setting(None, "No-reference image quality metric of pyiqa: 'topiq' (TOPIQ as in the paper, pyiqa's topiq_nr) or any pyiqa NR metric name. Needs pip install 'spurgen[quality]' (pyiqa: non-commercial licence).")
+    quality_weights: str | None = setting(None, "Weights of the --quality metric (safetensors or a torch state dict, read without unpickling code). Default: pyiqa's own, from its cache (downloaded on first use).")
+    min_quality: float | None = setting(None, "With --export: keep only images whose quality is at least this (at most this for metrics where lower is better). Needs --quality.")
+    export: str | None = setting(None, "Write the consistently spurious generated images to this folder in Spurious ImageNet's layout (images/<...>_<index>_<name>_<component>/), with manifest.json; 'spurgen select-refs --dataset' reads it.")
+    report_images: int = setting(16, "Images per class and source shown in the report's grids (0: all).")
+
+    def validate(self) -> None:
+        require(bool(self.runs), "--runs is empty; pass run names or 'all'")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.num_workers >= 0, f"--num-workers must be 0 or more, got {self.num_workers}")
+        require(self.crop in (None, *CROP_POLICIES), f"--crop must be 'center' or 'none', got {self.crop!r}")
+        require(self.report_images >= 0, f"--report-images must be 0 or more, got {self.report_images}")
+        require(self.min_quality is None or self.quality is not None,
+                "--min-quality needs a quality metric; add --quality topiq")
+        require(self.min_quality is None or self.export is not None,
+                "--min-quality filters the --export; add --export DIR")
+        require(self.quality_weights is None or self.quality is not None,
+                "--quality-weights needs a quality metric; add --quality topiq")
+
+
+# --- finetune -----------------------------------------------------------------------------------------------------
+
+# What each --preset trains: the paper's ablation (method.md §2) is these three runs.
+FINETUNE_PRESETS: dict[str, dict[str, bool]] = {
+    "dreambooth": {"train_text_encoder": False, "sfsl": False},
+    "dreambooth-te": {"train_text_encoder": True, "sfsl": False},
+    "sfsl": {"train_text_encoder": True, "sfsl": True},
+}
+SFSL_FEATURES = ("contrib", "npca")
+NPCA_COMPONENTS = ("all", "spurious")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+ATTENTION = ("sdpa", "eager")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+PROMPT_FIELDS = ("identifier", "noun")
+
+
+def _prompt_problem(template: str) -> str | None:
+    """Why a prompt template cannot be filled, or ``None`` when it can."""
+    import string
+
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        return str(exc)
+    unknown = fields - set(PROMPT_FIELDS)
+    return f"unknown placeholder {{{sorted(unknown)[0]}}}" if unknown else None
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of ``spurgen finetune``."""
+
+    classes: list[str] = setting(["all"], "Classes to fine-tune, one model each: ImageNet names, indices or WordNet ids, comma-separated, or 'all'.")
+    model: str = setting("stable-diffusion-v1-5/stable-diffusion-v1-5", "Base Stable Diffusion model: a diffusers folder or a hub id (SD 1.x or 2.x; also read from 'model' at the top of spurgen.toml, shared with generate).")
+    labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
+    preset: str = setting("sfsl", "What is trained: 'dreambooth' (UNet only), 'dreambooth-te' (UNet + text encoder) or 'sfsl' (UNet + text encoder + spurious feature similarity loss), the paper's three ablation runs.")
+    run_name: str | None = setting(None, "Name of the run's folder models/<class>/<run-name>/. Default: the preset.")
+    identifier: str = setting("sks", "Rare token that binds the references' spurious feature in the instance prompt.")
+    noun: str | None = setting(None, "Noun of the prompts. Default: the class's spurious feature from the label set (e.g. 'red feeder/flower'), else its name.")
+    instance_prompt: str = setting("a photo of {identifier} {noun}", "Prompt of the reference images; {identifier} and {noun} are filled in per class.")
+    class_prompt: str = setting("a photo of {noun}", "Prompt of the prior-preservation class images; {noun} is filled in per class.")
+    train_text_encoder: bool | None = setting(None, "Train the text encoder with the UNet. Default: the preset's (off for 'dreambooth'); changing it needs --run-name.")
+    lora: bool = setting(True, "Train LoRA adapters (saved as pytorch_lora_weights.safetensors) instead of all weights (--full, saved as a complete diffusers folder).")
+    rank: int = setting(16, "LoRA rank.")
+    alpha: float | None = setting(None, "LoRA alpha; the update is scaled by alpha / rank. Default: the rank.")
+    learning_rate: float | None = setting(None, "Learning rate of the UNet. Default: 1e-4 for LoRA, 5e-6 for full fine-tuning.")
+    text_encoder_lr: float | None = setting(None, "Learning rate of the text encoder. Default: --learning-rate.")
+    lr_scheduler: str = setting("constant", "Learning-rate schedule: constant, constant_with_warmup, linear or cosine.")
+    lr_warmup_steps: int = setting(0, "Warm-up steps of the learning-rate schedule.")
+    adam_weight_decay: float = setting(1e-2, "AdamW weight decay.")
+    max_grad_norm: float = setting(1.0, "Gradients are clipped to this norm.")
+    use_8bit_adam: bool = setting(False, "Use bitsandbytes' 8-bit AdamW to save optimizer memory (pip install bitsandbytes).")
+    steps: int = setting(800, "Optimizer steps per class. With --resume, a larger value continues a finished run.")
+    batch_size: int = setting(1, "Reference images per step and process; prior preservation adds as many class images.")
+    gradient_accumulation_steps: int = setting(1, "Micro-batches accumulated per optimizer step (UNet and text encoder alike).")
+    resolution: int | None = setting(None, "Training image side in pixels. Default: the base model's (512 for SD 1.x, 768 for SD 2.x-768).")
+    seed: int = setting(0, "Seed of everything random: LoRA initialisation, batches, noise, timesteps, class and validation images.")
+    mixed_precision: str | None = setting(None, "Mixed precision: 'no', 'fp16' or 'bf16'. Default: accelerate's configuration ('no' without one).")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass to save memory: UNet, trained text encoder, and the VAE decoder that SFSL differentiates through.")
+    attention: str = setting("sdpa", "Attention kernel: 'sdpa' (PyTorch scaled dot-product attention, memory-efficient) or 'eager'.")
+    device: str = setting("auto", "'auto' (the GPU when present; several GPUs through accelerate launch) or 'cpu'.")
+    prior_preservation: bool = setting(True, "Add the prior-preservation loss on class images that the frozen base model generates from the class prompt.")
+    prior_weight: float = setting(1.0, "Weight lambda of the prior-preservation loss.")
+    num_class_images: int = setting(200, "Class images for prior preservation, generated once and cached in the workspace (shared by classes and runs with the same base model, prompt, resolution and seed).")
+    sample_steps: int = setting(25, "Denoising steps for class and validation images (with the base model's own scheduler).")
+    guidance_scale: float = setting(7.5, "Classifier-free guidance scale of class and validation images.")
+    sample_batch_size: int = setting(4, "Images per batch when generating class images.")
+    sfsl_weight: float = setting(0.1, "Weight kappa of the spurious feature similarity loss with the 'sfsl' preset (0 disables it); [finetune.class-sfsl-weight] in spurgen.toml sets it per class. The default is provisional: the synthetic world's evidence will tune it.")
+    class_sfsl_weight: dict[str, float] = setting({}, "Per-class kappa, NAME=KAPPA comma-separated (in spurgen.toml: a [finetune.class-sfsl-weight] table); overrides --sfsl-weight for the classes it names.")
+    sfsl_model: str = setting("robust-rn50", "Classifier of the SFSL features: any registry name (define it with --classifier NAME=ARCH@PATH); it needs a last linear layer.")
+    sfsl_feature: str = setting("contrib", "SFSL feature: 'contrib' (w_k * phi(x), the per-feature contributions to the class logit) or 'npca' (the class's neural PCA coordinates; run spurgen fit-npca first).")
+    sfsl_npca_components: str = setting("all", "With --sfsl-feature npca: 'all' components or only the class's 'spurious' ones (from the label set).")
+    sfsl_max_timestep: int = setting(600, "SFSL applies only to rows whose timestep is at most this (the one-step image estimate is poor at large t). Provisional default: the synthetic world's evidence will tune it.")
+    checkpointing_steps: int = setting(200, "Save a resumable checkpoint every N steps (0: never).")
+    checkpoints_total_limit: int = setting(2, "Checkpoints kept per run; older ones are deleted.")
+    resume: bool = setting(False, "Continue from the run's latest checkpoint (exactly: weights, optimizer, schedule, randomness).")
+    overwrite: bool = setting(False, "Delete the run's finished or unfinished model and train from scratch.")
+    validation_steps: int = setting(200, "Save validation images from the instance prompt every N steps (0: only at the end).")
+    num_validation_images: int = setting(4, "Validation images per save, with seeds seed, seed+1, ... (0: none).")
+    tensorboard: bool = setting(False, "Write TensorBoard logs to models/<class>/<run>/logs (pip install tensorboard).")
+
+    def validate(self) -> None:
+        require(self.preset in FINETUNE_PRESETS, f"--preset must be one of {', '.join(FINETUNE_PRESETS)}, got {self.preset!r}")
+        require(self.rank >= 1, f"--rank must be at least 1, got {self.rank}; pass e.g. --rank 16")
+        require(self.alpha is None or self.alpha > 0, f"--alpha must be positive, got {self.alpha}")
+        for name in ("learning_rate", "text_encoder_lr"):
+            value = getattr(self, name)
+            require(value is None or value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
+        require(self.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        for name in ("lr_warmup_steps", "checkpointing_steps", "validation_steps", "num_validation_images", "sfsl_max_timestep"):
+            require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "num_class_images", "sample_steps",
+                     "sample_batch_size", "checkpoints_total_limit"):
+            require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("adam_weight_decay", "max_grad_norm", "prior_weight", "guidance_scale", "sfsl_weight"):
+            require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        for key, kappa in self.class_sfsl_weight.items():
+            require(kappa >= 0, f"class-sfsl-weight of '{key}' must be 0 or more, got {kappa}")
+        require(self.resolution is None or self.resolution >= 8, f"--resolution must be at least 8 pixels, got {self.resolution}")
+        require(self.mixed_precision in (None, *MIXED_PRECISION), f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        require(self.attention in ATTENTION, f"--attention must be 'sdpa' or 'eager', got {self.attention!r}")
+        require(self.device in ("auto", "cpu"), f"--device must be 'auto' or 'cpu', got {self.device!r}; choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch")
+        require(self.sfsl_feature in SFSL_FEATURES, f"--sfsl-feature must be 'contrib' or 'npca', got {self.sfsl_feature!r}")
+        require(self.sfsl_npca_components in NPCA_COMPONENTS, f"--sfsl-npca-components must be 'all' or 'spurious', got {self.sfsl_npca_components!r}")
+        require(bool(self.identifier.strip()), "--identifier is empty; pass a rare token such as sks")
+        for name in ("instance_prompt", "class_prompt"):
+            problem = _prompt_problem(getattr(self, name))
+            require(problem is None, f"--{name.replace('_', '-')}: {problem}; use only {{identifier}} and {{noun}} as placeholders")
+        require(not (self.resume and self.overwrite), "--resume and --overwrite both given; pass one: continue the run or start it over")
+        require(self.train_text_encoder is None or self.run_name is not None
+                or self.train_text_encoder == FINETUNE_PRESETS[self.preset]["train_text_encoder"],
+                f"--{'' if self.train_text_encoder else 'no-'}train-text-encoder changes what preset '{self.preset}' trains; "
+                "pass --run-name NAME so the model folder does not pose as that preset")
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """The text encoder is trained: the flag when given, else the preset's choice."""
+        if self.train_text_encoder is not None:
+            return self.train_text_encoder
+        return FINETUNE_PRESETS[self.preset]["train_text_encoder"]
+
+    @property
+    def run(self) -> str:
+        """The run's folder name: ``--run-name``, else the preset."""
+        return self.run_name or self.preset
+
+
+@dataclass
+class FitNpcaConfig:
+    """Settings of ``spurgen fit-npca``."""
+
+    classes: list[str] = setting([], "The class whose images --images holds (one class).")
+    images: str | None = setting(None, "Folder of real images of the class (e.g. its ImageNet training images).")
+    sfsl_model: str = setting("robust-rn50", "Classifier whose last-layer contributions are analysed: the --sfsl-model that finetune will use.")
+    labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
+    batch_size: int = setting(32, "Images per classifier forward pass.")
+    device: str = setting("auto", "Device: 'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1', 'mps'.")
+
+    def validate(self) -> None:
+        require(len(self.classes) == 1, "fit-npca fits one class; pass exactly one --classes NAME")
+        require(self.images is not None, "no images given; pass --images DIR with real images of the class")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class RateConfig:
+    """Settings of ``spurgen rate``."""
+
+    classes: list[str] = setting(["all"], "Classes whose images are rated: names, indices or WordNet ids, comma-separated, or 'all'; classes without images are left out.")
+    dataset: str | None = setting(None, "Spurious ImageNet 'images' folder: its class folders join the study as real images.")
+    max_images: int | None = setting(None, "At most this many images per class and source (reference, dataset, generated), a sample fixed by --seed. Default: all.")
+    seed: int = setting(0, "Study seed: with each rater's name it fixes the rater's image order; keep it for the whole study.")
+    image_size: int = setting(512, "Longer side in pixels of the images shown; every image is re-encoded to it, so neither format nor size gives away its source.")
+    host: str = setting("127.0.0.1", "Address to listen on: 127.0.0.1 for this machine only, 0.0.0.0 to let raters on the network in.")
+    port: int = setting(8765, "Port to listen on (0 picks a free one).")
+    labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
+
+    def validate(self) -> None:
+        require(self.max_images is None or self.max_images >= 1,
+                f"--max-images must be at least 1, got {self.max_images}; leave it out to rate every image")
+        require(32 <= self.image_size <= 2048, f"--image-size must be 32 to 2048 pixels, got {self.image_size}")
+        require(0 <= self.port <= 65535, f"--port must be 0 to 65535, got {self.port}")
+        require(bool(self.host.strip()), "--host is empty; pass 127.0.0.1 or 0.0.0.0")

@@ -1,0 +1,102 @@
+"""Benchmark: images/s of ``spurgen evaluate`` against bare classifier forwards on preloaded tensors.
+
+Ours starts from PNG files with an empty prediction cache each time: it hashes and decodes the images (in
+DataLoader workers), classifies them, and writes the CSVs, report.html and evaluation.json. The baseline
+only runs the same classifiers, batch by batch, on tensors decoded and transformed beforehand. Target: ours
+at least 0.8x the baseline.
+
+    python -m bench.evaluate                               # 48 images, a random-weight ResNet-50, CPU
+    python -m bench.evaluate --arch vit_base_patch16_224 --images 256 --device cuda --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench._common import compare, measure_interleaved, save_result  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet50.tv_in1k", help="timm architecture of the classifier (random weights)")
+    parser.add_argument("--classifiers", type=int, default=1, help="how many such classifiers (seeded differently)")
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--size", type=int, default=256, help="side of the PNG images in pixels")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's); 1 is steadier on a machine shared with other jobs")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as folder:
+        run(args, Path(folder))
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from spurgen.classifiers import load_classifiers
+    from spurgen.config import EvaluateConfig, resolve_config
+    from spurgen.evaluate import evaluate
+    from spurgen.images import load_rgb
+    from spurgen.labels import get_label_set
+    from spurgen.workspace import Workspace
+
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(args.images):
+        Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)).save(images / f"{i:05d}.png")
+    flags = []
+    for c in range(args.classifiers):
+        torch.manual_seed(c)
+        weights = root / f"classifier-{c}.safetensors"
+        save_file({k: v.contiguous() for k, v in timm.create_model(args.arch, pretrained=False).state_dict().items()},
+                  str(weights))
+        flags.append(f"bench-{c}={args.arch}@{weights}")
+    names = [flag.split("=")[0] for flag in flags]
+    config = resolve_config(EvaluateConfig, {}, "evaluate", {
+        "classes": ["hummingbird"], "images": [f"bench={images}"], "classifiers": names, "batch_size": args.batch_size,
+        "num_workers": args.num_workers, "device": args.device})
+    runs = itertools.count()
+
+    def ours() -> None:
+        # A fresh workspace each time: an empty prediction cache, so every image is classified.
+        evaluate(config, Workspace(root / f"ws-{next(runs)}"), flags)
+
+    classifiers = load_classifiers(names, flags, get_label_set("imagenet"), {}, None, args.device)
+    files = sorted(images.iterdir())
+    preloaded = [torch.stack([c.transform()(load_rgb(f)) for f in files]) for c in classifiers]
+
+    def baseline() -> None:
+        with torch.inference_mode():
+            for classifier, tensors in zip(classifiers, preloaded):
+                for start in range(0, len(files), args.batch_size):
+                    classifier.logits(tensors[start:start + args.batch_size].to(classifier.device))
+
+    # Each side warms up once (lazy imports, kernel selection); then they take turns.
+    times = measure_interleaved({"ours": ours, "baseline": baseline}, repeats=args.repeats, device=args.device)
+    mine, bare = times["ours"], times["baseline"]
+    result = compare(f"evaluate ({args.classifiers} x {args.arch}, {args.images} images of {args.size} px, batch "
+                     f"{args.batch_size}, {args.num_workers} workers, {args.device})", mine, bare, args.images,
+                     "images", target=0.8, paired=True)
+    save_result("evaluate", result)
+
+
+if __name__ == "__main__":
+    main()
