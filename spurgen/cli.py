@@ -19,6 +19,7 @@ from .config import SelectRefsConfig, help_for
 from .config import EvaluateConfig, GenerateConfig
 from .config import RateConfig
 from .config import FinetuneConfig, FitNpcaConfig
+from .demo import DemoConfig
 from .errors import SpurgenError
 from .workspace import DEFAULT_WORKSPACE, Workspace
 
@@ -437,6 +438,55 @@ def evaluate_command(
                f"{evaluation.reports / 'report.html'}")
     if evaluation.export:
         typer.echo(f"exported {evaluation.exported} consistently spurious images to {evaluation.export}")
+
+
+@app.command("demo")
+@_user_errors
+def demo_command(
+    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c", help=help_for(DemoConfig, "classes")),
+    steps: Optional[int] = typer.Option(None, "--steps", help=help_for(DemoConfig, "steps")),
+    num_images: Optional[int] = typer.Option(None, "-n", "--num-images", help=help_for(DemoConfig, "num_images")),
+    workspace: Path = typer.Option("spurgen-demo", "--workspace", "-w", help="Workspace of the demo."),
+) -> None:
+    """Run the whole method on the built-in synthetic world: select-refs, the three finetune presets, generate, evaluate.
+
+    Everything is real (diffusers and timm models shipped with spurgen), only small: it runs on a laptop CPU.
+    The workspace can be explored with the ordinary commands afterwards (its spurgen.toml points at the world).
+    """
+    from .config import resolve_config
+    from .demo import run_demo
+
+    config = resolve_config(DemoConfig, {}, "demo", {"classes": _split(classes), "steps": steps,
+                                                      "num_images": num_images})
+    run_demo(config, Workspace(workspace))
+
+
+world_app = typer.Typer(help="The synthetic spurious world behind `spurgen demo`.", no_args_is_help=True)
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("build")
+@_user_errors
+def world_build_command(
+    work: Path = typer.Option("spurgen-world-build", "--work", help="Scratch folder: the rendered world and resumable checkpoints."),
+    threads: int = typer.Option(1, "--threads", help="torch threads for training (1 is fastest on a busy 2-core machine)."),
+) -> None:
+    """Render the world and train every model spurgen ships for it, from scratch (seeded; resumable).
+
+    Writes the classifiers and the text-to-image model into the package's world/assets folder.
+    """
+    from dataclasses import replace
+
+    from ._runtime import console
+    from .world.build import WorldBuildConfig, build_world_models
+
+    config = WorldBuildConfig()
+    config.classifiers = replace(config.classifiers, threads=threads)
+    config.text_to_image = replace(config.text_to_image, threads=threads)
+    summary = build_world_models(work, config, log=console.print)
+    console.print({"timings_seconds": summary["timings"],
+                   "object_prompt_recognised": summary["recognition"]["object_prompt_mean"],
+                   "feature_prompt_recognised": summary["recognition"]["feature_prompt_mean"]})
 
 
 def run() -> None:
