@@ -19,7 +19,9 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q
 
+# world build only trains what the installation lacks (the world's text-to-image model, on first use).
 demo: install
+	$(VENV)/bin/spurgen world build
 	$(VENV)/bin/spurgen demo
 
 bench: install

@@ -7,6 +7,7 @@ the machine; the ratio is what a benchmark asserts about our overhead.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -85,23 +86,18 @@ def peak_memory(device: str = "cpu", interval_s: float = 0.01) -> Iterator[dict[
         result["mb"] = max(samples) if samples else None
 
 
-def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, device: str = "cpu") -> Measurement:
-    """Times ``fn`` ``repeats`` times after ``warmup`` untimed calls; peak memory over the timed calls."""
-    for _ in range(warmup):
-        fn()
-    seconds = []
-    with peak_memory(device) as memory:
-        for _ in range(repeats):
-            if device.startswith("cuda"):
-                import torch
+def _timed_call(fn: Callable[[], Any], device: str) -> float:
+    """Seconds of one call; on CUDA the queued kernels are waited for before and after."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        import torch
 
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - start)
-    return Measurement(seconds, memory["mb"])
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def measure_interleaved(functions: dict[str, Callable[[], Any]], *, repeats: int = 3, warmup: int = 1,
@@ -115,18 +111,31 @@ def measure_interleaved(functions: dict[str, Callable[[], Any]], *, repeats: int
     for _ in range(repeats):
         for name, fn in functions.items():
             with peak_memory(device) as memory:
-                if device.startswith("cuda"):
-                    import torch
-
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                results[name].seconds.append(time.perf_counter() - start)
+                results[name].seconds.append(_timed_call(fn, device))
             if memory["mb"] is not None:
                 results[name].peak_memory_mb = max(results[name].peak_memory_mb or 0.0, memory["mb"])
     return results
+
+
+def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, device: str = "cpu") -> Measurement:
+    """Times ``fn`` ``repeats`` times after ``warmup`` untimed calls; peak memory over the timed calls."""
+    return measure_interleaved({"fn": fn}, repeats=repeats, warmup=warmup, device=device)["fn"]
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, threads: int | None = None) -> None:
+    """``--device``, ``--repeats`` and ``--threads``, shared by the benchmarks' command lines."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=threads,
+                        help="CPU threads for torch (default: torch's); 1 is steadier on a machine shared with other jobs")
+
+
+def apply_threads(threads: int | None) -> None:
+    """Sets torch's CPU threads when ``--threads`` was given."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _memory_note(measurement: Measurement) -> str:

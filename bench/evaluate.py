@@ -19,7 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench._common import compare, measure_interleaved, save_result  # noqa: E402
+from bench._common import add_common_arguments, apply_threads, compare, measure_interleaved, save_result  # noqa: E402
 
 
 def main() -> None:
@@ -30,25 +30,38 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="side of the PNG images in pixels")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's); 1 is steadier on a machine shared with other jobs")
+    add_common_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as folder:
         run(args, Path(folder))
 
 
-def run(args: argparse.Namespace, root: Path) -> None:
+def prepare(root: Path, arch: str, classifiers: int, count: int, size: int) -> tuple[Path, list[str]]:
+    """Random PNG images in ``root/images`` and random-weight classifiers; returns the folder and --classifier flags."""
     import numpy as np
     import timm
     import torch
     from PIL import Image
     from safetensors.torch import save_file
+
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(images / f"{i:05d}.png")
+    flags = []
+    for c in range(classifiers):
+        torch.manual_seed(c)
+        weights = root / f"classifier-{c}.safetensors"
+        save_file({k: v.contiguous() for k, v in timm.create_model(arch, pretrained=False).state_dict().items()},
+                  str(weights))
+        flags.append(f"bench-{c}={arch}@{weights}")
+    return images, flags
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
+    import torch
 
     from spurgen.classifiers import load_classifiers
     from spurgen.config import EvaluateConfig, resolve_config
@@ -57,18 +70,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
     from spurgen.labels import get_label_set
     from spurgen.workspace import Workspace
 
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(args.images):
-        Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)).save(images / f"{i:05d}.png")
-    flags = []
-    for c in range(args.classifiers):
-        torch.manual_seed(c)
-        weights = root / f"classifier-{c}.safetensors"
-        save_file({k: v.contiguous() for k, v in timm.create_model(args.arch, pretrained=False).state_dict().items()},
-                  str(weights))
-        flags.append(f"bench-{c}={args.arch}@{weights}")
+    images, flags = prepare(root, args.arch, args.classifiers, args.images, args.size)
     names = [flag.split("=")[0] for flag in flags]
     config = resolve_config(EvaluateConfig, {}, "evaluate", {
         "classes": ["hummingbird"], "images": [f"bench={images}"], "classifiers": names, "batch_size": args.batch_size,

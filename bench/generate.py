@@ -18,7 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench._common import compare, measure_interleaved, save_result  # noqa: E402
+from bench._common import add_common_arguments, apply_threads, compare, measure_interleaved, save_result  # noqa: E402
 
 
 def main() -> None:
@@ -28,15 +28,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--scheduler", default="DPM-Solver++")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's); 1 is steadier on a machine shared with other jobs")
+    add_common_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as folder:
         run(args, Path(folder))
 

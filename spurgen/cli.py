@@ -15,10 +15,8 @@ from typing import Any, Callable, Optional, TypeVar
 import typer
 
 from . import __version__
-from .config import SelectRefsConfig, help_for
-from .config import EvaluateConfig, GenerateConfig
-from .config import RateConfig
-from .config import FinetuneConfig, FitNpcaConfig
+from .config import (EvaluateConfig, FinetuneConfig, FitNpcaConfig, GenerateConfig, RateConfig, RunConfig,
+                     SelectRefsConfig, help_for)
 from .demo import DemoConfig
 from .errors import SpurgenError
 from .workspace import DEFAULT_WORKSPACE, Workspace
@@ -124,138 +122,6 @@ def select_refs_command(
     typer.echo(f"references written under {ws.root / 'refs'}")
     if not all(r.ok for r in results):
         raise typer.Exit(1)
-
-
-def _path(value: Optional[Path]) -> Optional[str]:
-    return str(value.expanduser()) if value is not None else None
-
-
-@app.command("classes")
-@_user_errors
-def classes_command(
-    query: Optional[str] = typer.Argument(None, help="Only classes whose name contains this text."),
-    labels: str = typer.Option("imagenet", "--labels", help=help_for(SelectRefsConfig, "labels")),
-    everything: bool = typer.Option(False, "--all-classes", help="List every class of the label set, not only those 'all' selects."),
-) -> None:
-    """List the classes of a label set (for ImageNet: the 100 Spurious ImageNet classes) and their spurious features."""
-    from rich.table import Table
-
-    from ._runtime import console
-    from .labels import get_label_set, normalize_name
-
-    label_set = get_label_set(labels)
-    indices = sorted(label_set.classes) if everything else list(label_set.default_indices)
-    table = Table(title=f"label set '{label_set.name}'")
-    for column in ("index", "name", "synset", "spurious feature"):
-        table.add_column(column)
-    for index in indices:
-        info = label_set[index]
-        if query and normalize_name(query) not in normalize_name(" ".join((info.name, *info.aliases))):
-            continue
-        table.add_row(str(info.index), info.name, info.synset or "", info.spurious_feature or "")
-    console.print(table)
-
-
-@app.command("classifiers")
-@_user_errors
-def classifiers_command(
-    labels: str = typer.Option("imagenet", "--labels", help=help_for(SelectRefsConfig, "labels")),
-    classifier: Optional[list[str]] = ClassifierOption,
-    workspace: Path = WorkspaceOption,
-) -> None:
-    """List the configured classifiers: built-in ones, spurgen.toml's \\[classifiers], and --classifier flags."""
-    from rich.table import Table
-
-    from ._runtime import console
-    from .classifiers import configured_classifiers
-
-    specs = configured_classifiers(labels, Workspace(workspace).settings().get("classifiers"), classifier or [])
-    table = Table(title="classifiers ('all' selects every row)")
-    for column in ("name", "architecture", "weights", "description"):
-        table.add_column(column)
-    for spec in specs.values():
-        weights = spec.path or ("[red]required: --classifier NAME=ARCH@PATH[/]" if spec.needs_path else "timm / hub")
-        table.add_row(spec.name, spec.arch, weights, spec.description)
-    console.print(table)
-
-
-@app.command("generate")
-@_user_errors
-def generate_command(
-    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c", help=help_for(GenerateConfig, "classes")),
-    runs: Optional[list[str]] = typer.Option(None, "--runs", "--run", help=help_for(GenerateConfig, "runs")),
-    base: Optional[bool] = typer.Option(None, "--base", help=help_for(GenerateConfig, "base"), show_default=False),
-    model: Optional[str] = typer.Option(None, "--model", help=help_for(GenerateConfig, "model")),
-    num_images: Optional[int] = typer.Option(None, "-n", "--num-images", help=help_for(GenerateConfig, "num_images")),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help=help_for(GenerateConfig, "prompt")),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help=help_for(GenerateConfig, "negative_prompt")),
-    steps: Optional[int] = typer.Option(None, "--steps", help=help_for(GenerateConfig, "steps")),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help=help_for(GenerateConfig, "guidance")),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=help_for(GenerateConfig, "scheduler")),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=help_for(GenerateConfig, "batch_size")),
-    seed: Optional[int] = typer.Option(None, "--seed", help=help_for(GenerateConfig, "seed")),
-    resolution: Optional[int] = typer.Option(None, "--resolution", help=help_for(GenerateConfig, "resolution")),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help=help_for(GenerateConfig, "dtype")),
-    device: Optional[str] = typer.Option(None, "--device", help=help_for(GenerateConfig, "device")),
-    labels: Optional[str] = typer.Option(None, "--labels", help=help_for(GenerateConfig, "labels")),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help=help_for(GenerateConfig, "overwrite"), show_default=False),
-    workspace: Path = WorkspaceOption,
-) -> None:
-    """Sample images from each class's fine-tuned models (or, with --base, the untouched base model).
-
-    Writes generated/<index>-<name>/<run>/00000.png ... with generation.json. Image i uses seed SEED + i, so the
-    images do not depend on --batch-size, and running the same command again makes only the missing ones.
-    """
-    from .config import resolve_config
-    from .generate import generate, print_generation_table
-
-    ws = Workspace(workspace)
-    config = resolve_config(GenerateConfig, ws.settings(), "generate", {
-        "classes": _split(classes), "runs": _split(runs), "base": base, "model": model, "num_images": num_images,
-        "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,
-        "scheduler": scheduler, "batch_size": batch_size, "seed": seed, "resolution": resolution, "dtype": dtype,
-        "device": device, "labels": labels, "overwrite": overwrite})
-    results = generate(config, ws)
-    print_generation_table(results)
-    typer.echo(f"{sum(r.made for r in results)} new images, {sum(r.existing for r in results)} already there, "
-               f"under {ws.root / 'generated'}")
-
-
-@app.command("rate")
-@_user_errors
-def rate_command(
-    export: bool = typer.Option(False, "--export", help="Write every rating to the CSV file PATH (default: reports/ratings.csv in the workspace) and exit without serving."),
-    path: Optional[Path] = typer.Argument(None, metavar="PATH", help="The CSV file of --export."),
-    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c", help=help_for(RateConfig, "classes")),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", help=help_for(RateConfig, "dataset")),
-    max_images: Optional[int] = typer.Option(None, "--max-images", help=help_for(RateConfig, "max_images")),
-    seed: Optional[int] = typer.Option(None, "--seed", help=help_for(RateConfig, "seed")),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help=help_for(RateConfig, "image_size")),
-    host: Optional[str] = typer.Option(None, "--host", help=help_for(RateConfig, "host")),
-    port: Optional[int] = typer.Option(None, "--port", help=help_for(RateConfig, "port")),
-    labels: Optional[str] = typer.Option(None, "--labels", help=help_for(RateConfig, "labels")),
-    workspace: Path = WorkspaceOption,
-) -> None:
-    """Serve the rating page of a human study: naturalness 1-5 and "do you see the class object?" per image.
-
-    The images are a shuffled mix of references, generated images and (with --dataset) Spurious ImageNet images,
-    their source hidden. Raters enter a name once; every click is saved to ratings/<rater>.json, and a rater
-    resumes where they stopped. Needs the rate extra: pip install 'spurgen\\[rate]'.
-    """
-    from .config import resolve_config
-    from .rate import export_ratings_csv, rate
-
-    ws = Workspace(workspace)
-    if export:
-        target, rows = export_ratings_csv(ws, path)
-        typer.echo(f"{rows} ratings written to {target}")
-        return
-    if path is not None:
-        raise SpurgenError(f"{path} is only used with --export; pass --export {path}, or leave it out to serve")
-    config = resolve_config(RateConfig, ws.settings(), "rate", {
-        "classes": _split(classes), "dataset": _path(dataset), "max_images": max_images, "seed": seed,
-        "image_size": image_size, "host": host, "port": port, "labels": labels})
-    rate(config, ws)
 
 
 def _class_weights(values: Optional[list[str]]) -> Optional[dict[str, float]]:
@@ -392,6 +258,66 @@ def fit_npca_command(
                f"written to {fit.path}")
 
 
+@app.command("generate")
+@_user_errors
+def generate_command(
+    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c", help=help_for(GenerateConfig, "classes")),
+    runs: Optional[list[str]] = typer.Option(None, "--runs", "--run", help=help_for(GenerateConfig, "runs")),
+    base: Optional[bool] = typer.Option(None, "--base", help=help_for(GenerateConfig, "base"), show_default=False),
+    model: Optional[str] = typer.Option(None, "--model", help=help_for(GenerateConfig, "model")),
+    num_images: Optional[int] = typer.Option(None, "-n", "--num-images", help=help_for(GenerateConfig, "num_images")),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help=help_for(GenerateConfig, "prompt")),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help=help_for(GenerateConfig, "negative_prompt")),
+    steps: Optional[int] = typer.Option(None, "--steps", help=help_for(GenerateConfig, "steps")),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help=help_for(GenerateConfig, "guidance")),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=help_for(GenerateConfig, "scheduler")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=help_for(GenerateConfig, "batch_size")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=help_for(GenerateConfig, "seed")),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help=help_for(GenerateConfig, "resolution")),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=help_for(GenerateConfig, "dtype")),
+    device: Optional[str] = typer.Option(None, "--device", help=help_for(GenerateConfig, "device")),
+    labels: Optional[str] = typer.Option(None, "--labels", help=help_for(GenerateConfig, "labels")),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help=help_for(GenerateConfig, "overwrite"), show_default=False),
+    until: Optional[int] = typer.Option(None, "--until", help=help_for(GenerateConfig, "until")),
+    filter: Optional[list[str]] = typer.Option(None, "--filter", help=help_for(GenerateConfig, "filter")),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help=help_for(GenerateConfig, "max_images")),
+    classifiers: Optional[list[str]] = typer.Option(None, "--classifiers", help=help_for(GenerateConfig, "classifiers")),
+    classifier: Optional[list[str]] = ClassifierOption,
+    crop: Optional[str] = typer.Option(None, "--crop", help=help_for(GenerateConfig, "crop")),
+    quality: Optional[str] = typer.Option(None, "--quality", help=help_for(GenerateConfig, "quality")),
+    quality_weights: Optional[Path] = typer.Option(None, "--quality-weights", help=help_for(GenerateConfig, "quality_weights")),
+    clip_model: Optional[str] = typer.Option(None, "--clip-model", help=help_for(GenerateConfig, "clip_model")),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help=help_for(GenerateConfig, "clip_weights")),
+    clip_margin: Optional[float] = typer.Option(None, "--clip-margin", help=help_for(GenerateConfig, "clip_margin")),
+    workspace: Path = WorkspaceOption,
+) -> None:
+    """Sample images from each class's fine-tuned models (or, with --base, the untouched base model).
+
+    Writes generated/<index>-<name>/<run>/00000.png ... with generation.json. Image i uses seed SEED + i, so the
+    images do not depend on --batch-size, and running the same command again makes only the missing ones.
+    """
+    from .config import resolve_config
+    from .generate import generate, print_generation_table
+
+    ws = Workspace(workspace)
+    config = resolve_config(GenerateConfig, ws.settings(), "generate", {
+        "classes": _split(classes), "runs": _split(runs), "base": base, "model": model, "num_images": num_images,
+        "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,
+        "scheduler": scheduler, "batch_size": batch_size, "seed": seed, "resolution": resolution, "dtype": dtype,
+        "device": device, "labels": labels, "overwrite": overwrite, "until": until, "filter": _split(filter),
+        "max_images": max_images, "classifiers": _split(classifiers), "crop": crop, "quality": quality,
+        "quality_weights": _path(quality_weights), "clip_model": clip_model, "clip_weights": _path(clip_weights),
+        "clip_margin": clip_margin})
+    results = generate(config, ws, classifier_flags=classifier or [])
+    print_generation_table(results)
+    typer.echo(f"{sum(r.made for r in results)} new images, {sum(r.existing for r in results)} already there, "
+               f"under {ws.root / 'generated'}")
+    if config.until is not None:
+        accepted, total = sum(r.accepted or 0 for r in results), sum(r.total for r in results)
+        typer.echo(f"{accepted} of {total} images passed --filter {','.join(config.filter)} "
+                   f"(acceptance rate {accepted / total if total else 0:.0%})")
+
+
 @app.command("evaluate")
 @_user_errors
 def evaluate_command(
@@ -413,6 +339,7 @@ def evaluate_command(
     min_quality: Optional[float] = typer.Option(None, "--min-quality", help=help_for(EvaluateConfig, "min_quality")),
     export: Optional[Path] = typer.Option(None, "--export", help=help_for(EvaluateConfig, "export")),
     report_images: Optional[int] = typer.Option(None, "--report-images", help=help_for(EvaluateConfig, "report_images")),
+    drop_object_present: Optional[bool] = typer.Option(None, "--drop-object-present", help=help_for(EvaluateConfig, "drop_object_present"), show_default=False),
     workspace: Path = WorkspaceOption,
 ) -> None:
     """Measure how spurious each class's images are for each classifier: generated runs, references, data sets.
@@ -430,7 +357,7 @@ def evaluate_command(
         "val_images": _path(val_images), "classifiers": _split(classifiers), "crop": crop, "batch_size": batch_size,
         "num_workers": num_workers, "device": device, "labels": labels, "quality": quality,
         "quality_weights": _path(quality_weights), "min_quality": min_quality, "export": _path(export),
-        "report_images": report_images})
+        "report_images": report_images, "drop_object_present": drop_object_present})
     evaluation = evaluate(config, ws, classifier_flags=classifier or [])
     print_evaluation_tables(evaluation)
     images = sum(len(r.files) for r in evaluation.results)
@@ -438,6 +365,93 @@ def evaluate_command(
                f"{evaluation.reports / 'report.html'}")
     if evaluation.export:
         typer.echo(f"exported {evaluation.exported} consistently spurious images to {evaluation.export}")
+
+
+def _floats(values: Optional[list[str]], flag: str) -> Optional[list[float]]:
+    """Parses ``--sfsl-weight 0.05,0.1`` (repeatable) into numbers."""
+    if values is None:
+        return None
+    try:
+        return [float(v) for v in _split(values) or []]
+    except ValueError:
+        raise SpurgenError(f"{flag}: expected numbers separated by commas, e.g. 0.05,0.1,0.2; got {','.join(values)}") from None
+
+
+@app.command("run")
+@_user_errors
+def run_command(
+    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c", help=help_for(RunConfig, "classes")),
+    presets: Optional[list[str]] = typer.Option(None, "--presets", help=help_for(RunConfig, "presets")),
+    sfsl_weight: Optional[list[str]] = typer.Option(None, "--sfsl-weight", help=help_for(RunConfig, "sfsl_weight")),
+    labels: Optional[str] = typer.Option(None, "--labels", help=help_for(RunConfig, "labels")),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run, be skipped (complete) or resumed, and stop."),
+    classifier: Optional[list[str]] = ClassifierOption,
+    workspace: Path = WorkspaceOption,
+) -> None:
+    """Run select-refs, finetune, generate for every class and grid run, then evaluate them all.
+
+    Every other setting comes from spurgen.toml: its top level and each stage's table (\\[select-refs], \\[finetune],
+    \\[generate], \\[evaluate]); \\[run] holds these options. Stages whose outputs are complete are skipped, interrupted
+    ones resume, and a class that fails does not stop the others (exit code 1 at the end). Several GPUs:
+    accelerate launch -m spurgen run ...
+    """
+    from .config import resolve_config
+    from .evaluate import print_evaluation_tables
+    from .run import plan_run, print_plan, run_all
+
+    ws = Workspace(workspace)
+    config = resolve_config(RunConfig, ws.settings(), "run", {
+        "classes": _split(classes), "presets": _split(presets), "sfsl_weight": _floats(sfsl_weight, "--sfsl-weight"),
+        "labels": labels})
+    if dry_run:
+        print_plan(*plan_run(config, ws))
+        return
+    summary = run_all(config, ws, classifier_flags=classifier or [])
+    if summary.evaluation is not None:
+        print_evaluation_tables(summary.evaluation)
+        typer.echo(f"report: {summary.evaluation.reports / 'report.html'}")
+    typer.echo(f"{len(summary.classes) - len(summary.failures)} of {len(summary.classes)} class(es) complete")
+    for cls, problem in summary.failures.items():
+        typer.echo(f"failed: {cls}: {problem}", err=True)
+    if summary.failures:
+        raise typer.Exit(1)
+
+
+@app.command("rate")
+@_user_errors
+def rate_command(
+    export: bool = typer.Option(False, "--export", help="Write every rating to the CSV file PATH (default: reports/ratings.csv in the workspace) and exit without serving."),
+    path: Optional[Path] = typer.Argument(None, metavar="PATH", help="The CSV file of --export."),
+    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c", help=help_for(RateConfig, "classes")),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help=help_for(RateConfig, "dataset")),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help=help_for(RateConfig, "max_images")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=help_for(RateConfig, "seed")),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help=help_for(RateConfig, "image_size")),
+    host: Optional[str] = typer.Option(None, "--host", help=help_for(RateConfig, "host")),
+    port: Optional[int] = typer.Option(None, "--port", help=help_for(RateConfig, "port")),
+    labels: Optional[str] = typer.Option(None, "--labels", help=help_for(RateConfig, "labels")),
+    workspace: Path = WorkspaceOption,
+) -> None:
+    """Serve the rating page of a human study: naturalness 1-5 and "do you see the class object?" per image.
+
+    The images are a shuffled mix of references, generated images and (with --dataset) Spurious ImageNet images,
+    their source hidden. Raters enter a name once; every click is saved to ratings/<rater>.json, and a rater
+    resumes where they stopped. Needs the rate extra: pip install 'spurgen\\[rate]'.
+    """
+    from .config import resolve_config
+    from .rate import export_ratings_csv, rate
+
+    ws = Workspace(workspace)
+    if export:
+        target, rows = export_ratings_csv(ws, path)
+        typer.echo(f"{rows} ratings written to {target}")
+        return
+    if path is not None:
+        raise SpurgenError(f"{path} is only used with --export; pass --export {path}, or leave it out to serve")
+    config = resolve_config(RateConfig, ws.settings(), "rate", {
+        "classes": _split(classes), "dataset": _path(dataset), "max_images": max_images, "seed": seed,
+        "image_size": image_size, "host": host, "port": port, "labels": labels})
+    rate(config, ws)
 
 
 @app.command("demo")
@@ -459,6 +473,59 @@ def demo_command(
     config = resolve_config(DemoConfig, {}, "demo", {"classes": _split(classes), "steps": steps,
                                                       "num_images": num_images})
     run_demo(config, Workspace(workspace))
+
+
+def _path(value: Optional[Path]) -> Optional[str]:
+    return str(value.expanduser()) if value is not None else None
+
+
+@app.command("classes")
+@_user_errors
+def classes_command(
+    query: Optional[str] = typer.Argument(None, help="Only classes whose name contains this text."),
+    labels: str = typer.Option("imagenet", "--labels", help=help_for(SelectRefsConfig, "labels")),
+    everything: bool = typer.Option(False, "--all-classes", help="List every class of the label set, not only those 'all' selects."),
+) -> None:
+    """List the classes of a label set (for ImageNet: the 100 Spurious ImageNet classes) and their spurious features."""
+    from rich.table import Table
+
+    from ._runtime import console
+    from .labels import get_label_set, normalize_name
+
+    label_set = get_label_set(labels)
+    indices = sorted(label_set.classes) if everything else list(label_set.default_indices)
+    table = Table(title=f"label set '{label_set.name}'")
+    for column in ("index", "name", "synset", "spurious feature"):
+        table.add_column(column)
+    for index in indices:
+        info = label_set[index]
+        if query and normalize_name(query) not in normalize_name(" ".join((info.name, *info.aliases))):
+            continue
+        table.add_row(str(info.index), info.name, info.synset or "", info.spurious_feature or "")
+    console.print(table)
+
+
+@app.command("classifiers")
+@_user_errors
+def classifiers_command(
+    labels: str = typer.Option("imagenet", "--labels", help=help_for(SelectRefsConfig, "labels")),
+    classifier: Optional[list[str]] = ClassifierOption,
+    workspace: Path = WorkspaceOption,
+) -> None:
+    """List the configured classifiers: built-in ones, spurgen.toml's \\[classifiers], and --classifier flags."""
+    from rich.table import Table
+
+    from ._runtime import console
+    from .classifiers import configured_classifiers
+
+    specs = configured_classifiers(labels, Workspace(workspace).settings().get("classifiers"), classifier or [])
+    table = Table(title="classifiers ('all' selects every row)")
+    for column in ("name", "architecture", "weights", "description"):
+        table.add_column(column)
+    for spec in specs.values():
+        weights = spec.path or ("[red]required: --classifier NAME=ARCH@PATH[/]" if spec.needs_path else "timm / hub")
+        table.add_row(spec.name, spec.arch, weights, spec.description)
+    console.print(table)
 
 
 world_app = typer.Typer(help="The synthetic spurious world behind `spurgen demo`.", no_args_is_help=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,11 +19,13 @@ from typing import Any, Mapping, TypeVar
 from .errors import SpurgenError
 
 __all__ = ["setting", "same_setting", "help_for", "resolve_config", "SelectRefsConfig", "CROP_POLICIES", "SCHEDULERS",
-           "find_scheduler", "GenerateConfig", "EvaluateConfig"]
+           "find_scheduler", "GenerateConfig", "EvaluateConfig", "RunConfig"]
 
 C = TypeVar("C")
 
 CROP_POLICIES = ("center", "none")
+# The filters of generate --until: consistent, no-object, quality>=X.
+FILTER_PATTERN = re.compile(r"^(consistent|no-object|quality>=-?(\d+\.?\d*|\.\d+))$")
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
@@ -223,6 +226,23 @@ class GenerateConfig:
     device: str = same_setting(SelectRefsConfig, "device")
     labels: str = same_setting(SelectRefsConfig, "labels")
     overwrite: bool = setting(False, "Replace images made earlier with other settings (another model, prompt, sampler...) instead of stopping.")
+    until: int | None = setting(None, "Over-generate: keep sampling each class and run (image i still uses seed SEED + i) until this many images pass every --filter, or --max-images images exist; replaces -n. Each image's verdict and reasons go to generation.json.")
+    filter: list[str] = setting([], "Filters of --until, comma-separated: 'consistent' (every --classifiers model predicts the class), 'quality>=X' (the --quality score is at least X; at most X for metrics where lower is better), 'no-object' (zero-shot with --clip-model: reject when 'a photo of a <class>' outscores 'a photo of <feature>' by more than --clip-margin).")
+    max_images: int | None = setting(None, "With --until: stop after this many images per class and run, accepted or not. Default: 10 x --until.")
+    classifiers: list[str] = setting(["all"], "Classifiers of the 'consistent' filter, comma-separated registry names, or 'all' (every configured one).")
+    crop: str | None = same_setting(SelectRefsConfig, "crop")
+    quality: str = setting("topiq", "No-reference quality metric of the 'quality>=X' filter (pyiqa; pip install 'spurgen[quality]').")
+    quality_weights: str | None = setting(None, "Weights of the --quality metric (safetensors or a torch state dict). Default: pyiqa's own.")
+    clip_model: str | None = setting(None, "open_clip model of the 'no-object' filter: an architecture name (ViT-B-32) with --clip-weights, or an 'hf-hub:ORG/NAME' id (from the hub cache on this machine).")
+    clip_weights: str | None = setting(None, "Weights of --clip-model: safetensors or a torch state dict (read without unpickling code).")
+    clip_margin: float = setting(0.0, "The 'no-object' filter rejects an image when the class prompt's CLIP logit exceeds the feature prompt's by more than this.")
+
+    @property
+    def num_to_sample(self) -> int:
+        """Image indices a run may use: -n, or with --until the --max-images limit."""
+        if self.until is None:
+            return self.num_images
+        return self.max_images if self.max_images is not None else 10 * self.until
 
     def validate(self) -> None:
         require(self.num_images >= 1, f"-n must be at least 1, got {self.num_images}")
@@ -236,6 +256,20 @@ class GenerateConfig:
         require(find_scheduler(self.scheduler) is not None,
                 f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)} or '{MODEL_SCHEDULER}'")
         require(bool(self.runs), "--runs is empty; pass run names or 'all'")
+        if self.until is None:
+            require(not self.filter and self.max_images is None, "--filter and --max-images need --until N")
+            return
+        require(self.until >= 1, f"--until must be at least 1, got {self.until}")
+        require(bool(self.filter), "--until needs --filter, e.g. --filter consistent")
+        bad = [f for f in self.filter if not FILTER_PATTERN.match(f)]
+        require(not bad, f"unknown --filter {bad[0] if bad else ''!r}; use consistent, quality>=X or no-object")
+        require(self.num_to_sample >= self.until,
+                f"--max-images ({self.num_to_sample}) must be at least --until ({self.until})")
+        require("no-object" not in self.filter or self.clip_model is not None,
+                "the no-object filter needs an open_clip model; add --clip-model ARCH --clip-weights PATH")
+        require(self.clip_model is None or self.clip_model.startswith("hf-hub:") or self.clip_weights is not None,
+                f"--clip-model {self.clip_model} needs --clip-weights PATH (or give an hf-hub: id)")
+        require(self.crop in (None, *CROP_POLICIES), f"--crop must be 'center' or 'none', got {self.crop!r}")
 
 
 @dataclass
@@ -259,6 +293,7 @@ class EvaluateConfig:
     min_quality: float | None = setting(None, "With --export: keep only images whose quality is at least this (at most this for metrics where lower is better). Needs --quality.")
     export: str | None = setting(None, "Write the consistently spurious generated images to this folder in Spurious ImageNet's layout (images/<...>_<index>_<name>_<component>/), with manifest.json; 'spurgen select-refs --dataset' reads it.")
     report_images: int = setting(16, "Images per class and source shown in the report's grids (0: all).")
+    drop_object_present: bool = setting(False, "With --export: leave out images that most raters of 'spurgen rate' said show the class object (more than half of their answers 'yes').")
 
     def validate(self) -> None:
         require(bool(self.runs), "--runs is empty; pass run names or 'all'")
@@ -272,6 +307,8 @@ class EvaluateConfig:
                 "--min-quality filters the --export; add --export DIR")
         require(self.quality_weights is None or self.quality is not None,
                 "--quality-weights needs a quality metric; add --quality topiq")
+        require(not self.drop_object_present or self.export is not None,
+                "--drop-object-present filters the --export; add --export DIR")
 
 
 # --- finetune -----------------------------------------------------------------------------------------------------
@@ -437,3 +474,25 @@ class RateConfig:
         require(32 <= self.image_size <= 2048, f"--image-size must be 32 to 2048 pixels, got {self.image_size}")
         require(0 <= self.port <= 65535, f"--port must be 0 to 65535, got {self.port}")
         require(bool(self.host.strip()), "--host is empty; pass 127.0.0.1 or 0.0.0.0")
+
+
+# --- run ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """Settings of ``spurgen run`` (its [run] table); each stage reads its own table as its command does."""
+
+    classes: list[str] = setting(["all"], "Classes to take through every stage: ImageNet names, indices or WordNet ids, comma-separated, or 'all'.")
+    presets: list[str] = setting(["sfsl"], "Fine-tuning presets, one run each per class, comma-separated: dreambooth, dreambooth-te, sfsl.")
+    sfsl_weight: list[float] = setting([], "Grid of kappa values for the 'sfsl' preset, comma-separated; each is its own run named sfsl-k<kappa> (sfsl-k0.05). Default: one run 'sfsl' with [finetune]'s sfsl-weight.")
+    labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
+
+    def validate(self) -> None:
+        require(bool(self.classes), "--classes is empty; pass class names, indices or 'all'")
+        require(bool(self.presets), "--presets is empty; pass e.g. --presets sfsl")
+        for preset in self.presets:
+            require(preset in FINETUNE_PRESETS, f"--presets: unknown preset {preset!r}; use {', '.join(FINETUNE_PRESETS)}")
+        for kappa in self.sfsl_weight:
+            require(kappa >= 0, f"--sfsl-weight values must be 0 or more, got {kappa}")
+        require(not self.sfsl_weight or "sfsl" in self.presets, "--sfsl-weight is a grid of the 'sfsl' preset; add sfsl to --presets")

@@ -16,6 +16,7 @@ from typing import Any
 from ._runtime import console
 from .config import (EvaluateConfig, FinetuneConfig, GenerateConfig, SelectRefsConfig, require, resolve_config,
                      setting)
+from .errors import SpurgenError
 from .workspace import Workspace, atomic_write_json, atomic_write_text
 
 __all__ = ["DemoConfig", "run_demo", "demo_settings"]
@@ -98,7 +99,12 @@ def run_demo(config: DemoConfig, workspace: Workspace) -> dict[str, Any]:
     from .generate import generate
     from .select_refs import print_selection_table, select_refs
 
+    from .world.build import SD_DIR
+
     config.validate()
+    if not (SD_DIR / "model_index.json").is_file():
+        raise SpurgenError(f"the world's text-to-image model is not in this installation ({SD_DIR}); build it first "
+                           "with `spurgen world build` (resumable; about an hour on 2 CPU cores)")
     workspace.ensure_writable()
     if not workspace.settings_path.is_file():
         atomic_write_text(workspace.settings_path, demo_settings(workspace, config))

@@ -42,6 +42,8 @@ from .images import list_images
 from .labels import ClassInfo, LabelSet, get_label_set
 from .predict import PredictionCache, Predictions, predict_files
 from .quality import QualityMetric, load_quality_metric, score_files
+from .rate import load_ratings
+from .rating_stats import SCORES, RatingSummary, summarize_ratings
 from .select_refs import SELECTION_FILE, class_image_files, classifier_records, consistency
 from .workspace import (Workspace, atomic_directory, atomic_write_json, atomic_write_text, environment_versions,
                         read_json, utc_now)
@@ -86,6 +88,7 @@ class SourceResult:
     quality: np.ndarray | None = None  # [images]
     roc_auc: np.ndarray | None = None  # [classifiers] spurious score against --val-images
     average_precision: np.ndarray | None = None  # [classifiers]
+    rating: RatingSummary | None = None  # what the human study (ratings/) says about these images
     unreadable: int = 0
 
     @property
@@ -134,6 +137,11 @@ class Evaluation:
     @property
     def runs(self) -> list[str]:
         return list(dict.fromkeys(r.source.name for r in self.results if r.source.kind == "generated"))
+
+    @property
+    def rated(self) -> bool:
+        """Whether the human study rated any evaluated image."""
+        return any(r.rating is not None for r in self.results)
 
     def result(self, cls: ClassInfo, source: str) -> SourceResult | None:
         return next((r for r in self.results if r.cls.index == cls.index and r.source.name == source), None)
@@ -307,8 +315,11 @@ def _check_export_target(folder: Path) -> None:
                        "(an earlier spurgen export there is replaced)")
 
 
-def _export(evaluation: Evaluation, folder: Path, min_quality: float | None, manifest_base: dict[str, Any]) -> int:
+def _export(evaluation: Evaluation, folder: Path, min_quality: float | None, drop_object_present: bool,
+            manifest_base: dict[str, Any]) -> int:
     """Writes the consistently spurious generated images in Spurious ImageNet's layout; returns their count.
+
+    With ``drop_object_present``, images that most raters said show the class object are left out.
 
     ``images/<prefix>_<index>_<name>_<component>/<run>_<file>``, ``images/timestamp.txt``,
     ``spurious_imagenet_classes.tsv`` and ``manifest.json`` (per image: source, predictions, quality).
@@ -326,7 +337,8 @@ def _export(evaluation: Evaluation, folder: Path, min_quality: float | None, man
             for result in (r for r in evaluation.results if r.cls.index == cls.index and r.source.kind == "generated"):
                 for i, path in enumerate(result.files):
                     keep = bool(result.consistent[i]) and (
-                        min_quality is None or evaluation.quality.passes(float(result.quality[i]), min_quality))  # type: ignore[union-attr, index]
+                        min_quality is None or evaluation.quality.passes(float(result.quality[i]), min_quality)) and (  # type: ignore[union-attr, index]
+                        not drop_object_present or result.rating is None or result.hashes[i] not in result.rating.object_seen)
                     if not keep:
                         continue
                     class_folder.mkdir(exist_ok=True)
@@ -348,7 +360,7 @@ def _export(evaluation: Evaluation, folder: Path, min_quality: float | None, man
                      f"{' and above --min-quality' if min_quality is not None else ''}; nothing exported for it")
         (staging / "spurious_imagenet_classes.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
         atomic_write_json(staging / EXPORT_MANIFEST, {**manifest_base, "stage": "export", "min_quality": min_quality,
-                                                      "images": entries})
+                                                      "drop_object_present": drop_object_present, "images": entries})
     return len(entries)
 
 
@@ -469,7 +481,28 @@ def summary_tables(evaluation: Evaluation, stacked: bool = False) -> list[TableD
                 f"{_mean_over_classes(evaluation, source, lambda r, c=c: r.average_precision[c]):.3f}"
                 for c in range(len(names)))])
         tables.append(score)
+    if evaluation.rated:
+        tables.append(_ratings_table(evaluation))
     return tables
+
+
+def _ratings_table(evaluation: Evaluation) -> TableData:
+    """The human study per class and source: naturalness distribution and mean, agreement, object present."""
+    table = TableData("Human ratings: naturalness (% of scores), agreement and object present",
+                      ["class", "source", "images", "raters", *(f"{s}" for s in SCORES), "mean", "alpha", "object %"],
+                      caption="naturalness 1 (very unnatural) to 5 (very natural), over all raters' scores; alpha: "
+                              "Krippendorff's alpha, ordinal; object %: images most raters saw the class object in")
+    for cls in evaluation.classes:
+        table.breaks.append(len(table.rows))
+        for r in evaluation.results:
+            if r.cls.index != cls.index or (rating := r.rating) is None:
+                continue
+            table.rows.append([str(cls), r.source.name, str(rating.images_rated), str(rating.raters),
+                               *(_percent(share) for share in rating.distribution),
+                               f"{rating.mean:.2f}" if rating.mean is not None else "–",
+                               f"{rating.alpha:.3f}" if rating.alpha is not None else "–",
+                               _percent(rating.object_present_rate)])
+    return table
 
 
 def print_evaluation_tables(evaluation: Evaluation) -> None:
@@ -615,6 +648,10 @@ def evaluate(config: EvaluateConfig, workspace: Workspace, classifier_flags: Seq
     settings = workspace.settings()
     labels = get_label_set(config.labels)
     classes = _resolve_classes(config, workspace, labels)
+    ratings = load_ratings(workspace)
+    if config.drop_object_present and not ratings:
+        raise SpurgenError(f"--drop-object-present needs the answers of 'spurgen rate', but {workspace.root / 'ratings'} "
+                           "holds none; rate the images first or leave out --drop-object-present")
     sources = _collect_sources(config, workspace, classes)
     val = _val_files(config.val_images, classes) if config.val_images else {}
     export = Path(config.export).expanduser().resolve() if config.export else None
@@ -641,6 +678,8 @@ def evaluate(config: EvaluateConfig, workspace: Workspace, classifier_flags: Seq
     results = [result for cls in classes for source in sources[cls.index]
                if (result := _result(cls, source, predictions, quality,
                                      predictions.rows(val[cls.index]) if val else None)) is not None]
+    for result in results:
+        result.rating = summarize_ratings(result.hashes, ratings)
     evaluation = Evaluation(labels=labels, classifiers=[c.name for c in classifiers], results=results, quality=metric,
                             reports=workspace.reports_dir, export=export)
     if not is_main_process():  # under `accelerate launch`, one process writes
@@ -654,7 +693,7 @@ def evaluate(config: EvaluateConfig, workspace: Workspace, classifier_flags: Seq
         "quality": {"metric": metric.name, "weights": metric.weights, "lower_better": metric.lower_better} if metric else None,
     }
     if export:
-        evaluation.exported = _export(evaluation, export, config.min_quality, manifest_base)
+        evaluation.exported = _export(evaluation, export, config.min_quality, config.drop_object_present, manifest_base)
     from .report import render_report
 
     reports = workspace.reports_dir
@@ -673,6 +712,8 @@ def evaluate(config: EvaluateConfig, workspace: Workspace, classifier_flags: Seq
         "unreadable": [{"file": str(f), "reason": reason} for f, reason in predictions.unreadable.items()],
         "val_images": {str(k): [str(f) for f in files] for k, files in val.items()} or None,
         "computed_predictions": predictions.computed,
+        "ratings": [{"class": r.cls.index, "source": r.source.name, **r.rating.record()}
+                    for r in results if r.rating is not None] if evaluation.rated else None,
         "export": {"folder": str(export), "images": evaluation.exported, "min_quality": config.min_quality} if export else None,
     })
     return evaluation

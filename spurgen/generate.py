@@ -13,12 +13,23 @@ makes only the images that are missing. ``generation.json`` is written before th
 ``"status": "incomplete"``, rewritten now and then while sampling, and becomes ``"complete"`` once all
 images exist. Its fingerprint (model file hashes and every setting that changes an image) guards against mixing
 images of different settings in one folder.
+
+``--until N --filter ...`` over-generates: images are made a batch at a time (never more than the images still
+wanted, so exactly N pass unless ``--max-images`` ends the run first) and each batch is judged by
+:mod:`spurgen.filters` with the models loaded once. Such a run is complete when N images passed or the limit
+is reached; each image's verdict and reasons are in ``generation.json``. A re-run re-judges the images already
+there (from the caches, so nothing is recomputed), then goes on sampling.
+
+Under ``accelerate launch`` the missing images of each run are dealt out between the processes (image i
+still uses seed ``seed + i``, so N processes make the same files as one); only the main process deletes,
+and writes ``generation.json``, after every process has finished.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import re
 import time
@@ -29,9 +40,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from ._base_model import BaseModel, image_generator, resolve_base_model
 from ._lora import LORA_WEIGHTS_NAME
-from ._runtime import console, progress_bar, resolve_device, warn
+from ._runtime import console, distributed_state, progress_bar, resolve_device, warn
 from .config import MODEL_SCHEDULER, SCHEDULERS, GenerateConfig, find_scheduler
 from .errors import SpurgenError
+from .filters import ImageFilters, Verdict
 from .finetune import TRAINING_FILE
 from .images import file_sha256
 from .labels import ClassInfo, LabelSet, get_label_set
@@ -52,6 +64,7 @@ __all__ = [
     "build_scheduler",
     "torch_dtype",
     "print_generation_table",
+    "acceptance_rate",
 ]
 
 BASE_RUN = "base"
@@ -117,6 +130,7 @@ class GenerationResult:
     existing: int
     total: int
     flagged: int = 0
+    accepted: int | None = None  # with --until: the images that passed every filter
 
 
 def _fill(template: str, cls: ClassInfo) -> str:
@@ -331,8 +345,27 @@ def _png_bytes(image: Any) -> bytes:
 
 
 @dataclass
+class _Until:
+    """Over-generation of one run: how many images must pass, and each judged image's verdict."""
+
+    wanted: int
+    verdicts: dict[int, Verdict] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> int:
+        return sum(v.accepted for v in self.verdicts.values())
+
+    def record(self) -> dict[str, Any]:
+        judged = len(self.verdicts)
+        return {"judged": judged, "accepted": self.accepted, "acceptance_rate": self.accepted / judged if judged else None}
+
+
+@dataclass
 class _RunState:
-    """One run folder being filled, and its generation.json."""
+    """One run folder being filled, and its generation.json.
+
+    ``total`` is how many image indices the run may use: -n, or with ``until`` the --max-images limit.
+    """
 
     plan: ModelPlan
     folder: Path
@@ -340,9 +373,30 @@ class _RunState:
     seed: int
     total: int
     entries: dict[int, dict[str, Any]] = field(default_factory=dict)
+    todo: list[int] = field(default_factory=list)  # the images this process makes (its share of the missing ones)
+    until: _Until | None = None
 
-    def missing(self) -> list[int]:
-        return [i for i in range(self.total) if not (self.folder / image_name(i)).is_file()]
+    def present(self) -> list[int]:
+        return [i for i in range(self.total) if (self.folder / image_name(i)).is_file()]
+
+    def finished(self) -> bool:
+        """Every image exists; with ``until``, also as soon as enough images passed."""
+        return (self.until is not None and self.until.accepted >= self.until.wanted) or len(self.present()) == self.total
+
+    def judge(self, filters: ImageFilters, indices: Sequence[int]) -> None:
+        """Judges images of an over-generated run by every filter; an image the safety checker blanked never passes."""
+        if self.until is None or not indices:
+            return
+        verdicts = filters.judge(self.plan.cls, [self.folder / image_name(i) for i in indices])
+        for i, verdict in zip(indices, verdicts):
+            if self.entries.get(i, {}).get("nsfw_flagged"):
+                verdict = Verdict(False, (*verdict.reasons, "blanked by the safety checker"))
+            self.until.verdicts[i] = verdict
+
+    def missing(self, stale: set[Path]) -> list[int]:
+        """The images still to make: absent, or about to be deleted as ``stale``."""
+        return [i for i in range(self.total)
+                if not (self.folder / image_name(i)).is_file() or self.folder / image_name(i) in stale]
 
     def record(self, index: int, flagged: bool | None) -> None:
         self.entries[index] = {"index": index, "file": image_name(index), "seed": self.seed + index,
@@ -355,16 +409,19 @@ class _RunState:
         An image whose entry is unknown (made by another process sharing the work) is recorded from the
         settings, which determine it; only the safety checker's flag is then unknown.
         """
-        present = [i for i in range(self.total) if (self.folder / image_name(i)).is_file()]
-        complete = len(present) == self.total
+        present = self.present()
+        complete = self.finished()
         for i in present:
             if i not in self.entries:
                 self.record(i, None)
-        images = [dict(self.entries[i], **({"sha256": file_sha256(self.folder / image_name(i))} if complete else {}))
+        verdicts = self.until.verdicts if self.until else {}
+        images = [dict(self.entries[i], **({"sha256": file_sha256(self.folder / image_name(i))} if complete else {}),
+                       **({"accepted": verdicts[i].accepted, "reasons": list(verdicts[i].reasons)} if i in verdicts else {}))
                   for i in present]
+        over_generation = {"over_generation": {**self.header["over_generation"], **self.until.record()}} if self.until else {}
         atomic_write_json(self.folder / GENERATION_FILE, {
             **self.header, "status": "complete" if complete else "incomplete", "updated": utc_now(),
-            "num_images": self.total, "images": images})
+            "num_images": len(present) if self.until else self.total, "images": images, **over_generation})
 
 
 def _check_folder(folder: Path, settings: dict[str, Any], fingerprint: str,
@@ -416,13 +473,36 @@ def _settings(config: GenerateConfig, plan: ModelPlan, dtype: "torch.dtype") -> 
     }
 
 
-def _sample(pipe: "StableDiffusionPipeline", state: _RunState, config: GenerateConfig, progress: Any) -> int:
-    """Makes the run's missing images batch by batch; returns how many the safety checker flagged."""
+def _batches(state: _RunState, batch_size: int) -> Iterator[list[int]]:
+    """The batches of images to make: the run's share of the missing ones.
+
+    With --until, the images are taken in index order and a batch holds no more than the images still
+    wanted, so no more than that many can pass; it ends once enough passed or at the --max-images limit.
+    """
+    if state.until is None:
+        yield from _chunks(state.todo, batch_size)
+        return
+    remaining = iter(state.todo)
+    while not state.finished():
+        batch = list(itertools.islice(remaining, min(batch_size, state.until.wanted - state.until.accepted)))
+        if not batch:
+            return
+        yield batch
+
+
+def _sample(pipe: "StableDiffusionPipeline", state: _RunState, config: GenerateConfig, progress: Any,
+            filters: ImageFilters | None) -> int:
+    """Makes the run's missing images batch by batch; returns how many the safety checker flagged.
+
+    With --until, each batch is judged by ``filters`` as soon as it is written.
+    """
     resolution = state.header["settings"]["resolution"]
-    missing = state.missing()
-    task = progress.add_task(f"{state.plan.cls.dirname}/{state.plan.run}", total=len(missing))
+    until = state.until
+    task = progress.add_task(f"{state.plan.cls.dirname}/{state.plan.run}" + (" accepted" if until else ""),
+                             total=until.wanted if until else len(state.todo), completed=until.accepted if until else 0)
     flagged, written = 0, time.monotonic()
-    for batch in _chunks(missing, config.batch_size):
+    main = distributed_state().is_main_process
+    for batch in _batches(state, config.batch_size):
         # One CPU generator per image: its starting noise and any ancestral noise are drawn from seed + i
         # alone, so neither the batch it falls in nor the device changes it.
         generators = [image_generator(config.seed + i) for i in batch]
@@ -436,29 +516,41 @@ def _sample(pipe: "StableDiffusionPipeline", state: _RunState, config: GenerateC
             atomic_write_bytes(state.folder / image_name(i), _png_bytes(image))
             state.record(i, None if flag is None else bool(flag))
             flagged += bool(flag)
+        if filters is not None:
+            state.judge(filters, batch)
         # The images themselves are the progress a re-run resumes from; the manifest adds only the safety
         # checker's flags, so it is rewritten (a synced file) at most every MANIFEST_INTERVAL_S seconds.
-        if time.monotonic() - written >= MANIFEST_INTERVAL_S:
+        if main and time.monotonic() - written >= MANIFEST_INTERVAL_S:
             state.write()
             written = time.monotonic()
-        progress.advance(task, len(batch))
+        if until:
+            progress.update(task, completed=until.accepted)
+        else:
+            progress.advance(task, len(batch))
     return flagged
 
 
-def generate(config: GenerateConfig, workspace: Workspace) -> list[GenerationResult]:
+def generate(config: GenerateConfig, workspace: Workspace, classifier_flags: Sequence[str] = ()) -> list[GenerationResult]:
     """Samples each class's images for each selected run, or for the base model, into ``generated/``.
 
     Classes, runs, models and the images already in the output folders are all checked before the first
     model loads. A run whose images all exist is not loaded at all. Runs sharing a pipeline folder (LoRA
     runs on the same base model) load it once.
 
+    With --until, the filters' models load once (after the checks, before any image) and each run samples
+    until enough images pass; the images already there are judged first.
+
     Args:
         config: Resolved settings.
         workspace: Where the models are and the images go.
+        classifier_flags: ``--classifier NAME=ARCH[@PATH]`` values, for the 'consistent' filter.
 
     Raises:
         SpurgenError: bad input; then nothing has been written.
     """
+    if config.until is not None and distributed_state().num_processes > 1:
+        raise SpurgenError("--until judges each batch before the next one and runs in one process; "
+                           "run it without accelerate launch")
     labels = get_label_set(config.labels)
     if config.classes:
         classes = labels.resolve_many(config.classes)
@@ -484,26 +576,62 @@ def generate(config: GenerateConfig, workspace: Workspace) -> list[GenerationRes
                   "class": {"index": plan.cls.index, "name": plan.cls.name, "synset": plan.cls.synset,
                             "spurious_feature": plan.cls.spurious_feature},
                   "run": plan.run, "model": model, "settings": settings, "fingerprint": fingerprint}
-        states.append(_RunState(plan, folder, header, config.seed, config.num_images, entries))
-    for path in stale:  # only once every run has passed its checks
-        path.unlink()
+        states.append(_RunState(plan, folder, header, config.seed, config.num_to_sample, entries,
+                                until=_Until(config.until) if config.until is not None else None))
+    # The filters' models load once every folder has passed its checks.
+    filters = ImageFilters(config, workspace, labels, classes, classifier_flags) if config.until is not None else None
+    if filters is not None:
+        for state in states:
+            state.header["over_generation"] = {"until": config.until, "max_images": config.num_to_sample,
+                                               **filters.record()}
+    missing = [s.missing(set(stale)) for s in states]
+    processes = distributed_state()
+    processes.wait_for_everyone()  # every process has checked the folders and listed the missing images
+    if processes.is_main_process:
+        for path in stale:  # only once every run has passed its checks
+            path.unlink()
+    processes.wait_for_everyone()  # before any process writes an image where a stale one was
+    existing = [len(s.present()) for s in states]
+    if filters is not None:
+        for state in states:  # an earlier run's images count first
+            state.judge(filters, state.present())
 
-    results = []
+    flagged: dict[int, int] = {}
     pipelines = _PipelineSlot(dtype, device)
     with progress_bar("images") as progress:
         # Grouped by pipeline folder so that LoRA runs on one base model share one loaded pipeline.
-        for state in sorted(states, key=lambda s: str(s.plan.pipeline.path)):
-            missing = state.missing()
-            flagged = _fill_run(pipelines, state, config, progress) if missing else 0
+        for n, state in sorted(enumerate(states), key=lambda item: str(item[1].plan.pipeline.path)):
+            state.todo = [] if state.finished() else missing[n][processes.process_index::processes.num_processes]
+            flagged[n] = _fill_run(pipelines, state, config, progress, filters) if state.todo else 0
+    if processes.num_processes > 1:
+        _gather_entries(states, flagged)
+    if processes.is_main_process:
+        for state in states:
             state.write()
-            results.append(GenerationResult(state.plan.cls, state.plan.run, state.plan.kind, state.folder,
-                                            made=len(missing), existing=config.num_images - len(missing),
-                                            total=config.num_images, flagged=flagged))
+    results = [GenerationResult(s.plan.cls, s.plan.run, s.plan.kind, s.folder, made=len(s.present()) - existing[n],
+                                existing=existing[n], total=len(s.present()), flagged=flagged[n],
+                                accepted=s.until.accepted if s.until else None)
+               for n, s in enumerate(states)]
     for result in results:
+        if result.accepted is not None and result.accepted < (config.until or 0):
+            warn(f"{result.cls} run {result.run}: only {result.accepted} of {config.until} images passed --filter "
+                 f"within --max-images {config.num_to_sample}; raise --max-images to sample more")
         if result.flagged:
             warn(f"{result.cls} run {result.run}: the model's safety checker blanked {result.flagged} image(s); "
                  "they are marked nsfw_flagged in generation.json")
     return sorted(results, key=lambda r: (r.cls.index, r.run))
+
+
+def _gather_entries(states: Sequence[_RunState], flagged: dict[int, int]) -> None:
+    """Brings every process's manifest entries and safety checker counts to every process (after all finished)."""
+    from accelerate.utils import gather_object
+
+    parts = gather_object([([s.entries for s in states], flagged)])
+    for part_entries, part_flagged in parts:
+        for state, entries in zip(states, part_entries):
+            state.entries.update(entries)
+    for n in flagged:
+        flagged[n] = sum(part_flagged[n] for _, part_flagged in parts)
 
 
 class _PipelineSlot:
@@ -523,19 +651,23 @@ class _PipelineSlot:
         return self.pipe
 
 
-def _fill_run(pipelines: _PipelineSlot, state: _RunState, config: GenerateConfig, progress: Any) -> int:
+def _fill_run(pipelines: _PipelineSlot, state: _RunState, config: GenerateConfig, progress: Any,
+              filters: ImageFilters | None) -> int:
     """Loads the run's model (LoRA onto its base) and makes its missing images; returns the flagged count."""
     plan = state.plan
     pipe = pipelines.get(plan.pipeline.path)
     pipe.scheduler = build_scheduler(config.scheduler, pipelines.scheduler.config) or pipelines.scheduler
     state.folder.mkdir(parents=True, exist_ok=True)
-    state.write()  # "incomplete" before the first image: a crash leaves a resumable folder
+    main = distributed_state().is_main_process
+    if main:
+        state.write()  # "incomplete" before the first image: a crash leaves a resumable folder
     if plan.lora_folder:
         _load_lora(pipe, plan)
     try:
-        return _sample(pipe, state, config, progress)
+        return _sample(pipe, state, config, progress, filters)
     except BaseException:
-        state.write()  # an interrupted run still records the images it made (Ctrl-C, an error in a batch)
+        if main:
+            state.write()  # an interrupted run still records the images it made (Ctrl-C, an error in a batch)
         raise
     finally:
         if plan.lora_folder:
@@ -555,10 +687,18 @@ def print_generation_table(results: Sequence[GenerationResult]) -> None:
     """The per-class and run summary of generate."""
     from rich.table import Table
 
+    until = any(r.accepted is not None for r in results)
     table = Table(title="generate")
     for column, justify in (("class", "left"), ("run", "left"), ("model", "left"), ("new", "right"),
-                            ("already there", "right"), ("images", "right"), ("folder", "left")):
+                            ("already there", "right"), ("images", "right"),
+                            *((("accepted", "right"),) if until else ()), ("folder", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for r in results:
-        table.add_row(str(r.cls), r.run, r.kind, str(r.made), str(r.existing), str(r.total), str(r.folder))
+        accepted = [f"{r.accepted} ({acceptance_rate(r):.0%})"] if until else []
+        table.add_row(str(r.cls), r.run, r.kind, str(r.made), str(r.existing), str(r.total), *accepted, str(r.folder))
     console.print(table)
+
+
+def acceptance_rate(result: GenerationResult) -> float:
+    """With --until: the share of the run's images that passed every filter."""
+    return (result.accepted or 0) / result.total if result.total else 0.0

@@ -1,7 +1,8 @@
 """The HTML report of ``spurgen evaluate``: one self-contained page.
 
 Tables 1 and 2 (and quality and spurious score when measured), a bar chart of spurious accuracy per
-classifier and source as inline SVG, and per class a grid of images captioned with each classifier's top-1
+classifier and source as inline SVG, the human study's naturalness distribution per source (the paper's
+Figure 3) when ``spurgen rate`` answers exist, and per class a grid of images captioned with each classifier's top-1
 label, as in the paper's Figure 4: a label that is the class itself is marked, and an image that every
 classifier predicts as the class gets a green frame. Images are embedded as small JPEG thumbnails (so
 the page works on its own, e-mailed or moved) and link to the full files by relative path.
@@ -117,6 +118,23 @@ def _bar_chart(title: str, groups: Sequence[str], series: Sequence[str], values:
     return "".join(parts)
 
 
+def _naturalness_chart(title: str, results: Sequence["SourceResult"]) -> str:
+    """The paper's Figure 3: per naturalness score, the share of each source's ratings that gave it.
+
+    Results of one source (several classes) are pooled: their counts are added.
+    """
+    from .rating_stats import SCORES
+
+    counts: dict[str, list[int]] = {}
+    for r in results:
+        if r.rating is not None:
+            pooled = counts.setdefault(r.source.name, [0] * len(SCORES))
+            pooled[:] = [a + b for a, b in zip(pooled, r.rating.counts)]
+    values = {(str(score), source): n[s] / sum(n) for source, n in counts.items() if sum(n)
+              for s, score in enumerate(SCORES)}
+    return _bar_chart(title, [str(s) for s in SCORES], list(counts), values)
+
+
 def _thumbnail(path: Path) -> str | None:
     """A data: URI of a small JPEG of the image, or None when the file cannot be read any more."""
     try:
@@ -183,6 +201,8 @@ def _class_section(evaluation: "Evaluation", cls_index: int, limit: int) -> str:
         f"<h3>{_e(r.source.name)} <span class=\"meta\">({r.source.kind}, {len(r.files)} images, "
         f"{100 * r.consistent_rate:.0f}% consistently spurious)</span></h3>{_grid(evaluation, r, limit)}"
         for r in results)
+    if evaluation.rated:
+        chart += _naturalness_chart(f"{cls}: naturalness ratings (share of scores 1-5)", results)
     feature = f" — spurious feature: {_e(cls.spurious_feature)}" if cls.spurious_feature else ""
     return f'<section><h2 id="class-{cls.index}">{_e(cls)}{feature}</h2>{chart}{details}{grids}</section>'
 
@@ -199,6 +219,9 @@ def render_report(evaluation: "Evaluation", tables: Sequence["TableData"], image
             values = [float(r.spurious_accuracy[c]) for r in evaluation.results if r.source.name == source]
             overall[(name, source)] = sum(values) / len(values)
     chart = _bar_chart("Spurious accuracy per classifier and source (mean over classes)", names, sources, overall)
+    if evaluation.rated:
+        chart += _naturalness_chart("Naturalness ratings per source, all classes (share of scores 1-5)",
+                                    evaluation.results)
     contents = " · ".join(f'<a href="#class-{c.index}">{_e(c)}</a>' for c in evaluation.classes)
     meta = (f"spurgen {__version__} · {utc_now()} · classifiers: {_e(', '.join(names))} · "
             f"{sum(len(r.files) for r in evaluation.results)} images")

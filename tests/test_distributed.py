@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,108 @@ def test_select_refs_with_two_processes_equals_one(rigged, tmp_path):
     # each process computed its half, the main process wrote them: every image once per classifier
     shards = list((tmp_path / "two" / "cache" / "predictions").rglob("*.safetensors"))
     assert len(shards) == 3
+
+
+def _spurgen(*args: str) -> subprocess.CompletedProcess:
+    """One process, as a user runs it without accelerate."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "spurgen", *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def _without(manifest: dict, *keys: str) -> dict:
+    return {k: v for k, v in manifest.items() if k not in keys}
+
+
+def test_generate_with_two_processes_makes_the_same_images_as_one(tiny_sd_dir, tmp_path):
+    args = ["generate", "--base", "--model", str(tiny_sd_dir), "--classes", "hummingbird", "--num-images", "5",
+            "--steps", "2", "--batch-size", "2", "--device", "cpu"]
+    single = _spurgen(*args, "-w", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    double = accelerate_launch(*args, "-w", str(tmp_path / "two"))
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = (tmp_path / name / "generated" / "94-hummingbird" / "base" for name in ("one", "two"))
+    names = sorted(p.name for p in one.iterdir())
+    assert names == ["00000.png", "00001.png", "00002.png", "00003.png", "00004.png", "generation.json"]
+    assert sorted(p.name for p in two.iterdir()) == names
+    for name in names[:-1]:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    manifests = [json.loads((folder / "generation.json").read_text()) for folder in (one, two)]
+    assert manifests[1]["status"] == "complete"
+    assert _without(manifests[0], "created", "updated") == _without(manifests[1], "created", "updated")
+
+
+def _generated_copies(workspace: Path, rigged) -> None:
+    """Two finished generated runs of hummingbird whose images are copies of the rigged data set's images."""
+    for run, indices in {"run-a": [0, 1, 2, 3], "run-b": [4, 5, 6, 7]}.items():
+        folder = workspace / "generated" / "94-hummingbird" / run
+        folder.mkdir(parents=True)
+        for n, i in enumerate(indices):
+            shutil.copyfile(rigged.files[94][i], folder / f"{n:05d}.png")
+        (folder / "generation.json").write_text(json.dumps({"stage": "generate", "status": "complete",
+                                                            "num_images": len(indices), "images": []}))
+
+
+def test_evaluate_with_two_processes_reports_the_same_numbers_as_one(rigged, tmp_path):
+    for name in ("one", "two"):
+        _generated_copies(tmp_path / name, rigged)
+    args = ["evaluate", "--dataset", str(rigged.dataset), "--classes", "hummingbird", "--no-refs", "--num-workers", "0",
+            "--device", "cpu", "--classifiers", "res-a,conv-b,vit-c", *[f"--classifier={f}" for f in rigged.flags.values()]]
+    single = _spurgen(*args, "-w", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    double = accelerate_launch(*args, "-w", str(tmp_path / "two"))
+    assert double.returncode == 0, double.stderr[-3000:]
+    # the tables are printed once, by the main process
+    assert double.stdout.count("Table 1") == single.stdout.count("Table 1") == 1
+    reports = [tmp_path / name / "reports" for name in ("one", "two")]
+    assert sorted(p.name for p in reports[1].iterdir()) == sorted(p.name for p in reports[0].iterdir())
+    assert (reports[0] / "evaluation.csv").read_text() == (reports[1] / "evaluation.csv").read_text()
+    one, two = (json.loads((folder / "evaluation.json").read_text().replace(str(folder.parent), "WS"))
+                for folder in reports)
+    for key in ("results", "means", "images", "sources", "classes"):
+        assert one[key] == two[key], key
+
+
+def test_run_with_two_processes_takes_every_class_through_every_stage(tiny_sd_dir, rigged, tmp_path):
+    settings = f"""\
+model = "{tiny_sd_dir}"
+device = "cpu"
+[select-refs]
+dataset = "{rigged.dataset}"
+classifiers = ["res-a", "conv-b"]
+k = 2
+num-workers = 0
+[finetune]
+steps = 2
+rank = 4
+prior-preservation = false
+num-validation-images = 0
+validation-steps = 0
+checkpointing-steps = 0
+[generate]
+num-images = 3
+steps = 2
+[evaluate]
+classifiers = ["res-a", "conv-b"]
+num-workers = 0
+"""
+    args = ["run", "--classes", "hummingbird,koala", "--presets", "dreambooth",
+            *[f"--classifier={rigged.flags[name]}" for name in ("res-a", "conv-b")]]
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "spurgen.toml").write_text(settings)
+    single = _spurgen(*args, "-w", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = accelerate_launch(*args, "-w", str(tmp_path / "two"))
+    assert double.returncode == 0, double.stderr[-3000:]
+    runs = [json.loads((tmp_path / name / "run.json").read_text()) for name in ("one", "two")]
+    assert [entry["stages"] for entry in runs[0]["classes"]] == [entry["stages"] for entry in runs[1]["classes"]]
+    assert runs[1]["classes"][0]["stages"] == {"select-refs": "ran", "finetune/dreambooth": "trained",
+                                               "generate/dreambooth": "ran"}
+    for folder in ("94-hummingbird", "105-koala"):
+        one = _selection_without_timestamps(tmp_path / "one" / "refs" / folder / "selection.json")
+        two = _selection_without_timestamps(tmp_path / "two" / "refs" / folder / "selection.json")
+        assert one == two
+        generation = json.loads((tmp_path / "two" / "generated" / folder / "dreambooth" / "generation.json").read_text())
+        assert generation["status"] == "complete" and len(generation["images"]) == 3
+    evaluation = json.loads((tmp_path / "two" / "reports" / "evaluation.json").read_text())
+    assert evaluation["settings"]["classes"] == [94, 105]

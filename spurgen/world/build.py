@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .._runtime import progress_bar
-from ..workspace import atomic_write_json
+from ..workspace import atomic_write_json, read_json
 from .classifiers import ASSETS_DIR, ClassifierTrainConfig, shipped_classifier_specs, train_world_classifiers
 from .dataset import MANIFEST_FILE, WorldConfig, build_world
 from .labels import world_label_set
@@ -109,13 +109,18 @@ def build_world_models(work: Path, config: WorldBuildConfig | None = None, *,
     timings["classifiers_seconds"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    log("training the text-to-image model")
-    text_to_image = train_text_to_image(world, SD_DIR, config.text_to_image, work / "text-to-image")
+    if (SD_DIR / RECOGNITION_FILE).is_file():
+        # Built and measured before (delete the folder to retrain it).
+        log(f"text-to-image model already built in {SD_DIR}, kept")
+        text_to_image = read_json(SD_DIR / "training_metrics.json")
+        recognition = read_json(SD_DIR / RECOGNITION_FILE)
+    else:
+        log("training the text-to-image model")
+        text_to_image = train_text_to_image(world, SD_DIR, config.text_to_image, work / "text-to-image")
+        log("measuring the text-to-image model's samples")
+        recognition = measure_text_to_image(SD_DIR, config.samples_per_prompt)
+        atomic_write_json(SD_DIR / RECOGNITION_FILE, recognition)
     timings["text_to_image_seconds"] = time.perf_counter() - started
-
-    log("measuring the text-to-image model's samples")
-    recognition = measure_text_to_image(SD_DIR, config.samples_per_prompt)
-    atomic_write_json(SD_DIR / RECOGNITION_FILE, recognition)
     summary = {"timings": timings, "classifiers": classifiers, "text_to_image": text_to_image, "recognition": recognition}
     atomic_write_json(ASSETS_DIR.parent / "build.json", summary)
     return summary
