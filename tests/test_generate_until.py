@@ -236,3 +236,42 @@ def test_cli_reports_the_acceptance_rate(rigged_forward, tiny_sd_dir: Path, tmp_
     assert result.exit_code == 0, result.output
     assert "accepted" in result.output and f"2 ({2 / made:.0%})" in result.output
     assert f"2 of {made} images passed --filter consistent (acceptance rate {2 / made:.0%})" in result.output
+
+
+def test_sigkill_in_the_middle_then_rerun_equals_an_uninterrupted_run(rigged, tiny_sd_dir: Path, tmp_path: Path) -> None:
+    """A real process killed with SIGKILL mid-run: the re-run ends with the same images and verdicts as one run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def command(workspace: Path) -> list[str]:
+        return [sys.executable, "-m", "spurgen", "generate", "-w", str(workspace), "--base", "--model", str(tiny_sd_dir),
+                "--classes", "hummingbird", "--until", "3", "--filter", "consistent", "--max-images", "8",
+                "--classifiers", "res-a", "--classifier", rigged.flags["res-a"], "--steps", "2", "--scheduler", "DDIM",
+                "--batch-size", "1", "--device", "cpu"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = subprocess.run(command(tmp_path / "reference"), capture_output=True, text=True, timeout=600, env=env)
+    assert reference.returncode == 0, reference.stderr
+    killed_ws = tmp_path / "killed"
+    folder = Workspace(killed_ws).generated_dir(HUMMINGBIRD, "base")
+    process = subprocess.Popen(command(killed_ws), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(folder.glob("*.png"))) < 2 and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    for png in folder.glob("*.png"):  # whatever is visible under a final name is a whole image
+        load_rgb(png)
+    rerun = subprocess.run(command(killed_ws), capture_output=True, text=True, timeout=600, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+
+    def outcome(workspace: Path) -> dict:
+        manifest = _manifest(Workspace(workspace))
+        files = {p.name: p.read_bytes() for p in Workspace(workspace).generated_dir(HUMMINGBIRD, "base").glob("*.png")}
+        verdicts = {e["file"]: (e.get("accepted"), tuple(e.get("reasons", ()))) for e in manifest["images"]}
+        return {"files": files, "verdicts": verdicts, "accepted": manifest["over_generation"]["accepted"]}
+
+    assert outcome(killed_ws) == outcome(tmp_path / "reference")
