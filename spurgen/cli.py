@@ -559,4 +559,6 @@ def world_build_command(
 def run() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Our own rich progress bars cover model loading; the libraries' tqdm bars would interleave with them.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
