@@ -24,8 +24,9 @@ demo: install
 	$(VENV)/bin/spurgen world build
 	$(VENV)/bin/spurgen demo
 
+# make bench BENCH_ARGS='--size full --only sfsl --threads 1'
 bench: install
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) spurgen-work .pytest_cache

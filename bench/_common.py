@@ -3,6 +3,10 @@
 Every benchmark times our code and a bare baseline doing the same work in the same process, a few
 repetitions each after a warm-up, and reports the ratio of the medians. Absolute numbers depend on
 the machine; the ratio is what a benchmark asserts about our overhead.
+
+Each stage module exposes ``run(...) -> list[record]`` (a record is :func:`compare`'s dict, plus ``stage``)
+and ``SIZES`` (its ``run`` arguments for ``--size tiny`` and ``--size full``); ``python -m bench`` runs them
+all, and ``python -m bench.<stage>`` one. :func:`save_run` appends each run to ``bench/results.json``.
 """
 
 from __future__ import annotations
@@ -10,7 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -18,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["Measurement", "measure", "measure_interleaved", "peak_memory", "compare", "save_result"]
+__all__ = ["Measurement", "measure", "measure_interleaved", "peak_memory", "compare", "save_run", "machine"]
 
 RESULTS_FILE = Path(__file__).with_name("results.json")
 
@@ -30,10 +37,17 @@ class Measurement:
     seconds: list[float]
     peak_memory_mb: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+    @property
+    def cpu_median(self) -> float:
+        """Median CPU seconds of this process per call: on a CPU shared with other jobs, unlike wall-clock time,
+        it does not grow when they take turns on the cores (with one torch thread it is the work itself)."""
+        return statistics.median(self.cpu_seconds)
 
     def rate(self, items: int) -> float:
         """Items per second at the median time."""
@@ -51,8 +65,15 @@ def _rss_mb() -> float | None:
 
 
 @contextmanager
-def peak_memory(device: str = "cpu", interval_s: float = 0.01) -> Iterator[dict[str, float | None]]:
-    """Measures the peak memory of the block: CUDA's allocator peak on a GPU, sampled RSS on the CPU.
+def peak_memory(device: str = "cpu", interval_s: float = 0.01, relative: bool = False) -> Iterator[dict[str, float | None]]:
+    """Measures the peak memory of the block: CUDA's allocator peak (``torch.cuda.max_memory_allocated``) on a
+    GPU, sampled RSS on the CPU.
+
+    Args:
+        device: ``cpu`` or a CUDA device.
+        interval_s: RSS sampling interval.
+        relative: Report the growth over what was in use when the block started (for two models that share
+            a process, so that each one's peak does not include the other's weights).
 
     Yields a dict whose ``"mb"`` is filled in when the block ends (``None`` where not measurable).
     """
@@ -62,10 +83,12 @@ def peak_memory(device: str = "cpu", interval_s: float = 0.01) -> Iterator[dict[
 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated() if relative else 0
         yield result
         torch.cuda.synchronize()
-        result["mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["mb"] = (torch.cuda.max_memory_allocated() - start) / 2**20
         return
+    start_mb = (_rss_mb() or 0.0) if relative else 0.0
     samples: list[float] = []
     stop = threading.Event()
 
@@ -83,37 +106,43 @@ def peak_memory(device: str = "cpu", interval_s: float = 0.01) -> Iterator[dict[
     finally:
         stop.set()
         sampler.join()
-        result["mb"] = max(samples) if samples else None
+        result["mb"] = max(samples) - start_mb if samples else None
 
 
-def _timed_call(fn: Callable[[], Any], device: str) -> float:
-    """Seconds of one call; on CUDA the queued kernels are waited for before and after."""
+def _timed_call(fn: Callable[[], Any], device: str) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call; on CUDA the queued kernels are waited for before and after."""
     cuda = device.startswith("cuda")
     if cuda:
         import torch
 
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     fn()
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def measure_interleaved(functions: dict[str, Callable[[], Any]], *, repeats: int = 3, warmup: int = 1,
-                        device: str = "cpu") -> dict[str, Measurement]:
+                        device: str = "cpu", relative_memory: bool = False, progress: bool = False) -> dict[str, Measurement]:
     """Times several functions in turns (A B A B ...), so that a machine whose load drifts, shared with other
-    jobs, slows each of them alike; each one's peak memory is the highest over its own calls."""
+    jobs, slows each of them alike; each one's peak memory is the highest over its own calls (with
+    ``relative_memory``, the growth during the call, see :func:`peak_memory`). ``progress`` prints every timed
+    call as it ends (long benchmarks keep what they measured if stopped)."""
     for _ in range(warmup):
         for fn in functions.values():
             fn()
     results = {name: Measurement([]) for name in functions}
     for _ in range(repeats):
         for name, fn in functions.items():
-            with peak_memory(device) as memory:
-                results[name].seconds.append(_timed_call(fn, device))
+            with peak_memory(device, relative=relative_memory) as memory:
+                wall, cpu = _timed_call(fn, device)
+            results[name].seconds.append(wall)
+            results[name].cpu_seconds.append(cpu)
             if memory["mb"] is not None:
                 results[name].peak_memory_mb = max(results[name].peak_memory_mb or 0.0, memory["mb"])
+            if progress:
+                print(f"  {name}: {wall:.3f} s ({cpu:.3f} CPU s), peak {memory['mb'] or 0:.0f} MB", flush=True)
     return results
 
 
@@ -122,12 +151,21 @@ def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, device:
     return measure_interleaved({"fn": fn}, repeats=repeats, warmup=warmup, device=device)["fn"]
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, threads: int | None = None) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, threads: int | None = None, repeats: int = 3) -> None:
     """``--device``, ``--repeats`` and ``--threads``, shared by the benchmarks' command lines."""
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, default=threads,
                         help="CPU threads for torch (default: torch's); 1 is steadier on a machine shared with other jobs")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, sizes: list[str]) -> None:
+    """``--size``, ``--arch``, ``--steps``, ``--batch-size`` and ``--mixed-precision`` of the training benchmarks."""
+    parser.add_argument("--size", default="tiny", choices=sizes)
+    parser.add_argument("--arch", choices=["tiny", "full", "full-v2"], help="default: the size's")
+    parser.add_argument("--steps", type=int, help="steps per timed repetition; default: the size's")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: bf16 on a GPU, no on a CPU")
 
 
 def apply_threads(threads: int | None) -> None:
@@ -143,11 +181,12 @@ def _memory_note(measurement: Measurement) -> str:
 
 
 def compare(name: str, ours: Measurement, baseline: Measurement, items: int, unit: str, target: float,
-            paired: bool = False) -> dict[str, Any]:
+            paired: bool = False, stage: str = "") -> dict[str, Any]:
     """Prints ours vs the baseline as rates (items per second) and their ratio against the target.
 
     With ``paired`` (measurements from :func:`measure_interleaved`), the verdict uses the median of the
     per-turn ratios, which cancels the load drift of a shared machine better than the ratio of medians.
+    Returns the record that ``python -m bench`` tabulates and :func:`save_run` stores.
     """
     ratio = ours.rate(items) / baseline.rate(items)
     turns = [b / o for o, b in zip(ours.seconds, baseline.seconds)] if paired else []
@@ -157,18 +196,63 @@ def compare(name: str, ours: Measurement, baseline: Measurement, items: int, uni
     print(f"{name}: ours {ours.rate(items):.2f} {unit}/s (median of {len(ours.seconds)}{_memory_note(ours)}) | "
           f"baseline {baseline.rate(items):.2f} {unit}/s (median of {len(baseline.seconds)}{_memory_note(baseline)}) | "
           f"ratio {ratio:.3f}{paired_note} (target >= {target}) {verdict}")
-    return {"name": name, "unit": f"{unit}/s", "items": items, "ours": ours.rate(items), "baseline": baseline.rate(items),
-            "ratio": ratio, "paired_ratio": decisive if turns else None, "target": target,
+    return {"stage": stage, "name": name, "unit": f"{unit}/s", "items": items, "ours": ours.rate(items),
+            "baseline": baseline.rate(items), "ratio": ratio, "paired_ratio": decisive if turns else None,
+            "target": target, "target_text": f">= {target}", "verdict": verdict,
             "ours_seconds": ours.seconds, "baseline_seconds": baseline.seconds,
             "ours_peak_mb": ours.peak_memory_mb, "baseline_peak_mb": baseline.peak_memory_mb,
             "ours_extra": ours.extra, "baseline_extra": baseline.extra}
 
 
-def save_result(benchmark: str, result: dict[str, Any]) -> None:
-    """Records a benchmark's latest result in ``bench/results.json`` (not versioned), keyed by benchmark."""
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                              cwd=RESULTS_FILE.parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               check=False, cwd=RESULTS_FILE.parent).stdout.strip()
+    except OSError:
+        return None
+    return (done.stdout.strip() + ("+dirty" if dirty else "")) if done.returncode == 0 else None
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """What the figures were measured on: host, CPU model and cores, load, torch, and the GPU's name."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info: dict[str, Any] = {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), "python": platform.python_version()}
+    try:
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def save_run(records: list[dict[str, Any]], size: str = "custom", device: str = "cpu") -> dict[str, Any]:
+    """Appends a run (date, machine, size, git commit, command, records) to ``bench/results.json`` (not
+    versioned) and makes its records the ``latest`` of their stages, so that runs can be compared over time.
+
+    Returns the run.
+    """
     try:
         results = json.loads(RESULTS_FILE.read_text())
     except (OSError, json.JSONDecodeError):
         results = {}
-    results[benchmark] = {**result, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if "runs" not in results:  # the older layout, one record per benchmark: kept as a legacy run
+        results = {"runs": [{"legacy": results}] if results else [], "latest": {}}
+    run = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(device), "size": size,
+           "git_commit": _git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+           "records": records}
+    results["runs"].append(run)
+    for record in records:
+        results["latest"][f"{size}/{record.get('stage')}/{record['name']}"] = {**record, "date": run["date"]}
     RESULTS_FILE.write_text(json.dumps(results, indent=2) + "\n")
+    return run

@@ -6,6 +6,7 @@ only runs the same classifiers, batch by batch, on tensors decoded and transform
 at least 0.8x the baseline.
 
     python -m bench.evaluate                               # 48 images, a random-weight ResNet-50, CPU
+    python -m bench.evaluate --size tiny                   # a small timm ResNet
     python -m bench.evaluate --arch vit_base_patch16_224 --images 256 --device cuda --batch-size 64
 """
 
@@ -16,25 +17,34 @@ import itertools
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench._common import add_common_arguments, apply_threads, compare, measure_interleaved, save_result  # noqa: E402
+from bench._common import add_common_arguments, apply_threads, compare, measure_interleaved, save_run  # noqa: E402
+
+# run()'s arguments per --size: a ResNet-50 both times (with a tiny classifier the bare forwards are nearly
+# free and the ratio would only measure fixed costs), on more images at the full size.
+SIZES: dict[str, dict[str, Any]] = {"tiny": {"arch": "resnet50.tv_in1k", "images": 32},
+                                    "full": {"arch": "resnet50.tv_in1k", "images": 128}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet50.tv_in1k", help="timm architecture of the classifier (random weights)")
+    parser.add_argument("--size", default="full", choices=list(SIZES))
+    parser.add_argument("--arch", help="timm architecture of the classifier (random weights); default: the size's")
     parser.add_argument("--classifiers", type=int, default=1, help="how many such classifiers (seeded differently)")
-    parser.add_argument("--images", type=int, default=48)
-    parser.add_argument("--size", type=int, default=256, help="side of the PNG images in pixels")
+    parser.add_argument("--images", type=int, help="default: the size's")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the PNG images in pixels")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=2)
     add_common_arguments(parser)
     args = parser.parse_args()
     apply_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as folder:
-        run(args, Path(folder))
+    size = SIZES[args.size]
+    records = run(args.arch or size["arch"], args.classifiers, args.images or size["images"], args.image_size,
+                  args.batch_size, args.num_workers, args.repeats, args.device)
+    save_run(records, args.size, args.device)
 
 
 def prepare(root: Path, arch: str, classifiers: int, count: int, size: int) -> tuple[Path, list[str]]:
@@ -60,7 +70,27 @@ def prepare(root: Path, arch: str, classifiers: int, count: int, size: int) -> t
     return images, flags
 
 
-def run(args: argparse.Namespace, root: Path) -> None:
+def run(arch: str = "resnet50.tv_in1k", classifiers: int = 1, images: int = 48, image_size: int = 256,
+        batch_size: int = 32, num_workers: int = 2, repeats: int = 3, device: str = "cpu") -> list[dict[str, Any]]:
+    """Times evaluate against bare forwards in turns; returns the record.
+
+    Args:
+        arch: timm architecture of the classifiers (random weights).
+        classifiers: How many such classifiers.
+        images: PNG images to classify.
+        image_size: Their side in pixels.
+        batch_size: Classifier batch size of both sides.
+        num_workers: evaluate's DataLoader workers.
+        repeats: Timed turns of each side, after one warm-up.
+        device: Where the classifiers run.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as folder:
+        return _run(argparse.Namespace(arch=arch, classifiers=classifiers, images=images, size=image_size,
+                                       batch_size=batch_size, num_workers=num_workers, repeats=repeats,
+                                       device=device), Path(folder))
+
+
+def _run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     import torch
 
     from spurgen.classifiers import load_classifiers
@@ -96,8 +126,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
     mine, bare = times["ours"], times["baseline"]
     result = compare(f"evaluate ({args.classifiers} x {args.arch}, {args.images} images of {args.size} px, batch "
                      f"{args.batch_size}, {args.num_workers} workers, {args.device})", mine, bare, args.images,
-                     "images", target=0.8, paired=True)
-    save_result("evaluate", result)
+                     "images", target=0.8, paired=True, stage="evaluate")
+    return [result]
 
 
 if __name__ == "__main__":

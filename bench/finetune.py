@@ -1,41 +1,57 @@
-"""finetune's training step against a reference step written the way diffusers' train_dreambooth(_lora).py
-computes it, on the same random Stable Diffusion model, batch and precision, in the same process.
+"""finetune's training step per preset against a reference step written the way diffusers'
+train_dreambooth(_lora).py computes it, on the same random Stable Diffusion model, batch and precision, in the
+same process, in turns.
 
-Both train LoRA adapters (rank 4) on the UNet and the text encoder with prior preservation: per step b
-reference images and b class images at the model's resolution. The reference encodes the 2b images with
-the VAE and the 2b prompt rows with the text encoder every step, as the diffusers script does; ours samples
-cached latent distributions and encodes the two prompts once per step. "ours + SFSL" adds the spurious
-feature similarity loss with a ResNet-50 (random weights, the architecture of the robust model; --sfsl-arch
-picks another timm model): once on every row (bound 999, the worst case) and once with the default bound. Target: ours without SFSL at most
-1.05x the reference's time per step (rate ratio >= 0.95). Peak memory is torch's allocator peak on a GPU
-and the growth of the resident set over the timed steps on a CPU.
+Both train LoRA adapters (rank 4) with prior preservation: per step b reference images and b class images at
+the model's resolution. The reference encodes the 2b images with the VAE every step, and, when it trains the
+text encoder, the 2b prompt rows too, as the diffusers script does; ours samples cached latent distributions
+and encodes the two prompts once per step. Presets: ``dreambooth`` (UNet; reference without
+--train_text_encoder), ``dreambooth-te`` (UNet + text encoder) and ``sfsl`` (dreambooth-te + the spurious
+feature similarity loss through a ResNet-50 with random weights, at the default timestep bound; diffusers has
+no counterpart, so its row shows SFSL's cost over the reference). Target: ours at most 1.05x the reference's
+time per step (rate ratio >= 0.95). Peak memory is each side's growth over the step (torch's allocator on a
+GPU, the resident set on a CPU), so that the other side's weights in the same process do not count.
+``bench.sfsl`` measures what each of SFSL's cost-cutting measures buys.
 
-    python -m bench.finetune [--arch tiny|full] [--steps 10] [--repeats 5] [--batch-size 1]
-                             [--mixed-precision no|fp16|bf16] [--sfsl-arch resnet50.tv_in1k]
+    python -m bench.finetune [--size tiny|full] [--steps 10] [--repeats 5] [--batch-size 1]
+                             [--mixed-precision no|fp16|bf16] [--presets dreambooth,dreambooth-te,sfsl]
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
+import os
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
-from ._common import Measurement, _rss_mb, compare, measure, save_result
+from ._common import (add_common_arguments, add_training_arguments, apply_threads, compare, measure_interleaved,
+                      save_run)
 
 RANK = 4
+PRESETS = ("dreambooth", "dreambooth-te", "sfsl")
+# run()'s arguments per --size: the full size is SD 1.5's architecture with gradient checkpointing (a CPU
+# with 24 GB holds one model and its reference at batch 1+1).
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"arch": "tiny", "sfsl_arch": "resnet50.tv_in1k", "steps": 10},
+    "full": {"arch": "full", "sfsl_arch": "resnet50.tv_in1k", "steps": 1, "gradient_checkpointing": True},
+}
 
 
 def _workspace(root: Path, references: int) -> Any:
     from spurgen.labels import get_label_set
     from spurgen.workspace import Workspace, atomic_write_json
 
-    workspace = Workspace(root / "ws")
+    workspace = Workspace(root)
     folder = workspace.refs_dir(get_label_set("imagenet").resolve("94"))
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)  # a cached workspace: the same references are written again
     rng = np.random.default_rng(0)
     for i in range(references):  # smooth random images, like photos rather than noise
         small = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
@@ -56,8 +72,64 @@ def _sfsl_classifier(root: Path, arch: str) -> str:
     return f"robust-rn50={arch}@{path}"
 
 
-def _reference_step(trainer: Any, config: Any) -> Callable[[], None]:
-    """One step of diffusers' DreamBooth LoRA script on the trainer's data, with its own models and optimizer."""
+@dataclass
+class Bench:
+    """A random Stable Diffusion model, a workspace with references and an SFSL classifier, in a temporary folder
+    removed at exit. With ``SPURGEN_BENCH_CACHE=DIR`` the random model is built once into DIR and reused (an
+    SD 1.5-size model takes minutes to build and 4 GB to store).
+
+    Args:
+        arch: Random Stable Diffusion architecture.
+        sfsl_arch: timm architecture of the SFSL classifier.
+        batch_size: Reference (and class) images per step.
+        mixed_precision: ``no``, ``fp16`` or ``bf16``; ``None``: bf16 on a GPU, no on a CPU.
+        gradient_checkpointing: finetune's --gradient-checkpointing.
+        device: ``auto`` (the GPU when present) or ``cpu``.
+    """
+
+    arch: str = "tiny"
+    sfsl_arch: str = "resnet50.tv_in1k"
+    batch_size: int = 1
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        import torch
+
+        from spurgen._sd_builders import build_stable_diffusion
+
+        if self.mixed_precision is None:
+            self.mixed_precision = "bf16" if self.device != "cpu" and torch.cuda.is_available() else "no"
+        self.root = Path(tempfile.mkdtemp(prefix="spurgen-bench-finetune-"))
+        atexit.register(shutil.rmtree, self.root, True)
+        cache = os.environ.get("SPURGEN_BENCH_CACHE")
+        self.base = Path(cache) / f"sd-{self.arch}-seed0" if cache else self.root / "sd"
+        if not (self.base / "model_index.json").is_file():
+            build_stable_diffusion(self.base, self.arch, seed=0)
+        # In the cache, the workspace keeps its class images (generated once per model and resolution).
+        self.workspace = _workspace(Path(cache) / f"ws-{self.arch}" if cache else self.root / "ws", references=6)
+        self.flags = [_sfsl_classifier(self.root, self.sfsl_arch)]
+
+    def trainer(self, preset: str, **settings: Any) -> tuple[Any, Any]:
+        """finetune's Trainer for a preset (and any FinetuneConfig settings), and its config."""
+        from spurgen.config import FinetuneConfig
+        from spurgen.finetune import prepare_finetune
+
+        settings = {"sfsl_max_timestep": FinetuneConfig().sfsl_max_timestep, **settings}
+        config = FinetuneConfig(classes=["94"], model=str(self.base), preset=preset, rank=RANK,
+                                batch_size=self.batch_size, steps=10_000, num_class_images=2, sample_steps=2,
+                                sample_batch_size=2, mixed_precision=self.mixed_precision,
+                                gradient_checkpointing=self.gradient_checkpointing, device=self.device,
+                                run_name=f"{preset}-{len(list(self.workspace.root.glob('models/*/*')))}", **settings)
+        config.validate()
+        setup = prepare_finetune(config, self.workspace, self.flags)
+        return setup.trainer(setup.plans[0], config, self.workspace), config
+
+
+def _reference_step(trainer: Any, config: Any) -> Callable[[int], None]:
+    """One step of diffusers' DreamBooth LoRA script on the trainer's data, with its own models and optimizer;
+    it trains the text encoder when the trainer does."""
     import torch
     import torch.nn.functional as F
 
@@ -70,15 +142,23 @@ def _reference_step(trainer: Any, config: Any) -> Callable[[], None]:
     parts = load_components(trainer.base, unet_dtype=half, text_encoder_dtype=half, vae_dtype=half)
     for model in (parts.unet, parts.text_encoder, parts.vae):
         model.requires_grad_(False).to(accelerator.device)
+    train_text_encoder = trainer.train_text_encoder
     add_lora(parts.unet, UNET_TARGETS, RANK, RANK)
-    add_lora(parts.text_encoder, TEXT_ENCODER_TARGETS, RANK, RANK)
+    if train_text_encoder:
+        add_lora(parts.text_encoder, TEXT_ENCODER_TARGETS, RANK, RANK)
     params = [p for m in (parts.unet, parts.text_encoder) for p in m.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     parts.unet.train()
-    parts.text_encoder.train()
+    parts.text_encoder.train(train_text_encoder)
+    if config.gradient_checkpointing:  # the script's --gradient_checkpointing
+        parts.unet.enable_gradient_checkpointing()
+        if train_text_encoder:  # transformers 5.23 renamed the method
+            enable = getattr(parts.text_encoder, "activation_checkpointing_enable", None)
+            (enable or parts.text_encoder.gradient_checkpointing_enable)()
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
     unet, text_encoder, optimizer = accelerator.prepare(parts.unet, parts.text_encoder, optimizer)
+    trained = (unet, text_encoder) if train_text_encoder else (unet,)
     b = config.batch_size
     # The script's collate_fn: b instance examples then b class examples, one row of prompt ids each (which
     # images fill the rows does not change the work).
@@ -86,15 +166,19 @@ def _reference_step(trainer: Any, config: Any) -> Callable[[], None]:
     ids = torch.cat([trainer.prompt_ids[:1].repeat(b, 1), trainer.prompt_ids[1:].repeat(b, 1)])
     scheduler = parts.noise_scheduler
 
-    def step() -> None:
-        with accelerator.accumulate(unet, text_encoder):
+    def step(_: int) -> None:  # the step number, which the script does not need
+        with accelerator.accumulate(*trained):
             model_input = parts.vae.encode(pixels).latent_dist.sample() * parts.vae.config.scaling_factor
             noise = torch.randn_like(model_input)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(model_input),),
                                       device=model_input.device)
             noisy = scheduler.add_noise(model_input, noise, timesteps)
             with accelerator.autocast():
-                hidden = text_encoder(ids)[0]
+                if train_text_encoder:
+                    hidden = text_encoder(ids)[0]
+                else:  # the script encodes the prompts every step, without gradients
+                    with torch.no_grad():
+                        hidden = text_encoder(ids)[0]
                 pred = unet(noisy, timesteps, hidden).sample
             target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(model_input, noise, timesteps)
             pred, pred_prior = torch.chunk(pred, 2, dim=0)
@@ -110,80 +194,84 @@ def _reference_step(trainer: Any, config: Any) -> Callable[[], None]:
     return step
 
 
-def _timed(steps: int, fn: Callable[[], None], repeats: int, device: str) -> Measurement:
-    """Times ``steps`` calls of ``fn``; peak memory is the allocator peak (GPU) or the RSS growth (CPU)."""
-    before = _rss_mb() if device == "cpu" else 0.0
+def _steps(fn: Callable[[int], Any], steps: int) -> Callable[[], None]:
+    """Calls ``fn(step)`` for ``steps`` consecutive steps, continuing the count on every call."""
+    counter = iter(range(10**9))
 
     def run() -> None:
         for _ in range(steps):
-            fn()
+            fn(next(counter))
 
-    measurement = measure(run, repeats=repeats, warmup=1, device=device)
-    if measurement.peak_memory_mb is not None and before is not None:
-        measurement.peak_memory_mb -= before
-    return measurement
+    return run
 
 
-def run(arch: str = "tiny", steps: int = 10, repeats: int = 5, batch_size: int = 1, mixed_precision: str = "no",
-        sfsl_arch: str = "resnet50.tv_in1k") -> dict[str, Any]:
+def release(*trainers: Any) -> None:
+    """Lets go of trainers' models, so that a full-size benchmark holds one model (and its reference) at a time."""
     import torch
 
-    from spurgen._sd_builders import build_stable_diffusion
-    from spurgen.config import FinetuneConfig
-    from spurgen.finetune import prepare_finetune
+    for trainer in trainers:
+        trainer.close()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
-    root = Path(tempfile.mkdtemp(prefix="spurgen-bench-finetune-"))
-    base = build_stable_diffusion(root / "sd", arch, seed=0)
-    workspace = _workspace(root, references=6)
-    flags = [_sfsl_classifier(root, sfsl_arch)]
 
-    def trainer(preset: str, bound: int) -> Any:
-        config = FinetuneConfig(classes=["94"], model=str(base), preset=preset, rank=RANK, batch_size=batch_size,
-                                steps=10_000, num_class_images=4, sample_steps=2, sample_batch_size=4,
-                                mixed_precision=mixed_precision, sfsl_max_timestep=bound, run_name=f"{preset}-{bound}")
-        config.validate()
-        setup = prepare_finetune(config, workspace, flags)
-        return setup.trainer(setup.plans[0], config, workspace), config
+def run(arch: str = "tiny", steps: int = 10, repeats: int = 5, batch_size: int = 1, mixed_precision: str | None = None,
+        sfsl_arch: str = "resnet50.tv_in1k", presets: tuple[str, ...] = PRESETS, gradient_checkpointing: bool = False,
+        device: str = "auto") -> list[dict[str, Any]]:
+    """Times finetune's step for each preset against the reference step, in turns; returns one record each.
 
-    plain, config = trainer("dreambooth-te", 600)
-    device = plain.accelerator.device.type
-    counter = iter(range(10**9))
-    reference = _timed(steps, _reference_step(plain, config), repeats, device)
-    ours = _timed(steps, lambda: plain.train_step(next(counter)), repeats, device)
-    plain.close()
-    label = f"finetune step ({arch}, {device}, {plain.accelerator.mixed_precision}, batch {batch_size}+{batch_size})"
-    result = compare(label, ours, reference, items=steps, unit="steps", target=0.95)
-    print(f"  seconds/step: reference {reference.median / steps:.4f}, ours {ours.median / steps:.4f} "
-          f"({ours.median / reference.median:.3f}x)")
-    result["sfsl"] = {"model": sfsl_arch}
-    for bound in (999, FinetuneConfig().sfsl_max_timestep):
-        with_sfsl, _ = trainer("sfsl", bound)
-        counter = iter(range(10**9))
-        measured = _timed(steps, lambda: with_sfsl.train_step(next(counter)), repeats, device)
-        with_sfsl.close()
-        overhead = measured.median / ours.median - 1
-        share = 1 - ours.median / measured.median
-        memory = f", peak {measured.peak_memory_mb:.0f} MB" if measured.peak_memory_mb is not None else ""
-        print(f"  ours + SFSL ({sfsl_arch}, rows with t <= {bound}): {measured.median / steps:.4f} s/step{memory}; "
-              f"overhead +{overhead:.1%} over ours, SFSL {share:.1%} of the step")
-        result["sfsl"][str(bound)] = {"seconds_per_step": measured.median / steps, "overhead": overhead, "share": share,
-                                      "peak_mb": measured.peak_memory_mb, "seconds": measured.seconds}
-    if device == "cuda":
-        result["device_name"] = torch.cuda.get_device_name()
-    save_result("finetune", result)
-    return result
+    Args:
+        arch: Random Stable Diffusion architecture.
+        steps: Steps per timed turn.
+        repeats: Timed turns of each side, after one warm-up turn.
+        batch_size: Reference images per step (and as many class images).
+        mixed_precision: ``no``, ``fp16`` or ``bf16``; default bf16 on a GPU, no on a CPU.
+        sfsl_arch: timm architecture of the SFSL classifier.
+        presets: Which presets.
+        gradient_checkpointing: On both sides.
+        device: ``auto`` or ``cpu``.
+    """
+    setup = Bench(arch, sfsl_arch, batch_size, mixed_precision, gradient_checkpointing, device)
+    return [_preset(setup, preset, steps, repeats) for preset in presets]
+
+
+def _preset(setup: Bench, preset: str, steps: int, repeats: int) -> dict[str, Any]:
+    """One preset's record; its trainer and reference are freed on return (one full-size pair at a time)."""
+    ours, config = setup.trainer(preset)
+    where = ours.accelerator.device.type
+    times = measure_interleaved({"ours": _steps(ours.train_step, steps),
+                                 "reference": _steps(_reference_step(ours, config), steps)},
+                                repeats=repeats, device=where, relative_memory=True)
+    label = (f"finetune {preset} step ({setup.arch}, {where}, {ours.accelerator.mixed_precision}, batch "
+             f"{setup.batch_size}+{setup.batch_size}{', SFSL ' + setup.sfsl_arch if preset == 'sfsl' else ''})")
+    record = compare(label, times["ours"], times["reference"], items=steps, unit="steps",
+                     target=0.95 if preset != "sfsl" else 0.0, paired=True, stage="finetune")
+    if preset == "sfsl":  # no diffusers counterpart: the ratio shows SFSL's cost, no target
+        record.update(target=None, target_text="n/a (SFSL's cost)", verdict="")
+    record["seconds_per_step"] = {"ours": times["ours"].median / steps, "reference": times["reference"].median / steps}
+    record["images_per_s"] = {side: 2 * setup.batch_size / seconds for side, seconds in record["seconds_per_step"].items()}
+    if where == "cuda":
+        import torch
+
+        record["device_name"] = torch.cuda.get_device_name()
+    release(ours)
+    return record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="tiny", choices=["tiny", "full", "full-v2"])
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed repetition")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--sfsl-arch", default="resnet50.tv_in1k", help="timm architecture of the SFSL classifier")
+    add_training_arguments(parser, list(SIZES))
+    parser.add_argument("--sfsl-arch", help="timm architecture of the SFSL classifier")
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    add_common_arguments(parser, repeats=5)
     args = parser.parse_args()
-    run(args.arch, args.steps, args.repeats, args.batch_size, args.mixed_precision, args.sfsl_arch)
+    apply_threads(args.threads)
+    given = {k: getattr(args, k) for k in ("arch", "steps", "sfsl_arch") if getattr(args, k) is not None}
+    records = run(**{**SIZES[args.size], **given}, repeats=args.repeats, batch_size=args.batch_size,
+                  mixed_precision=args.mixed_precision, presets=tuple(args.presets.split(",")),
+                  device="cpu" if args.device == "cpu" else "auto")
+    save_run(records, args.size, args.device)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ scheduler and batch size; ours also hashes the weights, writes PNGs and generati
 least 0.95x the baseline.
 
     python -m bench.generate                      # tiny random SD at 64 px on the CPU
-    python -m bench.generate --arch full --device cuda --images 32 --steps 25 --batch-size 8
+    python -m bench.generate --size full --device cuda --images 32 --batch-size 8   # SD 1.5's architecture
 """
 
 from __future__ import annotations
@@ -15,27 +15,52 @@ import itertools
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench._common import add_common_arguments, apply_threads, compare, measure_interleaved, save_result  # noqa: E402
+from bench._common import add_common_arguments, apply_threads, compare, measure_interleaved, save_run  # noqa: E402
+
+# run()'s arguments per --size: the full size samples few images (an SD 1.5 image takes minutes on a CPU).
+SIZES: dict[str, dict[str, Any]] = {"tiny": {"arch": "tiny", "images": 16, "steps": 25, "batch_size": 4},
+                                    "full": {"arch": "full", "images": 2, "steps": 10, "batch_size": 1}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="tiny", help="random Stable Diffusion architecture: tiny, full, full-v2")
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--size", default="tiny", choices=list(SIZES))
+    parser.add_argument("--arch", help="random Stable Diffusion architecture: tiny, full, full-v2; default: the size's")
+    parser.add_argument("--images", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int)
     parser.add_argument("--scheduler", default="DPM-Solver++")
     add_common_arguments(parser)
     args = parser.parse_args()
     apply_threads(args.threads)
+    given = {k: getattr(args, k) for k in ("arch", "images", "steps", "batch_size") if getattr(args, k) is not None}
+    records = run(**{**SIZES[args.size], **given}, scheduler=args.scheduler, repeats=args.repeats, device=args.device)
+    save_run(records, args.size, args.device)
+
+
+def run(arch: str = "tiny", images: int = 16, steps: int = 25, batch_size: int = 4, scheduler: str = "DPM-Solver++",
+        repeats: int = 3, device: str = "cpu") -> list[dict[str, Any]]:
+    """Times generate against a bare diffusers loop in turns; returns the record.
+
+    Args:
+        arch: Random Stable Diffusion architecture (``_sd_builders``).
+        images: Images per call.
+        steps: Denoising steps.
+        batch_size: Images per pipeline call.
+        scheduler: Sampler of both sides.
+        repeats: Timed turns of each side, after one warm-up.
+        device: Where both run.
+    """
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as folder:
-        run(args, Path(folder))
+        return _run(argparse.Namespace(arch=arch, images=images, steps=steps, batch_size=batch_size,
+                                       scheduler=scheduler, repeats=repeats, device=device), Path(folder))
 
 
-def run(args: argparse.Namespace, root: Path) -> None:
+def _run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -71,8 +96,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
     times = measure_interleaved({"ours": ours, "baseline": baseline}, repeats=args.repeats, device=args.device)
     mine, bare = times["ours"], times["baseline"]
     result = compare(f"generate ({args.arch}, {args.images} images, {args.steps} steps, batch {args.batch_size}, "
-                     f"{args.device})", mine, bare, args.images, "images", target=0.95, paired=True)
-    save_result("generate", result)
+                     f"{args.device})", mine, bare, args.images, "images", target=0.95, paired=True, stage="generate")
+    return [result]
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench._common import add_common_arguments, compare, measure_interleaved, save_result  # noqa: E402
+from bench._common import add_common_arguments, compare, measure_interleaved, save_run  # noqa: E402
 from bench.evaluate import prepare  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def _command(processes: int, threads: int) -> Callable[[list[str]], None]:
     return run
 
 
-def _scaling(name: str, args: list[str], root: Path, items: int, repeats: int, threads: int) -> dict:
+def _scaling(name: str, args: list[str], root: Path, items: int, repeats: int, threads: int) -> dict[str, Any]:
     """Times ARGS with 1 and 2 processes, each in a fresh workspace, in turns."""
     workspaces = itertools.count()
     sides = {processes: _command(processes, threads) for processes in (1, 2)}
@@ -52,34 +52,59 @@ def _scaling(name: str, args: list[str], root: Path, items: int, repeats: int, t
     times = measure_interleaved({"2 processes": timed(2), "1 process": timed(1)}, repeats=repeats, warmup=0)
     for measurement in times.values():
         measurement.peak_memory_mb = None  # sampled in this process, while the work runs in child processes
-    return compare(name, times["2 processes"], times["1 process"], items, "images", target=1.2, paired=True)
+    return compare(name, times["2 processes"], times["1 process"], items, "images", target=1.2, paired=True,
+                   stage="scaling")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="tiny", help="random Stable Diffusion architecture: tiny, full, full-v2")
-    parser.add_argument("--classifier-arch", default="resnet50.tv_in1k", help="timm architecture for evaluate")
-    parser.add_argument("--images", type=int, default=16, help="images generated; evaluate classifies 4x as many")
-    parser.add_argument("--steps", type=int, default=25)
-    add_common_arguments(parser, threads=1)
-    args = parser.parse_args()
+# run()'s arguments per --size.
+SIZES: dict[str, dict[str, Any]] = {"tiny": {"arch": "tiny", "classifier_arch": "resnet50.tv_in1k", "images": 8},
+                                    "full": {"arch": "full", "classifier_arch": "resnet50.tv_in1k", "images": 2,
+                                             "steps": 10}}
+
+
+def run(arch: str = "tiny", classifier_arch: str = "resnet50.tv_in1k", images: int = 16, steps: int = 25,
+        repeats: int = 3, threads: int = 1, device: str = "cpu") -> list[dict[str, Any]]:
+    """Times generate and evaluate commands with 2 processes against 1; returns their two records.
+
+    Args:
+        arch: Random Stable Diffusion architecture of generate.
+        classifier_arch: timm architecture of evaluate's classifier.
+        images: Images generated; evaluate classifies 4x as many.
+        steps: Denoising steps.
+        repeats: Timed turns of each side.
+        threads: CPU threads per process.
+        device: ``cpu`` or ``cuda``.
+    """
     from spurgen._sd_builders import build_stable_diffusion
 
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as folder:
         root = Path(folder)
-        model = build_stable_diffusion(root / "model", args.arch)
+        model = build_stable_diffusion(root / "model", arch)
         generate = ["generate", "--base", "--model", str(model), "--classes", "hummingbird", "--num-images",
-                    str(args.images), "--steps", str(args.steps), "--batch-size", "4", "--device", args.device]
-        result = {"generate": _scaling(f"generate scaling ({args.arch}, {args.images} images, {args.steps} steps, "
-                                       f"{args.device}): 2 processes vs 1", generate, root, args.images, args.repeats,
-                                       args.threads)}
-        count = 4 * args.images
-        images, flags = prepare(root, args.classifier_arch, 1, count, 256)
-        evaluate = ["evaluate", "--classes", "hummingbird", "--images", f"bench={images}", "--classifiers", "bench-0",
-                    "--num-workers", "1", "--device", args.device, *(f"--classifier={flag}" for flag in flags)]
-        result["evaluate"] = _scaling(f"evaluate scaling ({args.classifier_arch}, {count} images, {args.device}): "
-                                      "2 processes vs 1", evaluate, root, count, args.repeats, args.threads)
-    save_result("scaling", result)
+                    str(images), "--steps", str(steps), "--batch-size", "4", "--device", device]
+        records = [_scaling(f"generate scaling ({arch}, {images} images, {steps} steps, {device}): 2 processes vs 1",
+                            generate, root, images, repeats, threads)]
+        count = 4 * images
+        folder_images, flags = prepare(root, classifier_arch, 1, count, 256)
+        evaluate = ["evaluate", "--classes", "hummingbird", "--images", f"bench={folder_images}", "--classifiers",
+                    "bench-0", "--num-workers", "1", "--device", device, *(f"--classifier={flag}" for flag in flags)]
+        records.append(_scaling(f"evaluate scaling ({classifier_arch}, {count} images, {device}): 2 processes vs 1",
+                                evaluate, root, count, repeats, threads))
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="tiny", choices=list(SIZES))
+    parser.add_argument("--arch", help="random Stable Diffusion architecture: tiny, full, full-v2; default: the size's")
+    parser.add_argument("--classifier-arch", help="timm architecture for evaluate; default: the size's")
+    parser.add_argument("--images", type=int, help="images generated; evaluate classifies 4x as many")
+    parser.add_argument("--steps", type=int)
+    add_common_arguments(parser, threads=1)
+    args = parser.parse_args()
+    given = {k: getattr(args, k) for k in ("arch", "classifier_arch", "images", "steps") if getattr(args, k) is not None}
+    records = run(**{**SIZES[args.size], **given}, repeats=args.repeats, threads=args.threads, device=args.device)
+    save_run(records, args.size, args.device)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,17 @@
 A Spurious-ImageNet-layout folder of N JPEG images (default 300) and two ResNet-50-size classifiers with
 random weights saved as safetensors. Ours: ``select_refs`` end to end in a fresh workspace each
 repetition (decoding, hashing, caching, selection, copying, manifests). Baseline: the same two models'
-forward passes over the same images already decoded and preprocessed in memory. Target: ratio >= 0.8.
+forward passes over the same images already decoded and preprocessed in memory, in turns with ours.
+Target: ratio >= 0.8.
 
-    python -m bench.select_refs [--images 300] [--repeats 3]
+    python -m bench.select_refs [--size tiny|full] [--images 300] [--repeats 3] [--arch resnet50.tv_in1k]
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,9 +21,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ._common import compare, measure, save_result
+from ._common import add_common_arguments, apply_threads, compare, measure_interleaved, save_run
 
 ARCH = "resnet50.tv_in1k"
+# run()'s arguments per --size: two ResNet-50 (the paper's classifiers' size) on 24 or 300 images. A tiny
+# classifier would make the bare forwards nearly free, and the ratio would only measure fixed costs.
+SIZES: dict[str, dict[str, Any]] = {"tiny": {"images": 24, "arch": ARCH}, "full": {"images": 300, "arch": ARCH}}
 
 
 def _make_dataset(root: Path, count: int) -> Path:
@@ -36,7 +42,7 @@ def _make_dataset(root: Path, count: int) -> Path:
     return images
 
 
-def _make_classifiers(root: Path) -> list[str]:
+def _make_classifiers(root: Path, arch: str) -> list[str]:
     import timm
     import torch
     from safetensors.torch import save_file
@@ -44,14 +50,25 @@ def _make_classifiers(root: Path) -> list[str]:
     flags = []
     for seed in range(2):
         torch.manual_seed(seed)
-        model = timm.create_model(ARCH, pretrained=False)
+        model = timm.create_model(arch, pretrained=False)
         path = root / f"rn50-{seed}.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        flags.append(f"rn50-{seed}={ARCH}@{path}")
+        flags.append(f"rn50-{seed}={arch}@{path}")
     return flags
 
 
-def run(images: int = 300, repeats: int = 3, batch_size: int = 32, num_workers: int = 2) -> dict[str, Any]:
+def run(images: int = 300, repeats: int = 3, batch_size: int = 32, num_workers: int = 2, arch: str = ARCH,
+        device: str = "cpu") -> list[dict[str, Any]]:
+    """Times select-refs end to end against bare forwards of its two classifiers; returns the record.
+
+    Args:
+        images: JPEG images in the dataset (3 classes).
+        repeats: Timed turns of each side, after one warm-up.
+        batch_size: Classifier batch size of both sides.
+        num_workers: select-refs' DataLoader workers.
+        arch: timm architecture of the two classifiers (random weights).
+        device: ``cpu`` (select-refs runs on the CPU or its default GPU).
+    """
     import torch
 
     from spurgen.classifiers import load_classifier, parse_classifier
@@ -61,8 +78,9 @@ def run(images: int = 300, repeats: int = 3, batch_size: int = 32, num_workers: 
     from spurgen.workspace import Workspace
 
     root = Path(tempfile.mkdtemp(prefix="spurgen-bench-select-"))
+    atexit.register(shutil.rmtree, root, True)
     dataset = _make_dataset(root, images)
-    flags = _make_classifiers(root)
+    flags = _make_classifiers(root, arch)
     names = [f.split("=", 1)[0] for f in flags]
     config = SelectRefsConfig(classes=["94", "95", "96"], dataset=str(dataset), classifiers=names, k=6,
                               batch_size=batch_size, num_workers=num_workers)
@@ -81,21 +99,25 @@ def run(images: int = 300, repeats: int = 3, batch_size: int = 32, num_workers: 
                 for start in range(0, len(files), batch_size):
                     classifier.model(classifier.normalize(batch[start:start + batch_size]))
 
-    baseline_m = measure(baseline, repeats=repeats)
-    ours_m = measure(ours, repeats=repeats)
-    result = compare("select-refs", ours_m, baseline_m, items=len(files), unit="images", target=0.8)
-    save_result("select_refs", result)
-    return result
+    times = measure_interleaved({"ours": ours, "baseline": baseline}, repeats=repeats, device=device)
+    return [compare(f"select-refs (2 x {arch}, {len(files)} JPEGs, batch {batch_size})", times["ours"],
+                    times["baseline"], items=len(files), unit="images", target=0.8, paired=True, stage="select-refs")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", default="full", choices=list(SIZES))
+    parser.add_argument("--images", type=int, help="default: the size's")
+    parser.add_argument("--arch", help="timm architecture of the classifiers; default: the size's")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=2)
+    add_common_arguments(parser)
     args = parser.parse_args()
-    run(args.images, args.repeats, args.batch_size, args.num_workers)
+    apply_threads(args.threads)
+    size = SIZES[args.size]
+    records = run(args.images or size["images"], args.repeats, args.batch_size, args.num_workers,
+                  args.arch or size["arch"], args.device)
+    save_run(records, args.size, args.device)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._runtime import dtype_argument
 from .errors import SpurgenError
 
 if TYPE_CHECKING:
@@ -166,8 +167,8 @@ def load_components(base: BaseModel, attention: str = "sdpa", *, unet_dtype: "to
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
             text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", attn_implementation=attention,
                                                        dtype=text_encoder_dtype or float32),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype or float32),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=unet_dtype or float32),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **dtype_argument(vae_dtype or float32)),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **dtype_argument(unet_dtype or float32)),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
             sampler=sampler_class.from_pretrained(path, subfolder="scheduler"),
         )

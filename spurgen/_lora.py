@@ -52,9 +52,34 @@ def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Mod
         folder,
         unet_lora_layers=layers(unet),
         text_encoder_lora_layers=layers(text_encoder) if text_encoder is not None else None,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        text_encoder_lora_adapter_metadata=(text_encoder.peft_config["default"].to_dict()
-                                            if text_encoder is not None else None),
+        unet_lora_adapter_metadata=_adapter_metadata(unet),
+        text_encoder_lora_adapter_metadata=_adapter_metadata(text_encoder) if text_encoder is not None else None,
         safe_serialization=True,
     )
+    _sort_header(Path(folder) / LORA_WEIGHTS_NAME)
     return Path(folder) / LORA_WEIGHTS_NAME
+
+
+def _adapter_metadata(model: "torch.nn.Module") -> dict:
+    """The adapter's peft config; its target modules, a set in peft, sorted so that the file is the same in every
+    process (a set's order follows the process's string hash seed)."""
+    config = model.peft_config["default"].to_dict()
+    return {**config, "target_modules": sorted(config["target_modules"])}
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrites a safetensors file's JSON header with sorted keys, leaving the tensor bytes as they are.
+
+    safetensors writes the metadata in the order of a Rust HashMap, which changes from process to process: the
+    same weights would give files of different SHA-256, and generation.json fingerprints the LoRA by it.
+    """
+    import json
+    import struct
+
+    from .workspace import atomic_write_bytes
+
+    data = path.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format's 8-byte alignment of the tensor data
+    atomic_write_bytes(path, struct.pack("<Q", len(header)) + header + data[8 + size:])

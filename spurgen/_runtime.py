@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -96,3 +97,33 @@ def warn(message: str) -> None:
     if not is_main_process():
         return
     err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def library_progress_bars_off() -> Iterator[None]:
+    """Silences diffusers' and transformers' loading bars, which would tear through our live progress bar."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    previous = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if previous[0]:
+            diffusers_logging.enable_progress_bar()
+        if previous[1]:
+            transformers_logging.enable_progress_bar()
+
+
+def dtype_argument(dtype: "torch.dtype") -> dict[str, "torch.dtype"]:
+    """from_pretrained's precision argument: ``dtype`` since diffusers 0.42, ``torch_dtype`` before it.
+
+    Loading in the final precision (rather than casting afterwards) keeps the modules that a model marks
+    as float32-only in float32.
+    """
+    from importlib.metadata import version
+
+    major, minor = (int(part) for part in version("diffusers").split(".")[:2])
+    return {"dtype" if (major, minor) >= (0, 42) else "torch_dtype": dtype}

@@ -30,6 +30,7 @@ __all__ = [
     "SD_ARCHITECTURES",
     "SDArchitecture",
     "build_stable_diffusion",
+    "build_tiny_autoencoder",
     "count_parameters",
 ]
 
@@ -341,3 +342,32 @@ def build_stable_diffusion(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def build_tiny_autoencoder(out_dir: Path, arch: str = "tiny", *, seed: int = 0) -> Path:
+    """Write a diffusers ``AutoencoderTiny`` (TAESD) with seeded random weights for ``arch``'s latents.
+
+    ``"full"`` and ``"full-v2"`` get TAESD's own configuration (madebyollin/taesd: 4 blocks of 64 channels,
+    8x upsampling); ``"tiny"`` a few channels with the tiny VAE's scale factor. For ``--sfsl-decoder`` in
+    tests and benchmarks.
+
+    Args:
+        out_dir: folder to write (``AutoencoderTiny.from_pretrained(out_dir)`` loads it).
+        arch: a key of ``SD_ARCHITECTURES``.
+        seed: seed of the weight initialisation.
+
+    Returns:
+        ``out_dir``.
+    """
+    from diffusers import AutoencoderTiny
+
+    a = _architecture(arch)
+    levels = len(a.vae["block_out_channels"])
+    kwargs: dict[str, Any] = {"latent_channels": a.vae["latent_channels"]}
+    if arch == "tiny":
+        kwargs.update(encoder_block_out_channels=(16,) * levels, decoder_block_out_channels=(16,) * levels,
+                      num_encoder_blocks=(1,) * levels, num_decoder_blocks=(1,) * levels)
+    with _seeded(seed):
+        model = AutoencoderTiny(**kwargs)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)

@@ -18,6 +18,7 @@ from . import __version__
 from .config import (EvaluateConfig, FinetuneConfig, FitNpcaConfig, GenerateConfig, RateConfig, RunConfig,
                      SelectRefsConfig, help_for)
 from .demo import DemoConfig
+from .evidence import EvidenceConfig
 from .errors import SpurgenError
 from .workspace import DEFAULT_WORKSPACE, Workspace
 
@@ -44,8 +45,8 @@ ClassifierOption = typer.Option(
          "(safetensors, timm checkpoint, torchvision state dict, timm model folder).")
 
 
-def _user_errors(func: F) -> F:
-    """Prints SpurgenError as one line and exits with its code; Ctrl-C says how to resume."""
+def _user_errors(func: F, resume: str = "run the same command again to resume") -> F:
+    """Prints SpurgenError as one line and exits with its code; Ctrl-C says how to resume (``resume``)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -53,14 +54,23 @@ def _user_errors(func: F) -> F:
 
         from ._runtime import err_console
 
+        def fail(message: str, code: int) -> typer.Exit:
+            # Messages quote what the user typed; a line break or NUL in it must not break the one line.
+            message = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            return typer.Exit(code)
+
         try:
             return func(*args, **kwargs)
         except SpurgenError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
+            raise fail(str(exc), exc.exit_code) from None
+        except OSError as exc:
+            # A file-system failure outside spurgen's own checks (a name too long for the file system, a disk
+            # that fills up inside a library's write) is the user's to fix as well: say which file and why.
+            raise fail(f"cannot use {exc.filename or 'a file'}: {exc.strerror or exc}; check the path, free disk "
+                       "space or choose a writable --workspace", 2) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: finished work is saved; run the same command again to resume",
-                              highlight=False)
+            err_console.print(f"[yellow]interrupted[/]: finished work is saved; {escape(resume)}", highlight=False)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
@@ -141,7 +151,8 @@ def _class_weights(values: Optional[list[str]]) -> Optional[dict[str, float]]:
 
 
 @app.command("finetune")
-@_user_errors
+# An unfinished run continues only with --resume (without it, finetune refuses to touch it).
+@functools.partial(_user_errors, resume="run the same command with --resume to continue")
 def finetune_command(
     classes: Optional[list[str]] = typer.Option(None, "--classes", "-c", help=help_for(FinetuneConfig, "classes")),
     model: Optional[str] = typer.Option(None, "--model", help=help_for(FinetuneConfig, "model")),
@@ -183,6 +194,8 @@ def finetune_command(
     sfsl_feature: Optional[str] = typer.Option(None, "--sfsl-feature", help=help_for(FinetuneConfig, "sfsl_feature")),
     sfsl_npca_components: Optional[str] = typer.Option(None, "--sfsl-npca-components", help=help_for(FinetuneConfig, "sfsl_npca_components")),
     sfsl_max_timestep: Optional[int] = typer.Option(None, "--sfsl-max-timestep", help=help_for(FinetuneConfig, "sfsl_max_timestep")),
+    sfsl_every: Optional[int] = typer.Option(None, "--sfsl-every", help=help_for(FinetuneConfig, "sfsl_every")),
+    sfsl_decoder: Optional[str] = typer.Option(None, "--sfsl-decoder", help=help_for(FinetuneConfig, "sfsl_decoder")),
     checkpointing_steps: Optional[int] = typer.Option(None, "--checkpointing-steps", help=help_for(FinetuneConfig, "checkpointing_steps")),
     checkpoints_total_limit: Optional[int] = typer.Option(None, "--checkpoints-total-limit", help=help_for(FinetuneConfig, "checkpoints_total_limit")),
     resume: Optional[bool] = typer.Option(None, "--resume", show_default=False, help=help_for(FinetuneConfig, "resume")),
@@ -220,6 +233,7 @@ def finetune_command(
         "sample_batch_size": sample_batch_size, "sfsl_weight": sfsl_weight,
         "class_sfsl_weight": _class_weights(class_sfsl_weight), "sfsl_model": sfsl_model, "sfsl_feature": sfsl_feature,
         "sfsl_npca_components": sfsl_npca_components, "sfsl_max_timestep": sfsl_max_timestep,
+        "sfsl_every": sfsl_every, "sfsl_decoder": sfsl_decoder,
         "checkpointing_steps": checkpointing_steps, "checkpoints_total_limit": checkpoints_total_limit,
         "resume": resume, "overwrite": overwrite, "validation_steps": validation_steps,
         "num_validation_images": num_validation_images, "tensorboard": tensorboard, "labels": labels})
@@ -367,12 +381,12 @@ def evaluate_command(
         typer.echo(f"exported {evaluation.exported} consistently spurious images to {evaluation.export}")
 
 
-def _floats(values: Optional[list[str]], flag: str) -> Optional[list[float]]:
-    """Parses ``--sfsl-weight 0.05,0.1`` (repeatable) into numbers."""
+def _numbers(values: Optional[list[str]], kind: Callable[[str], Any], flag: str) -> Optional[list[Any]]:
+    """Parses ``--sfsl-weight 0.05,0.1`` (repeatable) into numbers of type ``kind``."""
     if values is None:
         return None
     try:
-        return [float(v) for v in _split(values) or []]
+        return [kind(v) for v in _split(values) or []]
     except ValueError:
         raise SpurgenError(f"{flag}: expected numbers separated by commas, e.g. 0.05,0.1,0.2; got {','.join(values)}") from None
 
@@ -401,7 +415,7 @@ def run_command(
 
     ws = Workspace(workspace)
     config = resolve_config(RunConfig, ws.settings(), "run", {
-        "classes": _split(classes), "presets": _split(presets), "sfsl_weight": _floats(sfsl_weight, "--sfsl-weight"),
+        "classes": _split(classes), "presets": _split(presets), "sfsl_weight": _numbers(sfsl_weight, float, "--sfsl-weight"),
         "labels": labels})
     if dry_run:
         print_plan(*plan_run(config, ws))
@@ -554,6 +568,32 @@ def world_build_command(
     console.print({"timings_seconds": summary["timings"],
                    "object_prompt_recognised": summary["recognition"]["object_prompt_mean"],
                    "feature_prompt_recognised": summary["recognition"]["feature_prompt_mean"]})
+
+
+@world_app.command("evidence")
+@_user_errors
+def world_evidence_command(
+    workspace: Path = typer.Option("spurgen-evidence", "--workspace", "-w", help="Workspace of every run (finished runs are kept)."),
+    tuning_classes: Optional[list[str]] = typer.Option(None, "--tuning-classes", help=help_for(EvidenceConfig, "tuning_classes")),
+    report_classes: Optional[list[str]] = typer.Option(None, "--report-classes", help=help_for(EvidenceConfig, "report_classes")),
+    kappas: Optional[list[str]] = typer.Option(None, "--kappas", help=help_for(EvidenceConfig, "kappas")),
+    bounds: Optional[list[str]] = typer.Option(None, "--bounds", help=help_for(EvidenceConfig, "bounds")),
+    seeds: Optional[list[str]] = typer.Option(None, "--seeds", help=help_for(EvidenceConfig, "seeds")),
+    steps: Optional[int] = typer.Option(None, "--steps", help=help_for(EvidenceConfig, "steps")),
+    num_images: Optional[int] = typer.Option(None, "-n", "--num-images", help=help_for(EvidenceConfig, "num_images")),
+) -> None:
+    """Choose SFSL's defaults on some world classes and report the three presets' Table 2 on the others.
+
+    Writes reports/evidence.json; the README's evidence table comes from it.
+    """
+    from .config import resolve_config
+    from .evidence import gather_evidence
+
+    config = resolve_config(EvidenceConfig, {}, "evidence", {
+        "tuning_classes": _split(tuning_classes), "report_classes": _split(report_classes),
+        "kappas": _numbers(kappas, float, "--kappas"), "bounds": _numbers(bounds, int, "--bounds"),
+        "seeds": _numbers(seeds, int, "--seeds"), "steps": steps, "num_images": num_images})
+    gather_evidence(config, Workspace(workspace))
 
 
 def run() -> None:

@@ -64,30 +64,30 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise SpurgenError(f"{where}: expected true or false, got {value!r}")
+        raise SpurgenError(f"{where}: expected true or false, got {value!r}; write true or false")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise SpurgenError(f"{where}: expected a whole number, got {value!r}")
+        raise SpurgenError(f"{where}: expected a whole number, got {value!r}; give an integer such as 6")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(float(value)):
-                raise SpurgenError(f"{where}: expected a finite number, got {value!r}")
+                raise SpurgenError(f"{where}: expected a finite number, got {value!r}; give a number such as 0.1")
             return float(value)
-        raise SpurgenError(f"{where}: expected a number, got {value!r}")
+        raise SpurgenError(f"{where}: expected a number, got {value!r}; give a number such as 0.1")
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise SpurgenError(f"{where}: expected a string, got {value!r}")
+        raise SpurgenError(f"{where}: expected a string, got {value!r}; quote it")
     if origin is list:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list):
-            raise SpurgenError(f"{where}: expected a list, got {value!r}")
+            raise SpurgenError(f"{where}: expected a list, got {value!r}; give a list such as [\"a\", \"b\"]")
         return [_coerce(v.strip() if isinstance(v, str) else v, args[0], where) for v in items
                 if not (isinstance(v, str) and not v.strip())]
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise SpurgenError(f"{where}: expected a table, got {value!r}")
+            raise SpurgenError(f"{where}: expected a table, got {value!r}; give NAME = VALUE lines under a [table] header")
         return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     return value
 
@@ -120,7 +120,7 @@ def resolve_config(config_cls: type[C], settings: Mapping[str, Any], section: st
             values[name] = _coerce(value, hints[name], f"spurgen.toml: {key}")
     table = settings.get(section, {})
     if not isinstance(table, Mapping):
-        raise SpurgenError(f"spurgen.toml: '{section}' must be a table ([{section}]), not a value")
+        raise SpurgenError(f"spurgen.toml: '{section}' must be a table, not a value; put its keys under a [{section}] header")
     for key, value in table.items():
         name = _toml_key(key)
         if name not in names:
@@ -138,9 +138,12 @@ def resolve_config(config_cls: type[C], settings: Mapping[str, Any], section: st
 
 
 def require(condition: bool, message: str) -> None:
-    """Raises a :class:`SpurgenError` with ``message`` unless ``condition`` holds."""
+    """Raises a :class:`SpurgenError` with ``message`` unless ``condition`` holds.
+
+    A message without a fix of its own ("<problem>; <fix>") gets the generic one: where the value is set.
+    """
     if not condition:
-        raise SpurgenError(message)
+        raise SpurgenError(message if ";" in message else f"{message}; change it on the command line or in spurgen.toml")
 
 
 @dataclass
@@ -257,10 +260,10 @@ class GenerateConfig:
                 f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)} or '{MODEL_SCHEDULER}'")
         require(bool(self.runs), "--runs is empty; pass run names or 'all'")
         if self.until is None:
-            require(not self.filter and self.max_images is None, "--filter and --max-images need --until N")
+            require(not self.filter and self.max_images is None, "--filter and --max-images need --until N; add --until N or drop them")
             return
         require(self.until >= 1, f"--until must be at least 1, got {self.until}")
-        require(bool(self.filter), "--until needs --filter, e.g. --filter consistent")
+        require(bool(self.filter), "--until needs --filter; add e.g. --filter consistent")
         bad = [f for f in self.filter if not FILTER_PATTERN.match(f)]
         require(not bad, f"unknown --filter {bad[0] if bad else ''!r}; use consistent, quality>=X or no-object")
         require(self.num_to_sample >= self.until,
@@ -384,6 +387,8 @@ class FinetuneConfig:
     sfsl_feature: str = setting("contrib", "SFSL feature: 'contrib' (w_k * phi(x), the per-feature contributions to the class logit) or 'npca' (the class's neural PCA coordinates; run spurgen fit-npca first).")
     sfsl_npca_components: str = setting("all", "With --sfsl-feature npca: 'all' components or only the class's 'spurious' ones (from the label set).")
     sfsl_max_timestep: int = setting(600, "SFSL applies only to rows whose timestep is at most this (the one-step image estimate is poor at large t). Provisional default: the synthetic world's evidence will tune it.")
+    sfsl_every: int = setting(1, "Apply SFSL on every N-th optimizer step only (steps 1, N+1, 2N+1, ...) with weight kappa * N, so that its expected gradient is unchanged; cuts SFSL's cost by N. 1 (default): every step, as the paper.")
+    sfsl_decoder: str | None = setting(None, "Decoder of SFSL's images only: a diffusers AutoencoderTiny (TAESD) folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x; far cheaper to differentiate through than the VAE decoder. Default: the base model's VAE.")
     checkpointing_steps: int = setting(200, "Save a resumable checkpoint every N steps (0: never).")
     checkpoints_total_limit: int = setting(2, "Checkpoints kept per run; older ones are deleted.")
     resume: bool = setting(False, "Continue from the run's latest checkpoint (exactly: weights, optimizer, schedule, randomness).")
@@ -403,7 +408,7 @@ class FinetuneConfig:
         for name in ("lr_warmup_steps", "checkpointing_steps", "validation_steps", "num_validation_images", "sfsl_max_timestep"):
             require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "num_class_images", "sample_steps",
-                     "sample_batch_size", "checkpoints_total_limit"):
+                     "sample_batch_size", "checkpoints_total_limit", "sfsl_every"):
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("adam_weight_decay", "max_grad_norm", "prior_weight", "guidance_scale", "sfsl_weight"):
             require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
@@ -414,6 +419,8 @@ class FinetuneConfig:
         require(self.attention in ATTENTION, f"--attention must be 'sdpa' or 'eager', got {self.attention!r}")
         require(self.device in ("auto", "cpu"), f"--device must be 'auto' or 'cpu', got {self.device!r}; choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch")
         require(self.sfsl_feature in SFSL_FEATURES, f"--sfsl-feature must be 'contrib' or 'npca', got {self.sfsl_feature!r}")
+        require(self.sfsl_decoder is None or bool(self.sfsl_decoder.strip()),
+                "--sfsl-decoder is empty; pass an AutoencoderTiny folder or hub id (e.g. madebyollin/taesd), or drop the flag")
         require(self.sfsl_npca_components in NPCA_COMPONENTS, f"--sfsl-npca-components must be 'all' or 'spurious', got {self.sfsl_npca_components!r}")
         require(bool(self.identifier.strip()), "--identifier is empty; pass a rare token such as sks")
         for name in ("instance_prompt", "class_prompt"):

@@ -82,7 +82,7 @@ report-images = 12
 """
 
 
-def _render_spurious_set(workspace: Workspace) -> None:
+def render_spurious_set(workspace: Workspace) -> None:
     from .world.dataset import WorldConfig, build_world
 
     # Each split draws from its own seeded stream: rendering only the spurious set gives the same images
@@ -117,7 +117,7 @@ def run_demo(config: DemoConfig, workspace: Workspace) -> dict[str, Any]:
         return time.perf_counter()
 
     started = stage("world: spurious set")
-    _render_spurious_set(workspace)
+    render_spurious_set(workspace)
     timings["render"] = time.perf_counter() - started
 
     started = stage("select-refs")

@@ -94,6 +94,8 @@ def load_zero_shot(arch: str, weights: str | None, device: "torch.device") -> Ze
     """
     import open_clip
 
+    # Read (and vetted) before the model is built: a refused file costs no model construction.
+    state = load_state_dict_file(Path(weights).expanduser()) if weights else None
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, device="cpu")
     except (RuntimeError, ValueError, OSError) as exc:
@@ -101,7 +103,7 @@ def load_zero_shot(arch: str, weights: str | None, device: "torch.device") -> Ze
                            "open_clip architecture (open_clip.list_models()) or an hf-hub: id") from None
     if weights:
         try:
-            model.load_state_dict(load_state_dict_file(Path(weights).expanduser()))
+            model.load_state_dict(state)
         except RuntimeError as exc:
             raise SpurgenError(f"--clip-weights {weights} do not fit open_clip model {arch!r} "
                                f"({str(exc).splitlines()[0]}); give the weights of that architecture") from None

@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from ._base_model import BaseModel, Components, image_generator, load_components, resolve_base_model, sampling_pipeline
+from ._base_model import BaseModel, Components, _read_config, image_generator, load_components, resolve_base_model, \
+    sampling_pipeline
 from ._class_images import ensure_class_images
 from ._lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
 from ._runtime import console, progress_bar, resolve_device, warn
@@ -52,12 +53,13 @@ from .errors import SpurgenError
 from .images import UnreadableImage, file_sha256, load_rgb
 from .labels import ClassInfo, LabelSet, get_label_set
 from .select_refs import SELECTION_FILE
-from .sfsl import SpuriousFeature, SpuriousFeatureLoss, spurious_feature
+from .sfsl import SpuriousFeature, SpuriousFeatureLoss, decode_latents, load_sfsl_decoder, spurious_feature
 from .workspace import Workspace, atomic_write_bytes, atomic_write_json, atomic_write_text, environment_versions, \
-    read_json, utc_now
+    read_json, remove_tree, utc_now
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+    from diffusers import AutoencoderTiny
     from PIL import Image
 
 __all__ = ["ClassPlan", "FinetuneResult", "FinetuneSetup", "Trainer", "finetune", "prepare_finetune", "plan_classes",
@@ -261,18 +263,19 @@ def _check_packages(config: FinetuneConfig) -> None:
 @dataclass
 class FinetuneSetup:
     """What finetune resolved and checked before training: base model, resolution, the classes' plans, the
-    accelerator, and the SFSL feature of each class whose kappa is > 0."""
+    accelerator, the SFSL feature of each class whose kappa is > 0, and ``--sfsl-decoder`` when given."""
 
     base: BaseModel
     resolution: int
     plans: list[ClassPlan]
     accelerator: "Accelerator"
     features: dict[int, SpuriousFeature]
+    sfsl_decoder: "AutoencoderTiny | None" = None
 
     def trainer(self, plan: ClassPlan, config: FinetuneConfig, workspace: Workspace) -> "Trainer":
         """Sets up the training of one planned class (models, data, optimizer) without taking a step."""
         return Trainer(plan, config, workspace, self.base, self.resolution, self.accelerator,
-                       self.features.get(plan.cls.index))
+                       self.features.get(plan.cls.index), self.sfsl_decoder)
 
 
 def prepare_finetune(config: FinetuneConfig, workspace: Workspace, classifier_flags: Sequence[str] = ()) -> FinetuneSetup:
@@ -304,6 +307,11 @@ def prepare_finetune(config: FinetuneConfig, workspace: Workspace, classifier_fl
         classifier = load_classifiers([config.sfsl_model], classifier_flags, labels, settings, None,
                                       str(accelerator.device))[0]
         features = {p.cls.index: spurious_feature(classifier, p.cls, config, workspace) for p in sfsl_plans}
+    sfsl_decoder = None
+    if sfsl_plans and config.sfsl_decoder:
+        vae_config = _read_config(base.path / "vae" / "config.json", f"base model {base.name}")
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        sfsl_decoder = load_sfsl_decoder(config.sfsl_decoder, vae_config.get("latent_channels", 4), accelerator.device, half)
     for plan in plans:
         if plan.action == "resume":
             state = read_json(plan.checkpoint / CHECKPOINT_STATE)
@@ -315,7 +323,7 @@ def prepare_finetune(config: FinetuneConfig, workspace: Workspace, classifier_fl
         if plan.action != "skip":
             _ensure_writable(plan.folder)
     accelerator.wait_for_everyone()  # every process has planned from the folders before training changes them
-    return FinetuneSetup(base, resolution, plans, accelerator, features)
+    return FinetuneSetup(base, resolution, plans, accelerator, features, sfsl_decoder)
 
 
 def _ensure_writable(folder: Path) -> None:
@@ -460,10 +468,12 @@ class Trainer:
         resolution: Training image side.
         accelerator: The run's accelerator (one per command, shared by its classes).
         feature: s_k of the class when its kappa is > 0, else ``None`` (SFSL is then not computed at all).
+        sfsl_decoder: The decoder of SFSL's images (``--sfsl-decoder``); ``None``: the base model's VAE.
     """
 
     def __init__(self, plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, base: BaseModel,
-                 resolution: int, accelerator: "Accelerator", feature: SpuriousFeature | None) -> None:
+                 resolution: int, accelerator: "Accelerator", feature: SpuriousFeature | None,
+                 sfsl_decoder: "AutoencoderTiny | None" = None) -> None:
         from accelerate.utils import set_seed
 
         self.plan, self.config, self.base, self.resolution, self.accelerator = plan, config, base, resolution, accelerator
@@ -524,16 +534,20 @@ class Trainer:
                     enable(activation_checkpointing_kwargs={"use_reentrant": False})
                 else:
                     self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if feature is not None:
-                parts.vae.enable_gradient_checkpointing()
 
         # SFSL: the references' features once; nothing at all when kappa is 0.
         self.sfsl: SpuriousFeatureLoss | None = None
+        self.sfsl_decoder: Any = sfsl_decoder if sfsl_decoder is not None else parts.vae
         if feature is not None:
+            if config.gradient_checkpointing:
+                self.sfsl_decoder.enable_gradient_checkpointing()
+            # Channels-last convolutions: tensor-core kernels on GPUs, and oneDNN's are no slower on CPUs
+            # (bench: ResNet-50 forward + backward at 224 px). The VAE is left alone on CPUs, where its
+            # GroupNorms prefer the contiguous layout.
+            feature.classifier.model.to(memory_format=torch.channels_last)
             if self.device.type == "cuda":
-                feature.classifier.model.to(memory_format=torch.channels_last)
-                parts.vae.to(memory_format=torch.channels_last)
-            self.sfsl = SpuriousFeatureLoss(feature, instance_pixels, config.sfsl_max_timestep)
+                self.sfsl_decoder.to(memory_format=torch.channels_last)
+            self.sfsl = SpuriousFeatureLoss(feature, instance_pixels, config.sfsl_max_timestep, config.sfsl_every)
 
         # Optimizer and schedule, then accelerate wraps models (DDP, autocast), optimizer and schedule.
         self.trained_names = [name for name, _ in trained]
@@ -596,17 +610,16 @@ class Trainer:
         inst = F.mse_loss(prediction[:b].float(), target[:b].float())
         prior = F.mse_loss(prediction[b:].float(), target[b:].float()) if self.prior else None
         sfsl, rows = None, torch.empty(0, dtype=torch.long)
-        if self.sfsl is not None:
+        if self.sfsl is not None and self.sfsl.applies(step):
             rows = self.sfsl.rows(timesteps[:b])
             if len(rows):  # only these rows are decoded and classified
                 z0 = predicted_original(scheduler, noisy[rows], prediction[rows], timesteps[rows])
-                images = self.parts.vae.decode(z0.to(self.parts.vae.dtype) / self.scaling_factor).sample
-                sfsl = self.sfsl(images, instance[rows])
+                sfsl = self.sfsl(decode_latents(self.sfsl_decoder, z0), instance[rows])
         total = inst
         if prior is not None:
             total = total + config.prior_weight * prior
         if sfsl is not None:
-            total = total + self.plan.sfsl_weight * sfsl
+            total = total + self.plan.sfsl_weight * self.sfsl.scale * sfsl
         return Losses(total, inst, prior, sfsl, len(rows))
 
     def train_step(self, step: int) -> dict[str, float | int | None]:
@@ -633,7 +646,10 @@ class Trainer:
                 sums += terms
                 accelerator.backward(losses.total)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(self.trained_parameters, self.config.max_grad_norm)
+                    norm = accelerator.clip_grad_norm_(self.trained_parameters, self.config.max_grad_norm)
+                    # fp16's GradScaler skips a step that overflows; without one, the step would poison the weights.
+                    if accelerator.scaler is None and norm is not None and not torch.isfinite(norm):
+                        raise _NonFiniteLoss(step, terms, accelerator.num_processes, "gradient norm")
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -679,16 +695,27 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             atomic_write_json(staging / CHECKPOINT_STATE, {"step": step, "key": key, "log": log})
-            shutil.rmtree(final, ignore_errors=True)
+            remove_tree(final)
             os.replace(staging, final)
             for old in _checkpoints(self.plan.folder)[:-self.config.checkpoints_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_tree(old)  # a crash must not leave a half-deleted checkpoint under its name
         self.accelerator.wait_for_everyone()
         return final
 
     def load_checkpoint(self, path: Path) -> tuple[int, list[dict[str, Any]]]:
-        """Restores a checkpoint; returns its step and the loss log up to it."""
-        self.accelerator.load_state(str(path))
+        """Restores a checkpoint; returns its step and the loss log up to it.
+
+        Raises:
+            SpurgenError: a file of the checkpoint holds more than tensors; it is refused, never executed.
+        """
+        import pickle
+
+        try:
+            self.accelerator.load_state(str(path))  # accelerate reads its .bin/.pkl files with weights_only=True
+        except pickle.UnpicklingError as exc:
+            raise SpurgenError(f"cannot resume from {path}: it holds more than tensors and is refused (safe loading: "
+                               f"{str(exc).splitlines()[0]}); delete it to resume from an earlier checkpoint, or pass "
+                               "--overwrite") from None
         state = read_json(path / CHECKPOINT_STATE)
         return int(state["step"]), list(state["log"])
 
@@ -739,10 +766,10 @@ class Trainer:
 
 
 class _NonFiniteLoss(SpurgenError):
-    def __init__(self, step: int, terms: torch.Tensor, processes: int) -> None:
+    def __init__(self, step: int, terms: torch.Tensor, processes: int, what: str = "loss") -> None:
         names = ("loss", "inst", "prior", "sfsl x rows")
         values = ", ".join(f"{n} {float(v):.4g}" for n, v in zip(names, terms[:4] / processes))
-        super().__init__(f"the loss is not finite at step {step + 1} ({values})")
+        super().__init__(f"the {what} is not finite at step {step + 1} ({values})")
 
 
 # --- The loop and the run's folder -----------------------------------------------------------------------------
@@ -822,7 +849,8 @@ def _manifest(plan: ClassPlan, config: FinetuneConfig, trainer: Trainer, status:
                                "generated_now": trainer.class_images_generated} if config.prior_preservation else None,
         "sfsl": {"weight": plan.sfsl_weight, "model": classifier.name, "fingerprint": classifier.fingerprint(),
                  "feature": config.sfsl_feature, "npca_components": config.sfsl_npca_components,
-                 "max_timestep": config.sfsl_max_timestep} if classifier else None,
+                 "max_timestep": config.sfsl_max_timestep, "every": config.sfsl_every,
+                 "decoder": config.sfsl_decoder or "vae"} if classifier else None,
         "validation": {"prompt": plan.instance_prompt, "seeds": [config.seed + i for i in range(config.num_validation_images)],
                        "num_inference_steps": config.sample_steps, "guidance_scale": config.guidance_scale,
                        "scheduler": type(trainer.parts.sampler).__name__, "resolution": trainer.resolution},
@@ -905,11 +933,15 @@ def _train_class(plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, 
     main = accelerator.is_main_process
     if plan.action == "train" and main:
         shutil.rmtree(plan.folder, ignore_errors=True)  # a previous model or unfinished run of this name
+    trainer = setup.trainer(plan, config, workspace)
+    try:  # before the manifest changes: a refused checkpoint leaves the run's folder as it was
+        step, log = trainer.load_checkpoint(plan.checkpoint) if plan.checkpoint else (0, [])
+    except BaseException:
+        trainer.close()
+        raise
     if main:  # from now until the end, the folder says it is not a finished model
         atomic_write_json(plan.folder / TRAINING_FILE, {"stage": "finetune", "status": "running", "started": started})
     accelerator.wait_for_everyone()
-
-    trainer = setup.trainer(plan, config, workspace)
     writer = None
     if config.tensorboard and main:
         from torch.utils.tensorboard import SummaryWriter
@@ -917,7 +949,6 @@ def _train_class(plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, 
         writer = SummaryWriter(str(plan.folder / "logs"))
     try:
         key = _resume_key(config, plan, setup.base, setup.resolution, accelerator)
-        step, log = trainer.load_checkpoint(plan.checkpoint) if plan.checkpoint else (0, [])
         last_checkpoint = _latest_checkpoint(plan.folder)
         with progress_bar("it") as progress:
             task = progress.add_task(_progress_text(plan.cls, log[-1]) if log else plan.cls.name, total=config.steps,
@@ -940,13 +971,14 @@ def _train_class(plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, 
                     for name in ("loss", "inst", "prior", "sfsl", "lr"):
                         if row[name] is not None:
                             writer.add_scalar(name, row[name], step)
-                if config.checkpointing_steps and step % config.checkpointing_steps == 0:
-                    last_checkpoint = trainer.save_checkpoint(step, key, log)
+                # Validation images before the checkpoint: a run resumed from checkpoint N has those of step N.
                 if (config.validation_steps and step % config.validation_steps == 0 and step < config.steps
                         and config.num_validation_images):
                     if main:
                         _save_validation(trainer, plan.folder, step)
                     accelerator.wait_for_everyone()
+                if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+                    last_checkpoint = trainer.save_checkpoint(step, key, log)
 
         # Outputs, main process only: weights, final validation images, losses, model card, then the manifest.
         if main:

@@ -33,21 +33,22 @@ import itertools
 import json
 import re
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from ._base_model import BaseModel, image_generator, resolve_base_model
 from ._lora import LORA_WEIGHTS_NAME
-from ._runtime import console, distributed_state, progress_bar, resolve_device, warn
+from ._runtime import (console, distributed_state, dtype_argument, library_progress_bars_off, progress_bar,
+                       resolve_device, warn)
 from .config import MODEL_SCHEDULER, SCHEDULERS, GenerateConfig, find_scheduler
 from .errors import SpurgenError
 from .filters import ImageFilters, Verdict
 from .finetune import TRAINING_FILE
 from .images import file_sha256
 from .labels import ClassInfo, LabelSet, get_label_set
-from .workspace import Workspace, atomic_write_bytes, atomic_write_json, environment_versions, read_json, utc_now
+from .workspace import Workspace, atomic_write_bytes, atomic_write_json, environment_versions, holds_json, read_json, \
+    utc_now
 
 if TYPE_CHECKING:
     import torch
@@ -295,8 +296,8 @@ def _load_pipeline(folder: Path, dtype: "torch.dtype", device: "torch.device") -
     # a model folder that has one keeps it.
     no_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:
-        with _library_progress_bars_off():
-            pipe = StableDiffusionPipeline.from_pretrained(folder, **_dtype_argument(dtype),
+        with library_progress_bars_off():
+            pipe = StableDiffusionPipeline.from_pretrained(folder, **dtype_argument(dtype),
                                                            **({} if (folder / "safety_checker").is_dir() else no_checker))
     except (OSError, ValueError, TypeError, KeyError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -308,34 +309,6 @@ def _load_pipeline(folder: Path, dtype: "torch.dtype", device: "torch.device") -
     return pipe.to(device)
 
 
-@contextmanager
-def _library_progress_bars_off() -> Iterator[None]:
-    """Silences diffusers' and transformers' loading bars, which would tear through our live progress bar."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    previous = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if previous[0]:
-            diffusers_logging.enable_progress_bar()
-        if previous[1]:
-            transformers_logging.enable_progress_bar()
-
-
-def _dtype_argument(dtype: "torch.dtype") -> dict[str, "torch.dtype"]:
-    """from_pretrained's precision argument: ``dtype`` since diffusers 0.42, ``torch_dtype`` before it.
-
-    Loading in the final precision (rather than casting afterwards) keeps the modules that a model marks
-    as float32-only in float32.
-    """
-    from importlib.metadata import version
-
-    major, minor = (int(part) for part in version("diffusers").split(".")[:2])
-    return {"dtype" if (major, minor) >= (0, 42) else "torch_dtype": dtype}
 
 
 def _png_bytes(image: Any) -> bytes:
@@ -419,9 +392,10 @@ class _RunState:
                        **({"accepted": verdicts[i].accepted, "reasons": list(verdicts[i].reasons)} if i in verdicts else {}))
                   for i in present]
         over_generation = {"over_generation": {**self.header["over_generation"], **self.until.record()}} if self.until else {}
-        atomic_write_json(self.folder / GENERATION_FILE, {
-            **self.header, "status": "complete" if complete else "incomplete", "updated": utc_now(),
-            "num_images": len(present) if self.until else self.total, "images": images, **over_generation})
+        manifest = {**self.header, "status": "complete" if complete else "incomplete", "updated": utc_now(),
+                    "num_images": len(present) if self.until else self.total, "images": images, **over_generation}
+        if not holds_json(self.folder / GENERATION_FILE, manifest):  # a finished run's manifest stays untouched
+            atomic_write_json(self.folder / GENERATION_FILE, manifest)
 
 
 def _check_folder(folder: Path, settings: dict[str, Any], fingerprint: str,
@@ -657,12 +631,12 @@ def _fill_run(pipelines: _PipelineSlot, state: _RunState, config: GenerateConfig
     plan = state.plan
     pipe = pipelines.get(plan.pipeline.path)
     pipe.scheduler = build_scheduler(config.scheduler, pipelines.scheduler.config) or pipelines.scheduler
+    if plan.lora_folder:
+        _load_lora(pipe, plan)  # before anything is written: a LoRA of another base model is bad input
     state.folder.mkdir(parents=True, exist_ok=True)
     main = distributed_state().is_main_process
     if main:
         state.write()  # "incomplete" before the first image: a crash leaves a resumable folder
-    if plan.lora_folder:
-        _load_lora(pipe, plan)
     try:
         return _sample(pipe, state, config, progress, filters)
     except BaseException:
@@ -675,12 +649,21 @@ def _fill_run(pipelines: _PipelineSlot, state: _RunState, config: GenerateConfig
 
 
 def _load_lora(pipe: "StableDiffusionPipeline", plan: ModelPlan) -> None:
+    from diffusers.utils import logging as diffusers_logging
+
+    # A UNet-only run (preset dreambooth) has no text-encoder keys, which diffusers reports as a warning.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
     try:
         pipe.load_lora_weights(plan.lora_folder, weight_name=LORA_WEIGHTS_NAME)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # torch's "Error(s) in loading state_dict for ...:" header says less than the first mismatch under it.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = next((line for line in lines if not line.endswith(":")), lines[0] if lines else type(exc).__name__)
         raise SpurgenError(f"cannot load the LoRA of run '{plan.run}' ({plan.lora_folder / LORA_WEIGHTS_NAME}) onto "
                            f"{plan.base_model} ({first}); it must be loaded onto the base model it was trained on") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def print_generation_table(results: Sequence[GenerationResult]) -> None:

@@ -19,10 +19,10 @@ from ._runtime import console, distributed_state, warn
 from .classifiers import Classifier, load_classifiers
 from .config import SelectRefsConfig
 from .errors import SpurgenError
-from .images import SpuriousImageNetFolder, list_images
+from .images import SpuriousImageNetFolder, file_sha256, list_images
 from .labels import ClassInfo, get_label_set
 from .predict import PredictionCache, Predictions, predict_files
-from .workspace import Workspace, atomic_directory, atomic_write_json, environment_versions, utc_now
+from .workspace import Workspace, atomic_directory, atomic_write_json, environment_versions, holds_json, utc_now
 
 __all__ = ["ClassSelection", "select_refs", "class_image_files", "consistency", "classifier_records",
            "print_selection_table"]
@@ -113,28 +113,35 @@ def _rank_class(cls: ClassInfo, files: list[Path], predictions: Predictions, k: 
 
 def _write_refs(selection: ClassSelection, images: list[dict[str, Any]], unreadable: dict[Path, str],
                 workspace: Workspace, manifest_base: dict[str, Any]) -> None:
-    """Replaces ``refs/<class>/`` with copies of the selected images and ``selection.json``."""
+    """Replaces ``refs/<class>/`` with copies of the selected images and ``selection.json``, unless it already
+    holds this very selection (a re-run, e.g. after an interruption): finished references are not redone."""
     cls = selection.cls
     target = workspace.refs_dir(cls)
     copied: dict[Path, str] = {}
-    with atomic_directory(target) as staging:
-        for source in selection.selected:
-            # Two component folders may hold the same file name; prefix the folder to keep both.
-            name = source.name if source.name not in copied.values() else f"{source.parent.name}_{source.name}"
-            shutil.copyfile(source, staging / name)
-            copied[source] = name
-        for entry in images:
-            entry["copied_as"] = copied.get(Path(entry["file"]))
-        atomic_write_json(staging / SELECTION_FILE, {
-            **manifest_base,
-            "class": {"index": cls.index, "name": cls.name, "synset": cls.synset, "spurious_feature": cls.spurious_feature},
-            "summary": {"scanned": selection.scanned, "unreadable": selection.unreadable,
-                        "spurious_per_classifier": selection.spurious_per_classifier,
-                        "consistently_spurious": selection.consistent, "selected": len(selection.selected)},
-            "selected": [copied[p] for p in selection.selected],
-            "images": images,
-            "unreadable": [{"file": str(f), "reason": reason} for f, reason in unreadable.items()],
-        })
+    for source in selection.selected:
+        # Two component folders may hold the same file name; prefix the folder to keep both.
+        copied[source] = source.name if source.name not in copied.values() else f"{source.parent.name}_{source.name}"
+    for entry in images:
+        entry["copied_as"] = copied.get(Path(entry["file"]))
+    manifest = {
+        **manifest_base,
+        "class": {"index": cls.index, "name": cls.name, "synset": cls.synset, "spurious_feature": cls.spurious_feature},
+        "summary": {"scanned": selection.scanned, "unreadable": selection.unreadable,
+                    "spurious_per_classifier": selection.spurious_per_classifier,
+                    "consistently_spurious": selection.consistent, "selected": len(selection.selected)},
+        "selected": [copied[p] for p in selection.selected],
+        "images": images,
+        "unreadable": [{"file": str(f), "reason": reason} for f, reason in unreadable.items()],
+    }
+    # How many predictions a run computed depends on the cache, not on what it selects.
+    kept = holds_json(target / SELECTION_FILE, manifest, ("created", "computed_predictions")) and all(
+        (target / name).is_file() and file_sha256(target / name) == entry["sha256"]
+        for entry in images if (name := entry["copied_as"]))
+    if not kept:
+        with atomic_directory(target) as staging:
+            for source, name in copied.items():
+                shutil.copyfile(source, staging / name)
+            atomic_write_json(staging / SELECTION_FILE, manifest)
     selection.selected = [target / copied[p] for p in selection.selected]
     selection.folder = target
 

@@ -16,6 +16,7 @@ are mapped to the classifier's [0, 1] input here, the same way for x_gen and x_r
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._runtime import progress_bar, warn
+from ._runtime import dtype_argument, progress_bar, warn
 from .classifiers import Classifier, load_classifiers
 from .config import FitNpcaConfig
 from .errors import SpurgenError
@@ -32,6 +33,8 @@ from .labels import ClassInfo, get_label_set
 from .workspace import Workspace, atomic_write_bytes
 
 if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
     from .config import FinetuneConfig
 
 __all__ = [
@@ -43,6 +46,8 @@ __all__ = [
     "npca_path",
     "fit_npca",
     "NpcaFit",
+    "decode_latents",
+    "load_sfsl_decoder",
 ]
 
 
@@ -159,20 +164,37 @@ class SpuriousFeature(torch.nn.Module):
 
 
 class SpuriousFeatureLoss:
-    """L_SFSL of a class over its reference images, applied to rows with timestep <= ``max_timestep``.
+    """L_SFSL of a class over its reference images, applied to rows with timestep <= ``max_timestep`` on every
+    ``every``-th optimizer step.
 
     Args:
         feature: s_k.
         reference_pixels: The reference images [N, 3, H, W] in [-1, 1], as training sees them.
         max_timestep: The bound on t; rows above it get no SFSL (nothing is decoded or classified for them).
+        every: SFSL applies on optimizer steps 0, N, 2N, ... (0-based) only; :attr:`scale` compensates.
     """
 
-    def __init__(self, feature: SpuriousFeature, reference_pixels: torch.Tensor, max_timestep: int) -> None:
+    def __init__(self, feature: SpuriousFeature, reference_pixels: torch.Tensor, max_timestep: int,
+                 every: int = 1) -> None:
         self.feature = feature
         self.max_timestep = max_timestep
+        self.every = every
+        # The references never change: their features are computed once, not on every step.
         with torch.no_grad():
             self.reference = feature(to_classifier_input(reference_pixels.to(feature.weight.device),
                                                          feature.input_size)).float()
+
+    def applies(self, step: int) -> bool:
+        """Whether SFSL is computed on (0-based) optimizer step ``step``; the first step always has it."""
+        return step % self.every == 0
+
+    @property
+    def scale(self) -> float:
+        """Factor on kappa on the steps SFSL applies to: N. Over N steps the SFSL gradient then sums to what
+        N steps with kappa each give, so its expectation per step is the paper's kappa * grad L_SFSL; only the
+        variance grows. (Adam and gradient clipping see the larger, rarer term, so N > 1 trades some fidelity
+        for speed: the default stays 1.)"""
+        return float(self.every)
 
     def rows(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Indices of the rows SFSL applies to."""
@@ -187,6 +209,57 @@ class SpuriousFeatureLoss:
         """
         features = self.feature(to_classifier_input(generated, self.feature.input_size)).float()
         return (1 - F.cosine_similarity(features, self.reference[reference_index], dim=1)).mean()
+
+
+def decode_latents(decoder: "AutoencoderKL | AutoencoderTiny", latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (z * the base VAE's scaling_factor, as the UNet sees them) -> [-1, 1] images, with gradients.
+
+    Both decoders are called as diffusers' pipelines call ``pipe.vae``: ``decode(latents / scaling_factor)``.
+    For the SD VAE that undoes its 0.18215; AutoencoderTiny's scaling_factor is 1.0 because TAESD was
+    distilled on the scaled latents, and its DecoderTiny maps its [0, 1] output to [-1, 1] itself.
+    """
+    return decoder.decode(latents.to(decoder.dtype) / decoder.config.scaling_factor).sample
+
+
+def load_sfsl_decoder(name: str, latent_channels: int, device: torch.device | str,
+                      dtype: torch.dtype = torch.float32) -> "AutoencoderTiny":
+    """Loads ``--sfsl-decoder``: a diffusers AutoencoderTiny folder or hub id (TAESD), frozen, on ``device``.
+
+    Hub ids go through ``from_pretrained``, so ``HF_HUB_OFFLINE=1`` uses the local cache only.
+
+    Args:
+        name: A local folder or a hub id.
+        latent_channels: The base model's latent channels, which the decoder must take.
+        device: Where SFSL runs.
+        dtype: The frozen weights' dtype (the mixed precision's).
+
+    Raises:
+        SpurgenError: the folder or id cannot be loaded, is not an AutoencoderTiny, or decodes other latents.
+    """
+    from diffusers import AutoencoderTiny
+
+    hint = "give a diffusers AutoencoderTiny folder or hub id (e.g. madebyollin/taesd for SD 1.x/2.x)"
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        config_file = folder / "config.json"
+        try:
+            class_name = json.loads(config_file.read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            raise SpurgenError(f"--sfsl-decoder {name}: cannot read {config_file}; {hint}") from None
+        if class_name != "AutoencoderTiny":
+            raise SpurgenError(f"--sfsl-decoder {name} holds {class_name or 'no model class'}, not an AutoencoderTiny; {hint}")
+        name = str(folder)
+    elif folder.exists() or name.startswith((".", "/", "~")):
+        raise SpurgenError(f"--sfsl-decoder folder {folder} does not exist; {hint}")
+    try:
+        decoder = AutoencoderTiny.from_pretrained(name, **dtype_argument(dtype))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, foreign files
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpurgenError(f"cannot load --sfsl-decoder '{name}': {first}; {hint}") from None
+    if decoder.config.latent_channels != latent_channels:
+        raise SpurgenError(f"--sfsl-decoder '{name}' decodes {decoder.config.latent_channels}-channel latents, the "
+                           f"base model makes {latent_channels}; {hint}")
+    return decoder.requires_grad_(False).eval().to(device)
 
 
 def npca_path(workspace: Workspace, classifier: str, cls: ClassInfo) -> Path:

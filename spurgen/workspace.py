@@ -39,6 +39,8 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_directory",
+    "remove_tree",
+    "holds_json",
     "safe_name",
     "environment_versions",
     "DEFAULT_WORKSPACE",
@@ -61,6 +63,12 @@ def safe_name(name: str, what: str = "name") -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -123,6 +131,9 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        # mkdtemp makes the folder private (0700); the final folder should get the usual permissions, so
+        # that a workspace shared by a group stays readable to it.
+        staging.chmod(0o777 & ~_umask())
     except OSError as exc:
         raise SpurgenError(
             f"cannot write in {final.parent}: {exc.strerror or exc}; choose a writable --workspace"
@@ -138,6 +149,29 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     os.replace(staging, final)
     shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(final.parent)
+
+
+def holds_json(path: Path, data: Any, ignore: tuple[str, ...] = ("created", "updated")) -> bool:
+    """Whether the JSON file ``path`` already holds ``data`` as :func:`atomic_write_json` would write it, but for
+    the top-level keys ``ignore`` (when it was written): a re-run then leaves a finished manifest untouched."""
+    try:
+        existing = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    new = json.loads(json.dumps(data, default=str))
+    if not isinstance(existing, dict) or not isinstance(new, dict):
+        return existing == new
+    return ({k: v for k, v in existing.items() if k not in ignore} == {k: v for k, v in new.items() if k not in ignore})
+
+
+def remove_tree(path: Path) -> None:
+    """Deletes a folder, renamed aside to a temporary name first so that it is never seen half-deleted."""
+    path = Path(path)
+    if not path.exists():
+        return
+    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def environment_versions() -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,3 +166,69 @@ def rigged(tmp_path_factory: pytest.TempPathFactory) -> RiggedSetup:
             timm.models.save_for_hf(model, str(path), safe_serialization=True)
         flags[name] = f"{name}={arch}@{path}"
     return RiggedSetup(dataset, flags, files)
+
+
+# --- A small workspace for whole-pipeline runs -----------------------------------------------------------------
+
+SOLVED_ARCH = "test_resnet.r160_in1k"
+
+
+def spurious_folder(dataset: Path, classes: list, images_per_class: int) -> None:
+    """A Spurious-ImageNet-layout folder of noise images: ``images_per_class`` per ``ClassInfo`` of ``classes``."""
+    for cls in classes:
+        folder = dataset / f"spurious_imagenet_{cls.index}_{cls.slug}_0"
+        folder.mkdir(parents=True)
+        for i in range(images_per_class):
+            _noise_image(cls.index * 10 + i).save(folder / f"{cls.slug}_{i}.png")
+
+
+def solved_classifier(dataset: Path, path: Path) -> str:
+    """A tiny timm classifier whose last layer is solved to predict each image's class (logit 5, others -5).
+
+    Saves its weights to ``path`` (safetensors) and returns the ``--classifier`` flag value ``tiny=ARCH@PATH``.
+    """
+    import timm
+    import torch
+    from safetensors.torch import save_file
+    from timm.data import resolve_data_config
+
+    from spurgen.classifiers import Classifier, ClassifierSpec
+    from spurgen.images import load_rgb
+
+    torch.manual_seed(0)
+    model = timm.create_model(SOLVED_ARCH, pretrained=False).eval()
+    wrapper = Classifier(ClassifierSpec("tiny", SOLVED_ARCH), model,
+                         resolve_data_config(model=model, use_test_size=True))
+    files = sorted(dataset.glob("*/*.png"))
+    transform = wrapper.transform()
+    with torch.no_grad():
+        features = wrapper.penultimate(torch.stack([transform(load_rgb(f)) for f in files])).double()
+    target = torch.full((len(files), model.num_classes), -5.0, dtype=torch.float64)
+    for row, file in enumerate(files):
+        target[row, int(file.parent.name.split("_")[2])] = 5.0
+    design = torch.cat([features, torch.ones(len(files), 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(design, target).solution
+    head = model.get_classifier()
+    head.weight.data = solution[:-1].T.float().contiguous()
+    head.bias.data = solution[-1].float().contiguous()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return f"tiny={SOLVED_ARCH}@{path}"
+
+
+def small_settings(model: Path, dataset: Path, **tables: dict) -> str:
+    """spurgen.toml for every stage, small: 1 reference per class, a 2-step LoRA without prior preservation,
+    1 image per run, the ``tiny`` classifier. ``tables`` overrides keys of a table (``finetune={"steps": 4}``)."""
+    settings: dict[str, dict] = {
+        "run": {"presets": ["dreambooth"]},
+        "select-refs": {"dataset": str(dataset), "classifiers": ["tiny"], "k": 1, "num-workers": 0},
+        "finetune": {"steps": 2, "rank": 4, "prior-preservation": False, "num-validation-images": 0,
+                     "validation-steps": 0, "checkpointing-steps": 1},
+        "generate": {"num-images": 1, "steps": 2},
+        "evaluate": {"classifiers": ["tiny"], "num-workers": 0, "report-images": 1},
+    }
+    for table, values in tables.items():
+        settings[table].update(values)
+    lines = [f"model = {json.dumps(str(model))}", 'device = "cpu"']
+    for table, values in settings.items():  # JSON strings, numbers, booleans and lists are TOML as well
+        lines += ["", f"[{table}]", *(f"{key} = {json.dumps(value)}" for key, value in values.items())]
+    return "\n".join(lines) + "\n"

@@ -286,7 +286,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd_dir: Path, tm
         return losses
 
     monkeypatch.setattr(Trainer, "losses", poisoned)
-    with pytest.raises(SpurgenError, match=r"not finite at step 3.*checkpoint-2"):
+    with pytest.raises(SpurgenError, match=r"loss is not finite at step 3.*checkpoint-2.*Lower --learning-rate.*bf16"):
         finetune(cfg, workspace)
     folder = workspace.model_dir(HUMMINGBIRD, "dreambooth")
     info = manifest(folder)
@@ -298,6 +298,44 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd_dir: Path, tm
         finetune(cfg, workspace)
     [result] = finetune(resolve_config(FinetuneConfig, {}, "finetune", {**vars(cfg), "resume": True}), workspace)
     assert (result.status, result.steps, manifest(folder)["status"]) == ("resumed", 4, "complete")
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """Zero in the forward pass and an infinite gradient in the backward pass: a finite loss that overflows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        return x.sum() * 0
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return torch.full(ctx.shape, float("inf"), dtype=grad.dtype, device=grad.device)
+
+
+def test_infinite_gradients_stop_before_the_step_and_keep_the_last_good_checkpoint(tiny_sd_dir: Path, tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    workspace = write_refs(tmp_path)
+    cfg = config(tiny_sd_dir, preset="dreambooth", steps=3, checkpointing_steps=1, checkpoints_total_limit=5)
+    healthy = Trainer.losses
+
+    def overflowing(self: Trainer, step: int, micro: int):
+        losses = healthy(self, step, micro)
+        if step == 1:
+            losses.total = losses.total + _InfiniteGradient.apply(self.trained_parameters[0])
+        return losses
+
+    monkeypatch.setattr(Trainer, "losses", overflowing)
+    with pytest.raises(SpurgenError, match=r"gradient norm is not finite at step 2.*checkpoint-1.*Lower --learning-rate.*bf16"):
+        finetune(cfg, workspace)
+    folder = workspace.model_dir(HUMMINGBIRD, "dreambooth")
+    assert manifest(folder)["status"] == "failed"
+    # the step was not taken: no checkpoint of poisoned weights poses as the last good one
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["checkpoint-1"]
+    weights = load_file(folder / "checkpoints" / "checkpoint-1" / "unet.safetensors")
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
 
 
 def test_class_images_are_generated_once_and_reused(tiny_sd_dir: Path, tmp_path: Path) -> None:
@@ -475,10 +513,6 @@ def test_cli_from_select_refs_to_finetune_with_per_class_kappa(tiny_sd_dir: Path
     info = manifest(ws / "models" / "94-hummingbird" / "sfsl")
     assert info["sfsl"]["weight"] == 0.25 and info["base_model"] == str(tiny_sd_dir) and info["steps"] == 2
     assert len(info["references"]) == 3
-    done = runner.invoke(app, [*args, "--rank", "0"])
-    assert done.exit_code == 2 and "--rank must be at least 1" in done.output
-    done = runner.invoke(app, [*args, "--class-sfsl-weight", "hummingbird"])
-    assert done.exit_code == 2 and "write CLASS=KAPPA" in done.output
 
 
 def test_npca_feature_fitted_by_fit_npca(tiny_sd_dir: Path, rigged, tmp_path: Path) -> None:
@@ -502,3 +536,77 @@ def test_npca_feature_fitted_by_fit_npca(tiny_sd_dir: Path, rigged, tmp_path: Pa
     info = manifest(result.folder)
     assert info["sfsl"]["feature"] == "npca" and info["sfsl"]["npca_components"] == "spurious"
     assert all(np.isfinite(float(row["sfsl"])) for row in loss_rows(result.folder))
+
+
+# --- SFSL's cost-cutting options: --sfsl-every and --sfsl-decoder ------------------------------------------------------
+
+
+def test_sfsl_every_applies_the_loss_on_every_nth_step_with_weight_kappa_n(tiny_sd_dir: Path, rigged,
+                                                                           tmp_path: Path) -> None:
+    workspace = write_refs(tmp_path)
+    cfg = config(tiny_sd_dir, preset="sfsl", steps=5, sfsl_every=2, checkpointing_steps=5)
+    [result] = finetune(cfg, workspace, [rigged.flags["res-a"]])
+    rows = loss_rows(result.folder)
+    # steps 1, 3, 5 (0-based 0, 2, 4) decode their one instance row (bound 999); steps 2 and 4 none
+    assert [int(r["sfsl_rows"]) for r in rows] == [1, 0, 1, 0, 1]
+    assert [r["sfsl"] != "" for r in rows] == [True, False, True, False, True]
+    for row in rows:  # the total carries kappa * N * L_SFSL on the steps that have it
+        sfsl = float(row["sfsl"]) if row["sfsl"] else 0.0
+        assert float(row["loss"]) == pytest.approx(float(row["inst"]) + float(row["prior"]) + 0.1 * 2 * sfsl, rel=1e-5)
+    info = manifest(result.folder)
+    assert info["sfsl"]["every"] == 2 and info["sfsl"]["decoder"] == "vae" and info["loss"]["sfsl_rows"] == 3
+    # --sfsl-every shapes the trajectory: a checkpoint saved with N = 2 does not resume with N = 3
+    with pytest.raises(SpurgenError, match="was saved with other settings"):
+        finetune(config(tiny_sd_dir, preset="sfsl", steps=6, sfsl_every=3, resume=True), workspace,
+                 [rigged.flags["res-a"]])
+
+
+def test_sfsl_decoder_taesd_decodes_and_passes_gradients_to_lora(tiny_sd_dir: Path, rigged, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    from diffusers import AutoencoderTiny
+
+    from spurgen._sd_builders import build_tiny_autoencoder
+
+    taesd = build_tiny_autoencoder(tmp_path / "taesd", "tiny")
+    trainer = sfsl_trainer(tiny_sd_dir, write_refs(tmp_path / "ws"), rigged, sfsl_decoder=str(taesd))
+
+    def vae_decode(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("SFSL decoded through the VAE although --sfsl-decoder was given")
+
+    monkeypatch.setattr(trainer.parts.vae, "decode", vae_decode)
+    decoder = trainer.sfsl_decoder
+    assert isinstance(decoder, AutoencoderTiny)
+    seen = []
+    decode = decoder.decode
+    monkeypatch.setattr(decoder, "decode", lambda latents, *a, **k: seen.append(latents.shape) or decode(latents, *a, **k))
+    try:
+        losses = trainer.losses(step=0, micro=0)
+        # the scaled latents go in unchanged (TAESD's scaling_factor is 1.0): 2 rows of 4 x 32 x 32
+        assert seen == [(2, 4, 32, 32)] and losses.sfsl_rows == 2 and torch.isfinite(losses.sfsl)
+        losses.sfsl.backward()
+        for model in (trainer.unet, trainer.text_encoder):
+            grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]
+            assert grads and all(g is not None for g in grads)
+            assert sum(float(g.abs().sum()) for g in grads) > 0
+        assert all(p.grad is None for p in decoder.parameters())  # frozen
+    finally:
+        trainer.close()
+
+
+def test_bad_sfsl_every_and_decoder_fail_with_one_line_before_writing(tiny_sd_dir: Path, rigged, tmp_path: Path) -> None:
+    workspace = write_refs(tmp_path / "ws")
+    before = _written(workspace.root)
+    args = ["finetune", "-w", str(workspace.root), "--model", str(tiny_sd_dir), "--classes", "94", "--sfsl-model",
+            "res-a", f"--classifier={rigged.flags['res-a']}", "--steps", "1"]
+    runner = CliRunner()
+    for extra, message in [
+        (["--sfsl-every", "0"], "--sfsl-every must be at least 1, got 0"),
+        (["--sfsl-decoder", " "], "--sfsl-decoder is empty"),
+        (["--sfsl-decoder", str(tmp_path / "nowhere")], "--sfsl-decoder folder"),
+        (["--sfsl-decoder", str(tiny_sd_dir / "vae")], "holds AutoencoderKL, not an AutoencoderTiny"),
+    ]:
+        done = runner.invoke(app, [*args, *extra])
+        assert done.exit_code == 2, done.output
+        assert message in done.output and "Traceback" not in done.output
+        assert len([line for line in done.output.splitlines() if line.strip()]) <= 2  # one message (wrapped at most once)
+    assert _written(workspace.root) == before

@@ -25,6 +25,8 @@ from spurgen.images import load_rgb
 from spurgen.labels import get_label_set
 from spurgen.workspace import Workspace
 
+from _crash import spurgen_env
+
 HUMMINGBIRD = get_label_set("imagenet")[94]
 POOL = 12  # the images of the seed sequence the tests look at
 
@@ -240,7 +242,6 @@ def test_cli_reports_the_acceptance_rate(rigged_forward, tiny_sd_dir: Path, tmp_
 
 def test_sigkill_in_the_middle_then_rerun_equals_an_uninterrupted_run(rigged, tiny_sd_dir: Path, tmp_path: Path) -> None:
     """A real process killed with SIGKILL mid-run: the re-run ends with the same images and verdicts as one run."""
-    import os
     import signal
     import subprocess
     import sys
@@ -252,7 +253,7 @@ def test_sigkill_in_the_middle_then_rerun_equals_an_uninterrupted_run(rigged, ti
                 "--classifiers", "res-a", "--classifier", rigged.flags["res-a"], "--steps", "2", "--scheduler", "DDIM",
                 "--batch-size", "1", "--device", "cpu"]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = spurgen_env()
     reference = subprocess.run(command(tmp_path / "reference"), capture_output=True, text=True, timeout=600, env=env)
     assert reference.returncode == 0, reference.stderr
     killed_ws = tmp_path / "killed"

@@ -9,7 +9,6 @@ tree, recorded in run.json after each class, does not grow with the number of cl
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,40 +21,12 @@ from typer.testing import CliRunner
 from spurgen.cli import app
 from spurgen.labels import get_label_set
 
-from conftest import _noise_image
+from _crash import spurgen_env
+from conftest import small_settings, solved_classifier, spurious_folder
 
 CLASSES = get_label_set("imagenet").resolve_many(["all"])[:20]
 MISSING = get_label_set("imagenet").resolve_many(["all"])[20]  # requested, but the data set has no folder for it
 IMAGES_PER_CLASS = 2
-ARCH = "test_resnet.r160_in1k"
-
-
-def _classifier(dataset: Path, path: Path) -> None:
-    """A tiny timm classifier whose last layer is solved to predict each image's class (logit 5, others -5)."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
-    from timm.data import resolve_data_config
-
-    from spurgen.classifiers import Classifier, ClassifierSpec
-    from spurgen.images import load_rgb
-
-    torch.manual_seed(0)
-    model = timm.create_model(ARCH, pretrained=False).eval()
-    wrapper = Classifier(ClassifierSpec("tiny", ARCH), model, resolve_data_config(model=model, use_test_size=True))
-    files = sorted(dataset.glob("*/*.png"))
-    transform = wrapper.transform()
-    with torch.no_grad():
-        features = wrapper.penultimate(torch.stack([transform(load_rgb(f)) for f in files])).double()
-    target = torch.full((len(files), model.num_classes), -5.0, dtype=torch.float64)
-    for row, file in enumerate(files):
-        target[row, int(file.parent.name.split("_")[2])] = 5.0
-    design = torch.cat([features, torch.ones(len(files), 1, dtype=torch.float64)], dim=1)
-    solution = torch.linalg.lstsq(design, target).solution
-    head = model.get_classifier()
-    head.weight.data = solution[:-1].T.float().contiguous()
-    head.bias.data = solution[-1].float().contiguous()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
 @pytest.fixture(scope="module")
@@ -63,56 +34,18 @@ def setup(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     """A workspace whose spurgen.toml sets up every stage small; returns it and the --classifier flag."""
     root = tmp_path_factory.mktemp("run")
     dataset = root / "images"
-    for cls in CLASSES:
-        folder = dataset / f"spurious_imagenet_{cls.index}_{cls.slug}_0"
-        folder.mkdir(parents=True)
-        for i in range(IMAGES_PER_CLASS):
-            _noise_image(cls.index * 10 + i).save(folder / f"{cls.slug}_{i}.png")
-    weights = root / "tiny.safetensors"
-    _classifier(dataset, weights)
+    spurious_folder(dataset, CLASSES, IMAGES_PER_CLASS)
+    classifier = solved_classifier(dataset, root / "tiny.safetensors")
     workspace = root / "ws"
     workspace.mkdir()
-    (workspace / "spurgen.toml").write_text(f"""\
-model = "{tiny_sd_dir}"
-device = "cpu"
-
-[run]
-presets = ["dreambooth"]
-
-[select-refs]
-dataset = "{dataset}"
-classifiers = ["tiny"]
-k = 1
-num-workers = 0
-
-[finetune]
-steps = 2
-rank = 4
-prior-preservation = false
-num-validation-images = 0
-validation-steps = 0
-checkpointing-steps = 1
-
-[generate]
-num-images = 1
-steps = 2
-
-[evaluate]
-classifiers = ["tiny"]
-num-workers = 0
-report-images = 1
-""")
-    return workspace, f"tiny={ARCH}@{weights}"
+    (workspace / "spurgen.toml").write_text(small_settings(tiny_sd_dir, dataset))
+    return workspace, classifier
 
 
 def _command(workspace: Path, classifier: str, *extra: str) -> list[str]:
     classes = ",".join(str(c.index) for c in [*CLASSES[:10], MISSING, *CLASSES[10:]])
     return [sys.executable, "-m", "spurgen", "run", "-w", str(workspace), "--classes", classes,
             f"--classifier={classifier}", *extra]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +56,7 @@ def finished(setup: tuple[Path, str]) -> tuple[Path, dict, dict[str, float]]:
     """
     workspace, classifier = setup
     first_model = workspace / "models" / CLASSES[0].dirname / "dreambooth" / "training.json"
-    process = subprocess.Popen(_command(workspace, classifier), env=_env(), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(_command(workspace, classifier), env=spurgen_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (first_model.is_file() and json.loads(first_model.read_text())["status"] == "complete"):
@@ -133,7 +66,7 @@ def finished(setup: tuple[Path, str]) -> tuple[Path, dict, dict[str, float]]:
     process.wait()
     first_refs = workspace / "refs" / CLASSES[0].dirname / "selection.json"
     manifests = {str(p): p.stat().st_mtime_ns for p in (first_model, first_refs)}
-    restart = subprocess.run(_command(workspace, classifier), env=_env(), capture_output=True, text=True, timeout=600,
+    restart = subprocess.run(_command(workspace, classifier), env=spurgen_env(), capture_output=True, text=True, timeout=600,
                              check=False)
     assert restart.returncode == 1, restart.stderr[-3000:]  # the class without images failed, the others finished
     assert f"failed: {MISSING}" in restart.stderr

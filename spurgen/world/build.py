@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._runtime import progress_bar
+from .._runtime import dtype_argument, library_progress_bars_off, progress_bar
 from ..workspace import atomic_write_json, read_json
 from .classifiers import ASSETS_DIR, ClassifierTrainConfig, shipped_classifier_specs, train_world_classifiers
 from .dataset import MANIFEST_FILE, WorldConfig, build_world
@@ -57,7 +57,8 @@ def measure_text_to_image(sd_dir: Path, samples_per_prompt: int = 24, seed: int 
 
     labels = world_label_set()
     classifiers = [load_classifier(spec) for spec in shipped_classifier_specs() if "robust" not in spec.name]
-    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, torch_dtype=torch.float32)
+    with library_progress_bars_off():
+        pipe = StableDiffusionPipeline.from_pretrained(sd_dir, **dtype_argument(torch.float32))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     result: dict[str, Any] = {"samples_per_prompt": samples_per_prompt, "steps": steps, "guidance": guidance,

@@ -260,6 +260,18 @@ def _robust_accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
         return float((model(_normalise(adversarial)).argmax(1) == y).float().mean())
 
 
+def _same_training(recorded: Any, training: dict[str, Any]) -> bool:
+    """Whether a saved model was trained with these settings; the thread count is how, not what, so it is ignored."""
+    def comparable(value: Any) -> Any:
+        # JSON round trip so tuples compare equal to the lists read back.
+        value = json.loads(json.dumps(value))
+        if isinstance(value, dict) and isinstance(value.get("config"), dict):
+            value["config"].pop("threads", None)
+        return value
+
+    return comparable(recorded) == comparable(training)
+
+
 def train_world_classifiers(world: Path, out_dir: Path = ASSETS_DIR, config: ClassifierTrainConfig | None = None,
                             names: Sequence[str] | None = None,
                             progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -296,8 +308,7 @@ def train_world_classifiers(world: Path, out_dir: Path = ASSETS_DIR, config: Cla
         folder = Path(out_dir) / spec.name
         training = {"architecture": asdict(spec), "config": asdict(config), "world": world_config}
         previous = folder / METRICS_FILE
-        # JSON round trip so tuples compare equal to the lists read back.
-        if previous.is_file() and read_json(previous).get("training") == json.loads(json.dumps(training)):
+        if previous.is_file() and _same_training(read_json(previous).get("training"), training):
             progress(f"{spec.name}: already trained with these settings, kept")
             metrics = read_json(previous)
         else:
