@@ -1,6 +1,6 @@
 """``spurgen demo`` end to end in a fresh workspace, as a user runs it. Target: at most 10 minutes.
 
-Runs the installed console script in a subprocess (so import and model-loading time count) and reads
+Runs ``python -m spurgen demo`` in a subprocess (so import and model-loading time count) and reads
 each stage's time from the demo's own ``reports/demo.json``. There is no baseline to divide by: the
 issue's target is the wall-clock time on a 2-core CPU.
 
@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,8 +43,8 @@ def run(repeats: int = 1, device: str = "cpu", threads: int | None = None) -> li
         root = Path(tempfile.mkdtemp(prefix="spurgen-bench-demo-"))
         try:
             started = time.perf_counter()
-            subprocess.run([shutil.which("spurgen") or "spurgen", "demo", "-w", str(root / "ws")], env=env,
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run([sys.executable, "-m", "spurgen", "demo", "-w", str(root / "ws")], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
             seconds.append(time.perf_counter() - started)
             stages.append(json.loads((root / "ws" / "reports" / "demo.json").read_text())["timings_seconds"])
         finally:
