@@ -1,4 +1,4 @@
-"""Shared run-time helpers: device choice, consoles and progress bars."""
+"""Shared run-time helpers: device choice, consoles, progress bars, and quiet, precise loading of diffusers models."""
 
 from __future__ import annotations
 

@@ -310,7 +310,7 @@ def prepare_finetune(config: FinetuneConfig, workspace: Workspace, classifier_fl
     sfsl_decoder = None
     if sfsl_plans and config.sfsl_decoder:
         vae_config = _read_config(base.path / "vae" / "config.json", f"base model {base.name}")
-        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        half = _frozen_dtype(accelerator)
         sfsl_decoder = load_sfsl_decoder(config.sfsl_decoder, vae_config.get("latent_channels", 4), accelerator.device, half)
     for plan in plans:
         if plan.action == "resume":
@@ -324,6 +324,11 @@ def prepare_finetune(config: FinetuneConfig, workspace: Workspace, classifier_fl
             _ensure_writable(plan.folder)
     accelerator.wait_for_everyone()  # every process has planned from the folders before training changes them
     return FinetuneSetup(base, resolution, plans, accelerator, features, sfsl_decoder)
+
+
+def _frozen_dtype(accelerator: "Accelerator") -> torch.dtype:
+    """The dtype of frozen weights: the mixed precision's half type, float32 without one."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def _ensure_writable(folder: Path) -> None:
@@ -483,7 +488,7 @@ class Trainer:
         set_seed(config.seed)  # the LoRA initialisation
         # Frozen weights (VAE, the base of LoRA layers, an untrained text encoder) in the mixed precision's
         # dtype; weights that are trained in float32 (autocast runs the forward in half precision).
-        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        half = _frozen_dtype(accelerator)
         parts = load_components(base, config.attention, unet_dtype=half if config.lora else torch.float32,
                                 text_encoder_dtype=half if config.lora or not self.train_text_encoder else torch.float32,
                                 vae_dtype=half)

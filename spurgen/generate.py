@@ -309,8 +309,6 @@ def _load_pipeline(folder: Path, dtype: "torch.dtype", device: "torch.device") -
     return pipe.to(device)
 
 
-
-
 def _png_bytes(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
