@@ -32,7 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench._common import apply_threads, save_run  # noqa: E402
 
-# Stage name -> module; each module has run(**SIZES[size], repeats=..., device=...) -> list of records.
+# Stage name -> module; each module has run(**SIZES[size], repeats=..., device=...) -> list of records, and may
+# have GPU_SIZES[size]: what changes on a GPU, where the CPU's sizes would time little but start-up.
 STAGES: dict[str, str] = {"help": "bench.cli_help", "select-refs": "bench.select_refs", "evaluate": "bench.evaluate",
                           "generate": "bench.generate", "finetune": "bench.finetune", "sfsl": "bench.sfsl",
                           "scaling": "bench.scaling", "demo": "bench.demo"}
@@ -42,6 +43,8 @@ def _stage_arguments(stage: str, module: Any, size: str, repeats: int | None, th
                      device: str) -> dict[str, Any]:
     """The stage's run() arguments: its size preset, and the command line's repeats, threads and device."""
     arguments = dict(module.SIZES[size])
+    if device != "cpu":
+        arguments.update(getattr(module, "GPU_SIZES", {}).get(size, {}))
     if repeats is not None:
         arguments["repeats"] = repeats
     if stage in ("finetune", "sfsl"):  # finetune's own device setting: the GPU when there is one

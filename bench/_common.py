@@ -151,6 +151,24 @@ def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, device:
     return measure_interleaved({"fn": fn}, repeats=repeats, warmup=warmup, device=device)["fn"]
 
 
+def random_stable_diffusion(arch: str, scratch: Path) -> Path:
+    """A Stable Diffusion folder with seeded random weights: built into ``scratch``, or with
+    ``SPURGEN_BENCH_CACHE=DIR`` built once into DIR and reused (an SD 1.5-size model takes minutes to build on a
+    small CPU and 4 GB to store).
+
+    Args:
+        arch: ``_sd_builders`` architecture (``tiny``, ``full``, ``full-v2``).
+        scratch: A temporary folder of the caller's, used without a cache.
+    """
+    from spurgen._sd_builders import build_stable_diffusion
+
+    cache = os.environ.get("SPURGEN_BENCH_CACHE")
+    folder = Path(cache) / f"sd-{arch}-seed0" if cache else scratch / f"sd-{arch}"
+    if not (folder / "model_index.json").is_file():
+        build_stable_diffusion(folder, arch, seed=0)
+    return folder
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, threads: int | None = None, repeats: int = 3) -> None:
     """``--device``, ``--repeats`` and ``--threads``, shared by the benchmarks' command lines."""
     parser.add_argument("--device", default="cpu")

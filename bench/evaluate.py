@@ -27,6 +27,7 @@ from bench._common import add_common_arguments, apply_threads, compare, measure_
 # free and the ratio would only measure fixed costs), on more images at the full size.
 SIZES: dict[str, dict[str, Any]] = {"tiny": {"arch": "resnet50.tv_in1k", "images": 32},
                                     "full": {"arch": "resnet50.tv_in1k", "images": 128}}
+GPU_SIZES: dict[str, dict[str, Any]] = {"full": {"images": 4096, "batch_size": 64, "num_workers": 12}}
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from ._common import (add_common_arguments, add_training_arguments, apply_threads, compare, measure_interleaved,
-                      save_run)
+                      random_stable_diffusion, save_run)
 
 RANK = 4
 PRESETS = ("dreambooth", "dreambooth-te", "sfsl")
@@ -43,6 +43,10 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"arch": "tiny", "sfsl_arch": "resnet50.tv_in1k", "steps": 10},
     "full": {"arch": "full", "sfsl_arch": "resnet50.tv_in1k", "steps": 1, "gradient_checkpointing": True},
 }
+# A GPU takes a step in a fraction of a second: several steps per timed turn; and it holds SD 1.5 at batch 1+1
+# without gradient checkpointing, as users train it there.
+GPU_SIZES: dict[str, dict[str, Any]] = {"full": {"steps": 5, "gradient_checkpointing": False}}
+
 
 
 def _workspace(root: Path, references: int) -> Any:
@@ -75,8 +79,7 @@ def _sfsl_classifier(root: Path, arch: str) -> str:
 @dataclass
 class Bench:
     """A random Stable Diffusion model, a workspace with references and an SFSL classifier, in a temporary folder
-    removed at exit. With ``SPURGEN_BENCH_CACHE=DIR`` the random model is built once into DIR and reused (an
-    SD 1.5-size model takes minutes to build and 4 GB to store).
+    removed at exit (the model is cached with ``SPURGEN_BENCH_CACHE=DIR``: :func:`random_stable_diffusion`).
 
     Args:
         arch: Random Stable Diffusion architecture.
@@ -97,16 +100,12 @@ class Bench:
     def __post_init__(self) -> None:
         import torch
 
-        from spurgen._sd_builders import build_stable_diffusion
-
         if self.mixed_precision is None:
             self.mixed_precision = "bf16" if self.device != "cpu" and torch.cuda.is_available() else "no"
         self.root = Path(tempfile.mkdtemp(prefix="spurgen-bench-finetune-"))
         atexit.register(shutil.rmtree, self.root, True)
         cache = os.environ.get("SPURGEN_BENCH_CACHE")
-        self.base = Path(cache) / f"sd-{self.arch}-seed0" if cache else self.root / "sd"
-        if not (self.base / "model_index.json").is_file():
-            build_stable_diffusion(self.base, self.arch, seed=0)
+        self.base = random_stable_diffusion(self.arch, self.root)
         # In the cache, the workspace keeps its class images (generated once per model and resolution).
         self.workspace = _workspace(Path(cache) / f"ws-{self.arch}" if cache else self.root / "ws", references=6)
         self.flags = [_sfsl_classifier(self.root, self.sfsl_arch)]

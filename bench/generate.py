@@ -19,11 +19,13 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench._common import add_common_arguments, apply_threads, compare, measure_interleaved, save_run  # noqa: E402
+from bench._common import (add_common_arguments, apply_threads, compare, measure_interleaved,  # noqa: E402
+                           random_stable_diffusion, save_run)
 
 # run()'s arguments per --size: the full size samples few images (an SD 1.5 image takes minutes on a CPU).
 SIZES: dict[str, dict[str, Any]] = {"tiny": {"arch": "tiny", "images": 16, "steps": 25, "batch_size": 4},
                                     "full": {"arch": "full", "images": 2, "steps": 10, "batch_size": 1}}
+GPU_SIZES: dict[str, dict[str, Any]] = {"full": {"images": 8, "steps": 25, "batch_size": 8}}
 
 
 def main() -> None:
@@ -64,12 +66,11 @@ def _run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from spurgen._sd_builders import build_stable_diffusion
     from spurgen.config import GenerateConfig, resolve_config
     from spurgen.generate import build_scheduler, generate, torch_dtype
     from spurgen.workspace import Workspace
 
-    model = build_stable_diffusion(root / "model", args.arch)
+    model = random_stable_diffusion(args.arch, root)
     prompt = "a photo of red flowers"
     config = resolve_config(GenerateConfig, {}, "generate", {
         "classes": ["hummingbird"], "base": True, "model": str(model), "prompt": prompt, "num_images": args.images,

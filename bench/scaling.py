@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench._common import add_common_arguments, compare, measure_interleaved, save_run  # noqa: E402
+from bench._common import add_common_arguments, compare, measure_interleaved, random_stable_diffusion, save_run  # noqa: E402
 from bench.evaluate import prepare  # noqa: E402
 
 
@@ -75,11 +75,9 @@ def run(arch: str = "tiny", classifier_arch: str = "resnet50.tv_in1k", images: i
         threads: CPU threads per process.
         device: ``cpu`` or ``cuda``.
     """
-    from spurgen._sd_builders import build_stable_diffusion
-
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as folder:
         root = Path(folder)
-        model = build_stable_diffusion(root / "model", arch)
+        model = random_stable_diffusion(arch, root)
         generate = ["generate", "--base", "--model", str(model), "--classes", "hummingbird", "--num-images",
                     str(images), "--steps", str(steps), "--batch-size", "4", "--device", device]
         records = [_scaling(f"generate scaling ({arch}, {images} images, {steps} steps, {device}): 2 processes vs 1",

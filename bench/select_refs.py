@@ -27,6 +27,7 @@ ARCH = "resnet50.tv_in1k"
 # run()'s arguments per --size: two ResNet-50 (the paper's classifiers' size) on 24 or 300 images. A tiny
 # classifier would make the bare forwards nearly free, and the ratio would only measure fixed costs.
 SIZES: dict[str, dict[str, Any]] = {"tiny": {"images": 24, "arch": ARCH}, "full": {"images": 300, "arch": ARCH}}
+GPU_SIZES: dict[str, dict[str, Any]] = {"full": {"images": 3000, "batch_size": 64, "num_workers": 12}}
 
 
 def _make_dataset(root: Path, count: int) -> Path:
@@ -67,7 +68,7 @@ def run(images: int = 300, repeats: int = 3, batch_size: int = 32, num_workers: 
         batch_size: Classifier batch size of both sides.
         num_workers: select-refs' DataLoader workers.
         arch: timm architecture of the two classifiers (random weights).
-        device: ``cpu`` (select-refs runs on the CPU or its default GPU).
+        device: Where both sides' classifiers run (``cpu``, ``cuda``).
     """
     import torch
 
@@ -83,13 +84,13 @@ def run(images: int = 300, repeats: int = 3, batch_size: int = 32, num_workers: 
     flags = _make_classifiers(root, arch)
     names = [f.split("=", 1)[0] for f in flags]
     config = SelectRefsConfig(classes=["94", "95", "96"], dataset=str(dataset), classifiers=names, k=6,
-                              batch_size=batch_size, num_workers=num_workers)
+                              batch_size=batch_size, num_workers=num_workers, device=device)
     runs = iter(range(10_000))
 
     def ours() -> None:
         select_refs(config, Workspace(root / f"ws-{next(runs)}"), flags)  # fresh workspace: nothing cached
 
-    classifiers = [load_classifier(parse_classifier(f, {})) for f in flags]
+    classifiers = [load_classifier(parse_classifier(f, {}), device=device) for f in flags]
     files = sorted(dataset.rglob("*.jpg"))
     tensors = [torch.stack([c.transform()(load_rgb(f)) for f in files]) for c in classifiers]
 
@@ -97,7 +98,7 @@ def run(images: int = 300, repeats: int = 3, batch_size: int = 32, num_workers: 
         with torch.inference_mode():
             for classifier, batch in zip(classifiers, tensors):
                 for start in range(0, len(files), batch_size):
-                    classifier.model(classifier.normalize(batch[start:start + batch_size]))
+                    classifier.logits(batch[start:start + batch_size].to(device))
 
     times = measure_interleaved({"ours": ours, "baseline": baseline}, repeats=repeats, device=device)
     return [compare(f"select-refs (2 x {arch}, {len(files)} JPEGs, batch {batch_size})", times["ours"],

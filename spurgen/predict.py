@@ -103,9 +103,30 @@ class _DecodeDataset:
             return index, None, str(exc)
         return index, [t(image) if self.needs[c, index] else None for c, t in enumerate(self.transforms)], None
 
+    def collate(self, batch: list[tuple[int, list[Any] | None, str | None]]) -> _Batch:
+        """Stacks each classifier's images of a batch (in the worker, so the main process only feeds the GPU)."""
+        import torch
 
-def _keep_batch(batch: list[Any]) -> list[Any]:
-    return batch
+        inputs = []
+        for c in range(len(self.transforms)):
+            rows = [(i, tensors[c]) for i, tensors, _ in batch if tensors is not None and tensors[c] is not None]
+            inputs.append(([i for i, _ in rows], torch.stack([t for _, t in rows])) if rows else None)
+        return _Batch(len(batch), inputs, [(i, reason) for i, _, reason in batch if reason is not None])
+
+
+@dataclass
+class _Batch:
+    """A decoded batch: its size, per classifier the dataset rows and their stacked images (``None`` when no
+    row needs the classifier), and the unreadable rows with their reasons."""
+
+    size: int
+    inputs: list[tuple[list[int], Any] | None]
+    unreadable: list[tuple[int, str]]
+
+    def pin_memory(self) -> _Batch:
+        """Page-locked inputs, so that copying them to the GPU does not block (DataLoader's pin_memory hook)."""
+        inputs = [None if entry is None else (entry[0], entry[1].pin_memory()) for entry in self.inputs]
+        return _Batch(self.size, inputs, self.unreadable)
 
 
 def predict_files(files: Sequence[Path], classifiers: Sequence["Classifier"], *, cache: PredictionCache | None = None,
@@ -142,21 +163,26 @@ def predict_files(files: Sequence[Path], classifiers: Sequence["Classifier"], *,
     unreadable: dict[Path, str] = {}
     if mine:
         dataset = _DecodeDataset([files[i] for i in mine], [c.transform() for c in classifiers], needs[:, mine])
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_batch)
+        on_gpu = any(c.device.type == "cuda" for c in classifiers)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=dataset.collate,
+                            pin_memory=on_gpu)
+        # Logits stay on the device until the end: reading each batch back would make the GPU wait for the
+        # next batch's copy instead of overlapping it.
+        pending: list[list[tuple[list[int], Any]]] = [[] for _ in classifiers]
         with progress_bar() as progress, torch.inference_mode():
             task = progress.add_task(description, total=len(mine))
             for batch in loader:
-                for c, classifier in enumerate(classifiers):
-                    rows = [(i, tensors[c]) for i, tensors, _ in batch if tensors is not None and tensors[c] is not None]
-                    if rows:
-                        images = torch.stack([t for _, t in rows]).to(classifier.device)
-                        logits = classifier.logits(images).float().cpu().numpy()
-                        for (i, _), row in zip(rows, logits):
-                            new[c][hashes[mine[i]]] = row
-                for i, _, reason in batch:
-                    if reason is not None:
-                        unreadable[files[mine[i]]] = reason
-                progress.advance(task, len(batch))
+                for c, (classifier, inputs) in enumerate(zip(classifiers, batch.inputs)):
+                    if inputs is not None:
+                        rows, images = inputs
+                        pending[c].append((rows, classifier.logits(images.to(classifier.device, non_blocking=True)).float()))
+                for i, reason in batch.unreadable:
+                    unreadable[files[mine[i]]] = reason
+                progress.advance(task, batch.size)
+        for c, batches in enumerate(pending):
+            for rows, logits in batches:
+                for i, row in zip(rows, logits.cpu().numpy()):
+                    new[c][hashes[mine[i]]] = row
     if state.num_processes > 1:
         from accelerate.utils import gather_object
 
