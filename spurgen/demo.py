@@ -32,8 +32,6 @@ class DemoConfig:
     steps: int = setting(150, "Fine-tuning steps per class and preset.")
     num_images: int = setting(75, "Images generated per class and run (and for the base model).")
     num_class_images: int = setting(24, "Prior-preservation class images per class.")
-    sfsl_weight: float = setting(1.0, "Kappa of the SFSL preset in the demo (provisional: the world's evidence is to choose it on tuning classes).")
-    sfsl_max_timestep: int = setting(400, "SFSL timestep bound in the demo (provisional, like --sfsl-weight).")
 
     def validate(self) -> None:
         require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
@@ -56,8 +54,6 @@ num-workers = 0
 
 [finetune]
 sfsl-model = "robust-resnet"
-sfsl-weight = {config.sfsl_weight}
-sfsl-max-timestep = {config.sfsl_max_timestep}
 steps = {config.steps}
 learning-rate = 1e-3
 rank = 8

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from ._file_hashes import sha256_all
 from ._runtime import resolve_device
 from .classifiers import load_classifiers, load_state_dict_file
 from .config import GenerateConfig
@@ -154,7 +155,7 @@ class ImageFilters:
     def judge(self, cls: ClassInfo, files: Sequence[Path]) -> list[Verdict]:
         """Every filter's verdict on each image of one class."""
         reasons: list[list[str]] = [[] for _ in files]
-        hashes = [file_sha256(f) for f in files]
+        hashes = sha256_all(files)
         if self.classifiers:
             # Generated PNGs were just written by spurgen, so they are readable.
             predictions = predict_files(files, self.classifiers, cache=self.predictions, batch_size=self.batch_size,

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from ._base_model import BaseModel, image_generator, resolve_base_model
+from ._file_hashes import FileHashes
 from ._lora import LORA_WEIGHTS_NAME
 from ._runtime import (console, distributed_state, dtype_argument, library_progress_bars_off, progress_bar,
                        resolve_device, warn)
@@ -237,13 +238,9 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _model_record(plan: ModelPlan, hashes: dict[Path, str]) -> dict[str, Any]:
+def _model_record(plan: ModelPlan, hashes: FileHashes) -> dict[str, Any]:
     """The model part of generation.json: where the weights came from and their SHA-256."""
-    def hashed(path: Path) -> str:
-        if path not in hashes:
-            hashes[path] = file_sha256(path)
-        return hashes[path]
-
+    hashed = hashes.digest
     record: dict[str, Any] = {
         "kind": plan.kind,
         "base_model": plan.base_model,
@@ -535,7 +532,9 @@ def generate(config: GenerateConfig, workspace: Workspace, classifier_flags: Seq
     device = resolve_device(config.device)
     dtype = torch_dtype(config.dtype, device)
     workspace.ensure_writable()
-    hashes: dict[Path, str] = {}
+    # A base model's SHA-256 (GBs) is remembered in the workspace, and saved only once the command has
+    # succeeded: a refused command leaves the workspace as it was.
+    hashes = FileHashes(workspace.cache_dir("sha256.json"))
     states, stale = [], []
     for plan in plans:
         settings = _settings(config, plan, dtype)
@@ -580,6 +579,7 @@ def generate(config: GenerateConfig, workspace: Workspace, classifier_flags: Seq
     if processes.is_main_process:
         for state in states:
             state.write()
+        hashes.save()
     results = [GenerationResult(s.plan.cls, s.plan.run, s.plan.kind, s.folder, made=len(s.present()) - existing[n],
                                 existing=existing[n], total=len(s.present()), flagged=flagged[n],
                                 accepted=s.until.accepted if s.until else None)

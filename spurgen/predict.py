@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from ._file_hashes import sha256_all
 from ._runtime import distributed_state, progress_bar, warn
-from .images import UnreadableImage, file_sha256, load_rgb
+from .images import UnreadableImage, load_rgb
 from .workspace import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ def predict_files(files: Sequence[Path], classifiers: Sequence["Classifier"], *,
     # all results are gathered to every process; alone, the share is everything.
     state = distributed_state()
     files = list(files)
-    hashes = [file_sha256(f) for f in files]
+    hashes = sha256_all(files)
     fingerprints = [c.fingerprint() for c in classifiers]
     known = [cache.load(fp) if cache else {} for fp in fingerprints]
     needs = np.array([[h not in k for h in hashes] for k in known], dtype=bool).reshape(len(classifiers), len(files))

@@ -33,6 +33,9 @@ def test_paired_difference_is_over_classes_and_seeds() -> None:
     mean = sum(differences) / 4
     stdev = math.sqrt(sum((d - mean) ** 2 for d in differences) / 3)
     assert result["standard_error"] == pytest.approx(stdev / 2)
+    consistent = _paired_difference(SCORES, "sfsl", "dreambooth-te", [0, 1], "consistent")
+    assert consistent["mean"] == pytest.approx(mean / 2)  # the fixture's consistent rate is accuracy / 2
+    assert consistent["standard_error"] == pytest.approx(stdev / 4)
 
 
 def test_row_averages_classes_then_seeds() -> None:

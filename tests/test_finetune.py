@@ -32,7 +32,7 @@ HUMMINGBIRD = get_label_set("imagenet").resolve("94")
 FAST: dict[str, Any] = {"classes": ["94"], "steps": 2, "num_class_images": 2, "sample_steps": 2,
                         "sample_batch_size": 2, "num_validation_images": 0, "validation_steps": 0,
                         "checkpointing_steps": 0, "learning_rate": 1e-2, "rank": 4, "sfsl_model": "res-a",
-                        "sfsl_max_timestep": 999}
+                        "sfsl_max_timestep": 999, "sfsl_every": 1}  # SFSL on each of the 2 steps
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -397,7 +397,8 @@ def test_two_processes_train_one_loadable_model(tiny_sd_dir: Path, rigged, tmp_p
                "--main_process_port", str(_free_port()),
                "-m", "spurgen", "finetune", "-w", str(workspace.root), "--classes", "94", "--model", str(tiny_sd_dir),
                "--steps", "2", "--num-class-images", "3", "--sample-steps", "2", "--num-validation-images", "0",
-               "--rank", "4", "--sfsl-model", "res-a", f"--classifier={rigged.flags['res-a']}", "--sfsl-max-timestep", "999"]
+               "--rank", "4", "--sfsl-model", "res-a", f"--classifier={rigged.flags['res-a']}", "--sfsl-max-timestep", "999",
+               "--sfsl-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -544,7 +545,7 @@ def test_npca_feature_fitted_by_fit_npca(tiny_sd_dir: Path, rigged, tmp_path: Pa
 def test_sfsl_every_applies_the_loss_on_every_nth_step_with_weight_kappa_n(tiny_sd_dir: Path, rigged,
                                                                            tmp_path: Path) -> None:
     workspace = write_refs(tmp_path)
-    cfg = config(tiny_sd_dir, preset="sfsl", steps=5, sfsl_every=2, checkpointing_steps=5)
+    cfg = config(tiny_sd_dir, preset="sfsl", steps=5, sfsl_every=2, sfsl_weight=0.1, checkpointing_steps=5)
     [result] = finetune(cfg, workspace, [rigged.flags["res-a"]])
     rows = loss_rows(result.folder)
     # steps 1, 3, 5 (0-based 0, 2, 4) decode their one instance row (bound 999); steps 2 and 4 none

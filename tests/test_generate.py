@@ -262,3 +262,36 @@ def test_cli_generates_and_prints_the_table(ws: Workspace) -> None:
     assert "2 new images, 0 already there" in result.output
     manifest = json.loads((ws.generated_dir(HUMMINGBIRD, "full-a") / "generation.json").read_text())
     assert manifest["settings"]["scheduler"] == "UniPC" and manifest["status"] == "complete"
+
+
+def test_weight_hashes_are_remembered_until_a_file_changes(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import spurgen._file_hashes as file_hashes
+
+    hashed: list[str] = []
+    real = file_hashes.file_sha256
+    monkeypatch.setattr(file_hashes, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    generate(_config(runs=["full-a"], num_images=1), ws)
+    assert len(hashed) == 3  # unet, vae, text encoder
+    hashed.clear()
+    generate(_config(runs=["full-a"], num_images=2), ws)  # one more image: the same weights, no hashing
+    assert hashed == []
+    memo = json.loads((ws.root / "cache" / "sha256.json").read_text())
+    unet = ws.model_dir(HUMMINGBIRD, "full-a") / "unet" / "diffusion_pytorch_model.safetensors"
+    assert memo[str(unet.resolve())]["sha256"] == file_sha256(unet)
+    tensors = load_file(str(unet))
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1  # new weights under the same name: hashed again, the run is refused
+    save_file(tensors, str(unet))
+    with pytest.raises(SpurgenError, match="overwrite"):
+        generate(_config(runs=["full-a"], num_images=2), ws)
+    assert hashed == ["diffusion_pytorch_model.safetensors"]
+
+
+def test_many_files_hash_in_parallel_to_the_same_digests(tmp_path: Path) -> None:
+    from spurgen._file_hashes import sha256_all
+
+    files = []
+    for i in range(80):
+        files.append(tmp_path / f"{i}.bin")
+        files[-1].write_bytes(bytes([i]) * (1000 + i))
+    assert sha256_all(files) == [file_sha256(f) for f in files]
