@@ -6,7 +6,7 @@ Stages, each ours against a baseline measured in the same process (see each modu
     select-refs  select_refs end to end vs bare batched classifier forwards  >= 0.8x
     evaluate     evaluate end to end vs bare batched classifier forwards     >= 0.8x
     generate     generate vs a bare diffusers StableDiffusionPipeline loop   >= 0.95x
-    finetune     the step of each preset vs diffusers' train_dreambooth step >= 0.95x (sfsl: its cost)
+    finetune     the step of each preset vs diffusers' train_dreambooth step time <= 0.9x (sfsl: its cost)
     sfsl         SFSL's cost-cutting measures vs the no-SFSL step            <= 1.3x
     scaling      generate / evaluate commands, 2 processes vs 1              >= 1.2x
     demo         spurgen demo end to end in a fresh workspace (--only demo)  <= 10 min
@@ -85,9 +85,10 @@ def print_table(records: list[dict[str, Any]], title: str) -> None:
         if "error" in r:
             table.add_row(r["stage"], r["name"], "", "", "", "", "", f"[red]failed: {r['error']}[/red]")
             continue
-        ratio = r.get("paired_ratio") or r["ratio"]
+        ratio = r.get("paired_ratio") or r.get("ratio")
         table.add_row(r["stage"], r.get("label", r["name"]), _figure(r["ours"], r["unit"]),
-                      _figure(r["baseline"], r["unit"]), f"{ratio:.3f}", r.get("target_text", ""), _memory(r),
+                      _figure(r["baseline"], r["unit"]), "" if ratio is None else f"{ratio:.3f}",
+                      r.get("target_text", ""), _memory(r),
                       r.get("verdict", ""))
     Console(width=200).print(table)
 

@@ -8,8 +8,8 @@ text encoder, the 2b prompt rows too, as the diffusers script does; ours samples
 and encodes the two prompts once per step. Presets: ``dreambooth`` (UNet; reference without
 --train_text_encoder), ``dreambooth-te`` (UNet + text encoder) and ``sfsl`` (dreambooth-te + the spurious
 feature similarity loss through a ResNet-50 with random weights, at the default timestep bound; diffusers has
-no counterpart, so its row shows SFSL's cost over the reference). Target: ours at most 1.05x the reference's
-time per step (rate ratio >= 0.95). Peak memory is each side's growth over the step (torch's allocator on a
+no counterpart, so its row shows SFSL's cost over the reference). Target: ours at most 0.9x the reference's
+time per step (rate ratio >= 1/0.9 = 1.11), with no more peak memory. Peak memory is each side's growth over the step (torch's allocator on a
 GPU, the resident set on a CPU), so that the other side's weights in the same process do not count.
 ``bench.sfsl`` measures what each of SFSL's cost-cutting measures buys.
 
@@ -36,6 +36,8 @@ from ._common import (add_common_arguments, add_training_arguments, apply_thread
                       random_stable_diffusion, save_run)
 
 RANK = 4
+# Issue target: a step in at most 0.9x the reference's time, i.e. a rate at least 1/0.9 of the reference's.
+TIME_TARGET_RATE = 1 / 0.9
 PRESETS = ("dreambooth", "dreambooth-te", "sfsl")
 # run()'s arguments per --size: the full size is SD 1.5's architecture with gradient checkpointing (a CPU
 # with 24 GB holds one model and its reference at batch 1+1).
@@ -245,9 +247,11 @@ def _preset(setup: Bench, preset: str, steps: int, repeats: int) -> dict[str, An
     label = (f"finetune {preset} step ({setup.arch}, {where}, {ours.accelerator.mixed_precision}, batch "
              f"{setup.batch_size}+{setup.batch_size}{', SFSL ' + setup.sfsl_arch if preset == 'sfsl' else ''})")
     record = compare(label, times["ours"], times["reference"], items=steps, unit="steps",
-                     target=0.95 if preset != "sfsl" else 0.0, paired=True, stage="finetune")
+                     target=TIME_TARGET_RATE if preset != "sfsl" else 0.0, paired=True, stage="finetune")
     if preset == "sfsl":  # no diffusers counterpart: the ratio shows SFSL's cost, no target
         record.update(target=None, target_text="n/a (SFSL's cost)", verdict="")
+    else:
+        record["target_text"] = ">= 1.11 (time <= 0.9x)"
     record["seconds_per_step"] = {"ours": times["ours"].median / steps, "reference": times["reference"].median / steps}
     record["images_per_s"] = {side: 2 * setup.batch_size / seconds for side, seconds in record["seconds_per_step"].items()}
     if where == "cuda":

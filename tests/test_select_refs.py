@@ -105,6 +105,28 @@ def test_every_weight_format_gives_the_same_logits_as_safetensors(rigged, tmp_pa
     assert torch.equal(reference, other)
 
 
+@pytest.mark.parametrize("arch", ["test_resnet.r160_in1k", "test_coatnet"])  # coatnet: non-persistent buffers
+def test_weights_load_like_an_ordinary_build_in_fp32_whatever_their_precision(arch, tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from spurgen.classifiers import load_classifier, parse_classifier
+
+    torch.manual_seed(0)
+    ordinary = timm.create_model(arch, pretrained=False, num_classes=10).eval()
+    half = {k: v.half() if v.is_floating_point() else v for k, v in ordinary.state_dict().items()}
+    ordinary.load_state_dict(half)  # the fp16 file's values, in an fp32 model built the ordinary way
+    save_file(half, str(tmp_path / "w.safetensors"))
+    loaded = load_classifier(parse_classifier(f"x={arch}@{tmp_path / 'w.safetensors'}", {}))
+    assert all(p.dtype == torch.float32 and not p.is_meta for p in loaded.model.parameters())
+    assert not any(b.is_meta for b in loaded.model.buffers())
+    size = loaded.input_size[-1]
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), ordinary(x), atol=1e-5)
+
+
 def test_plain_image_folder_for_one_class(rigged, tmp_path):
     images = rigged.dataset / "spurious_imagenet_94_hummingbird_0"
     result = runner.invoke(app, ["select-refs", "-w", str(tmp_path), "--images", str(images), "--classes", "hummingbird",
