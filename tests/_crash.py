@@ -62,10 +62,14 @@ class Process(Protocol):
 
 
 def start_script(args: list[str], log: Path) -> subprocess.Popen:
-    """Starts ``spurgen ARGS`` (the console script); stdout goes to ``log``, stderr to :func:`stderr_of` it."""
+    """Starts ``spurgen ARGS`` (the console script); stdout goes to ``log``, stderr to :func:`stderr_of` it.
+
+    SIGINT gets its default action back in the child, as in a terminal: a test suite started in the background
+    (``make test &``) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    """
     with open(log, "wb") as out, open(stderr_of(log), "wb") as err:
         return subprocess.Popen([str(SPURGEN), *args], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                env=spurgen_env())
+                                env=spurgen_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def stderr_of(log: Path) -> Path:
