@@ -114,3 +114,19 @@ def test_dry_run_prints_the_plan_of_a_grid(finished, setup) -> None:
     row = next(line for line in result.output.splitlines() if CLASSES[0].name in line)
     assert row.count("skip (complete)") == 3 and row.count("will run") == 4
     assert "evaluate (every class): will run" in result.output
+
+
+def test_the_paper_example_settings_resolve_for_every_stage(tmp_path: Path) -> None:
+    import shutil
+
+    from spurgen.config import EvaluateConfig, FinetuneConfig, GenerateConfig, SelectRefsConfig, resolve_config
+    from spurgen.workspace import Workspace
+
+    shutil.copy(Path(__file__).parents[1] / "examples" / "paper.toml", tmp_path / "spurgen.toml")
+    settings = Workspace(tmp_path).settings()
+    for config_class, stage in ((SelectRefsConfig, "select-refs"), (FinetuneConfig, "finetune"),
+                                (GenerateConfig, "generate"), (EvaluateConfig, "evaluate")):
+        resolve_config(config_class, settings, stage, {"classes": ["hummingbird"]})
+    finetune = resolve_config(FinetuneConfig, settings, "finetune", {"classes": ["hummingbird"]})
+    assert finetune.sfsl_every == 1  # the paper's schedule, not spurgen's default
+    assert finetune.model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
