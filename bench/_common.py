@@ -213,10 +213,10 @@ def compare(name: str, ours: Measurement, baseline: Measurement, items: int, uni
     paired_note = f", paired ratio {decisive:.3f} (median of {len(turns)} turns)" if turns else ""
     print(f"{name}: ours {ours.rate(items):.2f} {unit}/s (median of {len(ours.seconds)}{_memory_note(ours)}) | "
           f"baseline {baseline.rate(items):.2f} {unit}/s (median of {len(baseline.seconds)}{_memory_note(baseline)}) | "
-          f"ratio {ratio:.3f}{paired_note} (target >= {target}) {verdict}")
+          f"ratio {ratio:.3f}{paired_note} (target >= {target:.3g}) {verdict}")
     return {"stage": stage, "name": name, "unit": f"{unit}/s", "items": items, "ours": ours.rate(items),
             "baseline": baseline.rate(items), "ratio": ratio, "paired_ratio": decisive if turns else None,
-            "target": target, "target_text": f">= {target}", "verdict": verdict,
+            "target": target, "target_text": f">= {target:.3g}", "verdict": verdict,
             "ours_seconds": ours.seconds, "baseline_seconds": baseline.seconds,
             "ours_peak_mb": ours.peak_memory_mb, "baseline_peak_mb": baseline.peak_memory_mb,
             "ours_extra": ours.extra, "baseline_extra": baseline.extra}
