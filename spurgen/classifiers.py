@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ClassifierSpec",
+    "classifier_records",
     "Classifier",
     "builtin_classifiers",
     "register_classifiers",
@@ -460,3 +461,9 @@ def load_classifiers(names: Sequence[str], flags: Sequence[str], labels: "LabelS
             loaded.append(classifier)
             progress.advance(task)
     return loaded
+
+
+def classifier_records(classifiers: Sequence[Classifier]) -> list[dict[str, Any]]:
+    """What a manifest records of each classifier: where it came from and what decides its outputs."""
+    return [{"name": c.name, "arch": c.spec.arch, "path": c.spec.path, "crop": c.crop, "input_size": list(c.input_size),
+             "temperature": c.spec.temperature, "fingerprint": c.fingerprint()} for c in classifiers]

@@ -34,28 +34,22 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ._runtime import console, is_main_process, warn
-from .classifiers import load_classifiers
+from .classifiers import classifier_records, load_classifiers
 from .config import EvaluateConfig
 from .errors import SpurgenError
-from .generate import BASE_RUN, GENERATION_FILE, workspace_classes
-from .images import list_images
+from .images import class_image_files, list_images
 from .labels import ClassInfo, LabelSet, get_label_set
-from .predict import PredictionCache, Predictions, predict_files
+from .predict import PredictionCache, Predictions, consistency, predict_files
 from .quality import QualityMetric, load_quality_metric, score_files
 from .rate import load_ratings
 from .rating_stats import SCORES, RatingSummary, summarize_ratings
-from .select_refs import SELECTION_FILE, class_image_files, classifier_records, consistency
-from .workspace import (Workspace, atomic_directory, atomic_write_json, atomic_write_text, environment_versions,
-                        read_json, utc_now)
+from .workspace import (BASE_RUN, EVALUATION_FILE, EXPORT_MANIFEST, GENERATION_FILE, IMAGES_CSV, REPORT_FILE, SELECTION_FILE,
+                        SUMMARY_CSV, Workspace, atomic_directory, atomic_write_json, atomic_write_text,
+                        environment_versions, read_json, utc_now, workspace_classes)
 
 __all__ = ["Source", "SourceResult", "Evaluation", "TableData", "evaluate", "summary_tables", "print_evaluation_tables",
-           "roc_auc", "average_precision", "EVALUATION_FILE", "EXPORT_MANIFEST"]
+           "roc_auc", "average_precision"]
 
-EVALUATION_FILE = "evaluation.json"
-SUMMARY_CSV = "evaluation.csv"
-IMAGES_CSV = "evaluation-images.csv"
-REPORT_FILE = "report.html"
-EXPORT_MANIFEST = "manifest.json"
 DATASET_SOURCE = "spurious-imagenet"
 REFS_SOURCE = "refs"
 

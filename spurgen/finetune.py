@@ -52,10 +52,10 @@ from .config import FINETUNE_PRESETS, FinetuneConfig
 from .errors import SpurgenError
 from .images import UnreadableImage, file_sha256, load_rgb
 from .labels import ClassInfo, LabelSet, get_label_set
-from .select_refs import SELECTION_FILE
 from .sfsl import SpuriousFeature, SpuriousFeatureLoss, decode_latents, load_sfsl_decoder, spurious_feature
-from .workspace import Workspace, atomic_write_bytes, atomic_write_json, atomic_write_text, environment_versions, \
-    read_json, remove_tree, utc_now
+from .workspace import (CHECKPOINT_STATE, CHECKPOINTS, LOSSES_FILE, SELECTION_FILE, TRAINING_FILE, Workspace,
+                        atomic_write_bytes, atomic_write_json, atomic_write_text, environment_versions, read_json,
+                        remove_tree, utc_now)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -63,12 +63,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = ["ClassPlan", "FinetuneResult", "FinetuneSetup", "Trainer", "finetune", "prepare_finetune", "plan_classes",
-           "predicted_original", "training_target", "print_finetune_table", "TRAINING_FILE"]
+           "predicted_original", "training_target", "print_finetune_table"]
 
-TRAINING_FILE = "training.json"
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_STATE = "spurgen_state.json"
-LOSSES_FILE = "losses.csv"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 DEFAULT_LR = {"lora": 1e-4, "full": 5e-6}
 

@@ -45,32 +45,25 @@ from ._runtime import (console, distributed_state, dtype_argument, library_progr
 from .config import MODEL_SCHEDULER, SCHEDULERS, GenerateConfig, find_scheduler
 from .errors import SpurgenError
 from .filters import ImageFilters, Verdict
-from .finetune import TRAINING_FILE
 from .images import file_sha256
-from .labels import ClassInfo, LabelSet, get_label_set
-from .workspace import Workspace, atomic_write_bytes, atomic_write_json, environment_versions, holds_json, read_json, \
-    utc_now
+from .labels import ClassInfo, get_label_set
+from .workspace import (BASE_RUN, GENERATION_FILE, TRAINING_FILE, Workspace, atomic_write_bytes, atomic_write_json,
+                        environment_versions, holds_json, read_json, utc_now, workspace_classes)
 
 if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusionPipeline
 
 __all__ = [
-    "BASE_RUN",
-    "GENERATION_FILE",
     "GenerationResult",
     "generate",
     "image_name",
-    "workspace_classes",
-    "finished_runs",
     "build_scheduler",
     "torch_dtype",
     "print_generation_table",
     "acceptance_rate",
 ]
 
-BASE_RUN = "base"
-GENERATION_FILE = "generation.json"
 # The sub-models whose weights decide an image; the safety checker only blanks flagged images.
 _WEIGHT_FOLDERS = ("unet", "text_encoder", "vae")
 MANIFEST_INTERVAL_S = 10.0
@@ -80,29 +73,6 @@ _IMAGE_NAME = re.compile(r"^\d{5,}\.png$")
 def image_name(index: int) -> str:
     """File name of image ``index`` of a run: ``00000.png``."""
     return f"{index:05d}.png"
-
-
-def workspace_classes(folder: Path, labels: LabelSet) -> list[ClassInfo]:
-    """The classes that have a sub-folder (``94-hummingbird``) in a workspace folder such as ``models/``."""
-    found = []
-    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
-        index, _, _ = sub.name.partition("-")
-        if sub.is_dir() and index.isdigit() and int(index) in labels.classes and labels[int(index)].dirname == sub.name:
-            found.append(labels[int(index)])
-    return sorted(found, key=lambda c: c.index)
-
-
-def finished_runs(workspace: Workspace, cls: ClassInfo) -> dict[str, dict[str, Any]]:
-    """``{run name: training.json}`` of the class's finished fine-tuning runs, by name."""
-    runs = {}
-    folder = workspace.class_models_dir(cls)
-    for run_dir in sorted(folder.iterdir()) if folder.is_dir() else []:
-        manifest = run_dir / TRAINING_FILE
-        if run_dir.is_dir() and manifest.is_file():
-            training = read_json(manifest)
-            if training.get("status") == "complete":
-                runs[run_dir.name] = training
-    return runs
 
 
 @dataclass(frozen=True)
@@ -169,7 +139,7 @@ def _lora_base(config: GenerateConfig, cls: ClassInfo, run: str, base: str, trai
 
 
 def _plan_class(config: GenerateConfig, workspace: Workspace, cls: ClassInfo) -> list[ModelPlan]:
-    runs = finished_runs(workspace, cls)
+    runs = workspace.finished_runs(cls)
     negative = _fill(config.negative_prompt, cls)
     if config.base:
         bases = {_base_of_training(t) for t in runs.values()} - {""}

@@ -12,11 +12,15 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .errors import SpurgenError
+
+if TYPE_CHECKING:
+    from .labels import ClassInfo
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -26,6 +30,7 @@ __all__ = [
     "list_images",
     "file_sha256",
     "SpuriousImageNetFolder",
+    "class_image_files",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -145,3 +150,31 @@ class SpuriousImageNetFolder:
 
     def __contains__(self, class_index: int) -> bool:
         return class_index in self.folders
+
+
+def class_image_files(classes: Sequence[ClassInfo], dataset: str | None, images: str | None) -> dict[int, list[Path]]:
+    """The image files of each class, from Spurious ImageNet's layout or a plain one-class folder.
+
+    Raises:
+        SpurgenError: no source given, a class missing from the data set, or an empty folder.
+    """
+    if images:
+        folder = Path(images).expanduser()
+        if len(classes) != 1:
+            raise SpurgenError("--images holds one class; pass exactly one class with --classes")
+        if not folder.is_dir():
+            raise SpurgenError(f"image folder {folder} does not exist; check the --images path")
+        found = {classes[0].index: list_images(folder)}
+    elif dataset:
+        spurious = SpuriousImageNetFolder(dataset)
+        missing = [str(c) for c in classes if c.index not in spurious]
+        if missing:
+            raise SpurgenError(f"{spurious.root} has no folder for {', '.join(missing[:5])}"
+                               f"{' ...' if len(missing) > 5 else ''}; check --classes or the --dataset path")
+        found = {c.index: spurious.class_images(c.index) for c in classes}
+    else:
+        raise SpurgenError("no images given; pass --dataset SPURIOUS_IMAGENET/images or --images DIR")
+    empty = [str(c) for c in classes if not found[c.index]]
+    if empty:
+        raise SpurgenError(f"no image files for {', '.join(empty)}; check that the folder holds .png/.jpg images")
+    return found

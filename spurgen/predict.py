@@ -22,7 +22,7 @@ from .workspace import atomic_write_bytes
 if TYPE_CHECKING:
     from .classifiers import Classifier
 
-__all__ = ["PredictionCache", "Predictions", "predict_files"]
+__all__ = ["PredictionCache", "Predictions", "predict_files", "consistency"]
 
 
 class PredictionCache:
@@ -203,3 +203,14 @@ def predict_files(files: Sequence[Path], classifiers: Sequence["Classifier"], *,
         logits[classifier.name] = np.stack([table[hashes[i]] for i in readable]) if readable else np.zeros((0, classifier.num_classes), np.float32)
     return Predictions(files=[files[i] for i in readable], hashes=[hashes[i] for i in readable], logits=logits,
                        unreadable=unreadable, computed={c.name: len(n) for c, n in zip(classifiers, new)})
+
+
+def consistency(predictions: Predictions, rows: list[int], class_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per classifier and image: top-1 index, probability of the class; and the consistency mask.
+
+    Returns:
+        ``top1`` [classifiers, images], ``prob`` [classifiers, images], ``consistent`` [images].
+    """
+    top1 = np.stack([predictions.logits[name][rows].argmax(axis=1) for name in predictions.logits])
+    prob = np.stack([predictions.probabilities(name)[rows, class_index] for name in predictions.logits])
+    return top1, prob, (top1 == class_index).all(axis=0)

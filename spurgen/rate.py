@@ -38,7 +38,7 @@ from .config import RateConfig
 from .errors import SpurgenError
 from .images import SpuriousImageNetFolder, UnreadableImage, file_sha256, list_images, load_rgb
 from .labels import ClassInfo, get_label_set
-from .workspace import Workspace, atomic_write_json, atomic_write_text, read_json, safe_name, utc_now
+from .workspace import GENERATION_FILE, Workspace, atomic_write_json, atomic_write_text, read_json, safe_name, utc_now
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -69,7 +69,6 @@ OBJECT_ANSWERS = ("yes", "no", "unsure")
 RATINGS_FORMAT = 1
 MISSING_EXTRA = "the rating server needs Flask and waitress; install them with: pip install 'spurgen[rate]'"
 # Marks a run folder as spurgen generate's; it exists from the first image on, so unfinished runs count too.
-GENERATION_FILE = "generation.json"
 STATIC_DIR = Path(__file__).with_name("rate_static")
 _MAX_RATER_LENGTH = 40
 

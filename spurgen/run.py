@@ -22,12 +22,13 @@ from typing import Any, Sequence
 from ._runtime import console, distributed_state, err_console, is_main_process, warn
 from .config import EvaluateConfig, FinetuneConfig, GenerateConfig, RunConfig, SelectRefsConfig, resolve_config
 from .errors import SpurgenError
-from .evaluate import EVALUATION_FILE, Evaluation, evaluate
-from .finetune import CHECKPOINTS, TRAINING_FILE, finetune
-from .generate import GENERATION_FILE, generate
+from .evaluate import Evaluation, evaluate
+from .finetune import finetune
+from .generate import generate
 from .labels import ClassInfo, get_label_set
-from .select_refs import SELECTION_FILE, select_refs
-from .workspace import Workspace, atomic_write_json, read_json, utc_now
+from .select_refs import select_refs
+from .workspace import (CHECKPOINTS, EVALUATION_FILE, GENERATION_FILE, SELECTION_FILE, TRAINING_FILE, Workspace,
+                        atomic_write_json, read_json, utc_now)
 
 __all__ = ["RUN_FILE", "RunStep", "RunSummary", "plan_class", "plan_run", "print_plan", "run_all", "run_names"]
 

@@ -16,19 +16,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._runtime import console, distributed_state, warn
-from .classifiers import Classifier, load_classifiers
+from .classifiers import classifier_records, load_classifiers
 from .config import SelectRefsConfig
-from .errors import SpurgenError
-from .images import SpuriousImageNetFolder, file_sha256, list_images
+from .images import class_image_files, file_sha256
 from .labels import ClassInfo, get_label_set
-from .predict import PredictionCache, Predictions, predict_files
-from .workspace import Workspace, atomic_directory, atomic_write_json, environment_versions, holds_json, utc_now
+from .predict import PredictionCache, Predictions, consistency, predict_files
+from .workspace import SELECTION_FILE, Workspace, atomic_directory, atomic_write_json, environment_versions, holds_json, utc_now
 
-__all__ = ["ClassSelection", "select_refs", "class_image_files", "consistency", "classifier_records",
-           "print_selection_table"]
-
-SELECTION_FILE = "selection.json"
-
+__all__ = ["ClassSelection", "select_refs", "print_selection_table"]
 
 @dataclass
 class ClassSelection:
@@ -45,45 +40,6 @@ class ClassSelection:
     @property
     def ok(self) -> bool:
         return bool(self.selected)
-
-
-def class_image_files(classes: Sequence[ClassInfo], dataset: str | None, images: str | None) -> dict[int, list[Path]]:
-    """The image files of each class, from Spurious ImageNet's layout or a plain one-class folder.
-
-    Raises:
-        SpurgenError: no source given, a class missing from the data set, or an empty folder.
-    """
-    if images:
-        folder = Path(images).expanduser()
-        if len(classes) != 1:
-            raise SpurgenError("--images holds one class; pass exactly one class with --classes")
-        if not folder.is_dir():
-            raise SpurgenError(f"image folder {folder} does not exist; check the --images path")
-        found = {classes[0].index: list_images(folder)}
-    elif dataset:
-        spurious = SpuriousImageNetFolder(dataset)
-        missing = [str(c) for c in classes if c.index not in spurious]
-        if missing:
-            raise SpurgenError(f"{spurious.root} has no folder for {', '.join(missing[:5])}"
-                               f"{' ...' if len(missing) > 5 else ''}; check --classes or the --dataset path")
-        found = {c.index: spurious.class_images(c.index) for c in classes}
-    else:
-        raise SpurgenError("no images given; pass --dataset SPURIOUS_IMAGENET/images or --images DIR")
-    empty = [str(c) for c in classes if not found[c.index]]
-    if empty:
-        raise SpurgenError(f"no image files for {', '.join(empty)}; check that the folder holds .png/.jpg images")
-    return found
-
-
-def consistency(predictions: Predictions, rows: list[int], class_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per classifier and image: top-1 index, probability of the class; and the consistency mask.
-
-    Returns:
-        ``top1`` [classifiers, images], ``prob`` [classifiers, images], ``consistent`` [images].
-    """
-    top1 = np.stack([predictions.logits[name][rows].argmax(axis=1) for name in predictions.logits])
-    prob = np.stack([predictions.probabilities(name)[rows, class_index] for name in predictions.logits])
-    return top1, prob, (top1 == class_index).all(axis=0)
 
 
 def _rank_class(cls: ClassInfo, files: list[Path], predictions: Predictions, k: int) -> tuple[ClassSelection, list[dict[str, Any]]]:
@@ -144,12 +100,6 @@ def _write_refs(selection: ClassSelection, images: list[dict[str, Any]], unreada
             atomic_write_json(staging / SELECTION_FILE, manifest)
     selection.selected = [target / copied[p] for p in selection.selected]
     selection.folder = target
-
-
-def classifier_records(classifiers: Sequence[Classifier]) -> list[dict[str, Any]]:
-    """What a manifest records of each classifier: where it came from and what decides its outputs."""
-    return [{"name": c.name, "arch": c.spec.arch, "path": c.spec.path, "crop": c.crop, "input_size": list(c.input_size),
-             "temperature": c.spec.temperature, "fingerprint": c.fingerprint()} for c in classifiers]
 
 
 def select_refs(config: SelectRefsConfig, workspace: Workspace, classifier_flags: Sequence[str] = ()) -> list[ClassSelection]:

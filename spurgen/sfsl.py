@@ -43,7 +43,6 @@ __all__ = [
     "SpuriousFeatureLoss",
     "to_classifier_input",
     "spurious_feature",
-    "npca_path",
     "fit_npca",
     "NpcaFit",
     "decode_latents",
@@ -262,11 +261,6 @@ def load_sfsl_decoder(name: str, latent_channels: int, device: torch.device | st
     return decoder.requires_grad_(False).eval().to(device)
 
 
-def npca_path(workspace: Workspace, classifier: str, cls: ClassInfo) -> Path:
-    """Where fit-npca saves a class's neural PCA for one classifier: ``npca/<classifier>/<class>.safetensors``."""
-    return workspace.root / "npca" / classifier / f"{cls.dirname}.safetensors"
-
-
 def spurious_feature(classifier: Classifier, cls: ClassInfo, config: "FinetuneConfig", workspace: Workspace) -> SpuriousFeature:
     """Builds s_k for finetune's settings, checking everything it needs before training starts.
 
@@ -280,7 +274,7 @@ def spurious_feature(classifier: Classifier, cls: ClassInfo, config: "FinetuneCo
                            f"{cls.index}; choose a classifier of the label set")
     if config.sfsl_feature == "contrib":
         return SpuriousFeature(classifier, cls.index)
-    path = npca_path(workspace, classifier.name, cls)
+    path = workspace.npca_path(classifier.name, cls)
     npca = NeuralPCA.load(path)
     if npca.fingerprint != classifier.fingerprint() or npca.class_index != cls.index:
         raise SpurgenError(f"{path} was fitted with another classifier or class; run spurgen fit-npca --classes "
@@ -354,7 +348,7 @@ def fit_npca(config: FitNpcaConfig, workspace: Workspace, classifier_flags: Sequ
     if len(values) < 2:
         raise SpurgenError(f"{folder} has fewer than 2 readable images; the neural PCA needs at least 2")
     npca = NeuralPCA.fit(values, classifier, cls.index)
-    path = npca_path(workspace, classifier.name, cls)
+    path = workspace.npca_path(classifier.name, cls)
     npca.save(path)
     share = (npca.eigenvalues / npca.eigenvalues.clamp(min=0).sum().clamp(min=1e-12))[:3]
     return NpcaFit(cls=cls, classifier=classifier.name, path=path, num_images=len(values), unreadable=unreadable,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import SpurgenError
-from .labels import ClassInfo
+from .labels import ClassInfo, LabelSet
 
 __all__ = [
     "Workspace",
@@ -44,10 +44,37 @@ __all__ = [
     "safe_name",
     "environment_versions",
     "DEFAULT_WORKSPACE",
+    "workspace_classes",
+    "SELECTION_FILE",
+    "TRAINING_FILE",
+    "CHECKPOINTS",
+    "CHECKPOINT_STATE",
+    "LOSSES_FILE",
+    "GENERATION_FILE",
+    "BASE_RUN",
+    "EVALUATION_FILE",
+    "SUMMARY_CSV",
+    "IMAGES_CSV",
+    "REPORT_FILE",
+    "EXPORT_MANIFEST",
 ]
 
 DEFAULT_WORKSPACE = "spurgen-work"
 SETTINGS_FILE = "spurgen.toml"
+# Every manifest a stage writes, by name: a stage finds another's outputs through these names, never by
+# importing that stage. A manifest is written last, so its presence marks the output finished.
+SELECTION_FILE = "selection.json"  # refs/<class>/
+TRAINING_FILE = "training.json"  # models/<class>/<run>/; finished when "status" is "complete"
+CHECKPOINTS = "checkpoints"  # models/<class>/<run>/checkpoints/checkpoint-<step>/
+CHECKPOINT_STATE = "spurgen_state.json"  # in each checkpoint: step, resume key, loss log
+LOSSES_FILE = "losses.csv"  # models/<class>/<run>/
+GENERATION_FILE = "generation.json"  # generated/<class>/<run>/
+BASE_RUN = "base"  # generated/<class>/base/: the untouched base model's images
+EVALUATION_FILE = "evaluation.json"  # reports/
+SUMMARY_CSV = "evaluation.csv"  # reports/
+IMAGES_CSV = "evaluation-images.csv"  # reports/
+REPORT_FILE = "report.html"  # reports/
+EXPORT_MANIFEST = "manifest.json"  # an evaluate --export folder
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
 
 
@@ -245,6 +272,22 @@ class Workspace:
     def cache_dir(self, *parts: str) -> Path:
         return self.root.joinpath("cache", *parts)
 
+    def npca_path(self, classifier: str, cls: ClassInfo) -> Path:
+        """Where fit-npca saves a class's neural PCA for one classifier: ``npca/<classifier>/<class>.safetensors``."""
+        return self.root / "npca" / classifier / f"{cls.dirname}.safetensors"
+
+    def finished_runs(self, cls: ClassInfo) -> dict[str, dict[str, Any]]:
+        """``{run name: training.json}`` of the class's finished fine-tuning runs, by name."""
+        runs = {}
+        folder = self.class_models_dir(cls)
+        for run_dir in sorted(folder.iterdir()) if folder.is_dir() else []:
+            manifest = run_dir / TRAINING_FILE
+            if run_dir.is_dir() and manifest.is_file():
+                training = read_json(manifest)
+                if training.get("status") == "complete":
+                    runs[run_dir.name] = training
+        return runs
+
     def ensure_writable(self) -> None:
         """Creates the workspace and proves it writable before long work starts.
 
@@ -263,3 +306,13 @@ def read_json(path: Path) -> Any:
         raise SpurgenError(f"{path} is missing; run the stage that writes it first") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SpurgenError(f"{path} is unreadable ({exc}); delete it and re-run the stage that writes it") from None
+
+
+def workspace_classes(folder: Path, labels: LabelSet) -> list[ClassInfo]:
+    """The classes that have a sub-folder (``94-hummingbird``) in a workspace folder such as ``models/``."""
+    found = []
+    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
+        index, _, _ = sub.name.partition("-")
+        if sub.is_dir() and index.isdigit() and int(index) in labels.classes and labels[int(index)].dirname == sub.name:
+            found.append(labels[int(index)])
+    return sorted(found, key=lambda c: c.index)
