@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU machines we build on have these two wheels on local disk; elsewhere pip fetches them.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast lint demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# Everything, slow end-to-end checks included: what CI runs.
+test: install lint
 	$(PY) -m pytest -q
+
+# The everyday loop: every test but the slow end-to-end ones (crash, distributed, fuzz, world pipeline).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(PY) -m ruff check spurgen tests bench
 
 # world build only trains what the installation lacks (the world's text-to-image model, on first use).
 demo: install

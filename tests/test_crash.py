@@ -31,6 +31,9 @@ from _crash import (Forker, assert_same_outputs, changed_since, finished, kill_a
                     signal_at_event, start_script, stderr_of)
 from conftest import small_settings, solved_classifier, spurious_folder
 
+# Dozens of killed and restarted processes: CI runs them, the everyday loop (make test-fast) does not.
+pytestmark = pytest.mark.slow
+
 CLASSES = get_label_set("imagenet").resolve_many(["all"])[:2]
 STAGES = ("select-refs", "finetune", "generate", "evaluate")
 # Small, but with every kind of output: 4 steps with a checkpoint each (rotated), a validation image mid-run

@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Two-process accelerate launches on the CPU: CI runs them, the everyday loop (make test-fast) does not.
+pytestmark = pytest.mark.slow
+
 
 def accelerate_launch(*args: str, processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     """Runs ``accelerate launch --multi_gpu --num_processes N -m spurgen ARGS`` on the CPU (gloo).

@@ -24,6 +24,9 @@ from typer.testing import CliRunner
 from spurgen import config as stage_configs
 from spurgen.cli import app
 
+# Hundreds of generated inputs through the CLI: CI runs them, the everyday loop (make test-fast) does not.
+pytestmark = pytest.mark.slow
+
 EXIT_CODES = {0, 1, 2, 130}
 CLI_EXAMPLES = 25  # per command
 TOML_EXAMPLES = 60
