@@ -1,9 +1,9 @@
-"""The catalogue of bad input: every case README.md's "Reliability" table lists, tried through the CLI.
+"""The catalogue of bad input: every case docs/reliability.md's "Reliability" table lists, tried through the CLI.
 
 Each case prepares its files in a fresh folder, runs one command in-process and checks what the user sees:
 the documented exit code, no traceback, for exit code 2 exactly one ``error:`` line that names the problem
 and the fix (``<problem>; <fix>``), and that nothing already on disk changed (for exit code 2, that nothing
-was written at all). The README table is rendered from :data:`CASES`; a test keeps the two identical.
+was written at all). The table in docs/reliability.md is rendered from :data:`CASES`; a test keeps the two identical.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import spurgen.workspace
 from spurgen.cli import app
 from spurgen.errors import SpurgenError
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+RELIABILITY = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 SEED_FILE = Path("ws") / "reports" / "evaluation.json"  # earlier work that no bad input may damage
 
 
@@ -553,15 +553,15 @@ def test_bad_input(case: Case, tmp_path: Path, request: pytest.FixtureRequest, m
 
 
 def test_readme_table_is_the_catalogue() -> None:
-    """README.md's Reliability table lists exactly these cases, in this order, with these messages."""
-    text = README.read_text(encoding="utf-8")
+    """docs/reliability.md's Reliability table lists exactly these cases, in this order, with these messages."""
+    text = RELIABILITY.read_text(encoding="utf-8")
     section = text.split("## Reliability", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if re.match(r"\| `[a-z0-9-]+` \|", line)]
     expected = [case.row for case in CASES]
-    assert rows == expected, "README.md's table differs from tests/test_bad_input.py; the rows should be:\n" + "\n".join(expected)
+    assert rows == expected, "docs/reliability.md's table differs from tests/test_bad_input.py; the rows should be:\n" + "\n".join(expected)
     assert f"{len(CASES)} bad inputs" in section
     for case in CASES:
-        assert case.expect in case.sees or case.code == 0, f"{case.id}: the README row must quote what the user sees"
+        assert case.expect in case.sees or case.code == 0, f"{case.id}: the catalogue row must quote what the user sees"
 
 
 def test_case_ids_are_unique() -> None:
