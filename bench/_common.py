@@ -157,10 +157,10 @@ def random_stable_diffusion(arch: str, scratch: Path) -> Path:
     small CPU and 4 GB to store).
 
     Args:
-        arch: ``_sd_builders`` architecture (``tiny``, ``full``, ``full-v2``).
+        arch: ``spurgen.testing`` architecture (``tiny``, ``full``, ``full-v2``).
         scratch: A temporary folder of the caller's, used without a cache.
     """
-    from spurgen._sd_builders import build_stable_diffusion
+    from spurgen.testing import build_stable_diffusion
 
     cache = os.environ.get("SPURGEN_BENCH_CACHE")
     folder = Path(cache) / f"sd-{arch}-seed0" if cache else scratch / f"sd-{arch}"

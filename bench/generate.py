@@ -50,7 +50,7 @@ def run(arch: str = "tiny", images: int = 16, steps: int = 25, batch_size: int =
     """Times generate against a bare diffusers loop in turns; returns the record.
 
     Args:
-        arch: Random Stable Diffusion architecture (``_sd_builders``).
+        arch: Random Stable Diffusion architecture (``spurgen.testing``).
         images: Images per call.
         steps: Denoising steps.
         batch_size: Images per pipeline call.

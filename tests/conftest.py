@@ -39,7 +39,7 @@ def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Shared by every test that asks for it: treat it as read-only (copy it before changing anything).
     """
-    from spurgen._sd_builders import build_stable_diffusion
+    from spurgen.testing import build_stable_diffusion
 
     return build_stable_diffusion(tmp_path_factory.mktemp("tiny-sd") / "tiny-sd", "tiny", seed=0)
 
@@ -51,6 +51,7 @@ def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # class k, classifier c gives logit SCORES[k][c, i] to class k, 0 to the decoy class and -10 to every other
 # class. So classifier c predicts k iff the score is > 0, with probability ~ sigmoid(score).
 
+IMAGENET_CLASSES = 1000  # the classifiers' output size: the class indices below are ImageNet's
 RIGGED_CLASSES = {94: "hummingbird", 105: "koala", 557: "flagpole"}
 RIGGED_DECOY = 1
 RIGGED_CLASSIFIERS = ("res-a", "conv-b", "vit-c")
@@ -110,10 +111,7 @@ def rigged(tmp_path_factory: pytest.TempPathFactory) -> RiggedSetup:
     import torch
     from safetensors.torch import save_file
 
-    from timm.data import resolve_data_config
-
-    from spurgen.classifiers import Classifier, ClassifierSpec
-    from spurgen.images import load_rgb
+    from spurgen.testing import solved_head_classifier
 
     root = tmp_path_factory.mktemp("rigged")
     dataset = root / "images"
@@ -132,28 +130,14 @@ def rigged(tmp_path_factory: pytest.TempPathFactory) -> RiggedSetup:
     flags: dict[str, str] = {}
     all_files = [f for k in RIGGED_CLASSES for f in files[k]]
     for c, (name, arch) in enumerate(archs.items()):
-        torch.manual_seed(c)
-        model = timm.create_model(arch, pretrained=False).eval()
-        wrapper = Classifier(ClassifierSpec(name, arch), model, resolve_data_config(model=model, use_test_size=True))
-        transform = wrapper.transform()
-        with torch.no_grad():
-            features = wrapper.penultimate(torch.stack([transform(load_rgb(f)) for f in all_files])).double()
-        target = torch.full((len(all_files), model.num_classes), -10.0, dtype=torch.float64)
+        target = torch.full((len(all_files), IMAGENET_CLASSES), -10.0, dtype=torch.float64)
         target[:, RIGGED_DECOY] = 0.0
         row = 0
         for k in RIGGED_CLASSES:
             for i in range(8):
                 target[row, k] = RIGGED_SCORES[k][c][i]
                 row += 1
-        # Least squares with a bias column: features (N x D+1) @ W^T = target, exact since N < D.
-        design = torch.cat([features, torch.ones(len(all_files), 1, dtype=torch.float64)], dim=1)
-        solution = torch.linalg.lstsq(design, target).solution
-        head = model.get_classifier()
-        head.weight.data = solution[:-1].T.float().contiguous()
-        head.bias.data = solution[-1].float().contiguous()
-        with torch.no_grad():
-            check = wrapper.logits(torch.stack([transform(load_rgb(f)) for f in all_files]))
-        assert torch.allclose(check.double(), target, atol=1e-2), "rigged classifier could not be solved"
+        model = solved_head_classifier(arch, all_files, target, seed=c)
         if name == "res-a":
             path = root / "res-a.safetensors"
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
@@ -187,30 +171,16 @@ def solved_classifier(dataset: Path, path: Path) -> str:
 
     Saves its weights to ``path`` (safetensors) and returns the ``--classifier`` flag value ``tiny=ARCH@PATH``.
     """
-    import timm
     import torch
     from safetensors.torch import save_file
-    from timm.data import resolve_data_config
 
-    from spurgen.classifiers import Classifier, ClassifierSpec
-    from spurgen.images import load_rgb
+    from spurgen.testing import solved_head_classifier
 
-    torch.manual_seed(0)
-    model = timm.create_model(SOLVED_ARCH, pretrained=False).eval()
-    wrapper = Classifier(ClassifierSpec("tiny", SOLVED_ARCH), model,
-                         resolve_data_config(model=model, use_test_size=True))
     files = sorted(dataset.glob("*/*.png"))
-    transform = wrapper.transform()
-    with torch.no_grad():
-        features = wrapper.penultimate(torch.stack([transform(load_rgb(f)) for f in files])).double()
-    target = torch.full((len(files), model.num_classes), -5.0, dtype=torch.float64)
+    target = torch.full((len(files), IMAGENET_CLASSES), -5.0, dtype=torch.float64)
     for row, file in enumerate(files):
         target[row, int(file.parent.name.split("_")[2])] = 5.0
-    design = torch.cat([features, torch.ones(len(files), 1, dtype=torch.float64)], dim=1)
-    solution = torch.linalg.lstsq(design, target).solution
-    head = model.get_classifier()
-    head.weight.data = solution[:-1].T.float().contiguous()
-    head.bias.data = solution[-1].float().contiguous()
+    model = solved_head_classifier(SOLVED_ARCH, files, target, seed=0)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return f"tiny={SOLVED_ARCH}@{path}"
 

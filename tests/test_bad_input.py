@@ -473,14 +473,14 @@ CASES: list[Case] = [
 @pytest.fixture(scope="module")
 def other_base(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Stable Diffusion with another architecture: wider cross-attention and text encoder."""
-    from spurgen import _sd_builders
+    from spurgen.testing import stable_diffusion
 
-    tiny = _sd_builders.SD_ARCHITECTURES["tiny"]
+    tiny = stable_diffusion.SD_ARCHITECTURES["tiny"]
     wide = replace(tiny, name="tiny-wide", unet={**tiny.unet, "cross_attention_dim": 48},
                    text_encoder={**tiny.text_encoder, "hidden_size": 48, "projection_dim": 48})
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(_sd_builders.SD_ARCHITECTURES, "tiny-wide", wide)
-        return _sd_builders.build_stable_diffusion(tmp_path_factory.mktemp("wide") / "sd", "tiny-wide", seed=1)
+        patch.setitem(stable_diffusion.SD_ARCHITECTURES, "tiny-wide", wide)
+        return stable_diffusion.build_stable_diffusion(tmp_path_factory.mktemp("wide") / "sd", "tiny-wide", seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -153,7 +153,7 @@ def sfsl_trainer(tiny_sd_dir: Path, workspace: Workspace, rigged, **overrides: A
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_sfsl_gradient_reaches_unet_and_text_encoder(prediction_type: str, tiny_sd_dir: Path, rigged,
                                                      tmp_path: Path) -> None:
-    from spurgen._sd_builders import build_stable_diffusion
+    from spurgen.testing import build_stable_diffusion
 
     base = tiny_sd_dir if prediction_type == "epsilon" else build_stable_diffusion(
         tmp_path / "tiny-v", "tiny", prediction_type="v_prediction", seed=0)
@@ -566,7 +566,7 @@ def test_sfsl_decoder_taesd_decodes_and_passes_gradients_to_lora(tiny_sd_dir: Pa
                                                                  monkeypatch) -> None:
     from diffusers import AutoencoderTiny
 
-    from spurgen._sd_builders import build_tiny_autoencoder
+    from spurgen.testing import build_tiny_autoencoder
 
     taesd = build_tiny_autoencoder(tmp_path / "taesd", "tiny")
     trainer = sfsl_trainer(tiny_sd_dir, write_refs(tmp_path / "ws"), rigged, sfsl_decoder=str(taesd))

@@ -16,10 +16,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from spurgen import _clip_tokenizer
-from spurgen._clip_tokenizer import build_clip_tokenizer
-from spurgen._sd_builders import SD_ARCHITECTURES, build_stable_diffusion, count_parameters
 from spurgen.errors import SpurgenError
+from spurgen.testing import SD_ARCHITECTURES, build_clip_tokenizer, build_stable_diffusion, count_parameters
+from spurgen.testing import clip_tokenizer as _clip_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +138,17 @@ def test_full_architectures_match_stable_diffusion() -> None:
     v2 = SD_ARCHITECTURES["full-v2"]
     assert v2.prediction_type == "v_prediction" and v2.resolution == 768 and v2.latent_size == 96
     assert SD_ARCHITECTURES["full"].latent_size == 64
+
+
+def test_world_architecture_builds_the_shipped_text_to_image_model() -> None:
+    # The world's model is built by this builder too: the shipped weights must fit it key for key.
+    from spurgen.testing import stable_diffusion_components
+    from spurgen.world.build import SD_DIR
+    from spurgen.world.text_to_image import WORLD_SD
+
+    components = stable_diffusion_components(WORLD_SD, seed=0)
+    for name, weights in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                          ("text_encoder", "model")):
+        components[name].load_state_dict(load_file(SD_DIR / name / f"{weights}.safetensors"), strict=True)
+    shipped = json.loads((SD_DIR / "scheduler" / "scheduler_config.json").read_text())
+    assert all(shipped[k] == v for k, v in components["scheduler"].config.items() if not k.startswith("_"))

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._clip_tokenizer import build_clip_tokenizer
 from .._runtime import progress_bar
 from ..config import require, setting
+from ..testing.stable_diffusion import CLIP_TEXT_IDS, SDArchitecture, stable_diffusion_components
 from ..workspace import atomic_directory, atomic_write_json
 from .dataset import CAPTIONS_FILE
 
-__all__ = ["TextToImageConfig", "train_text_to_image", "build_components"]
+__all__ = ["WORLD_SD", "TextToImageConfig", "train_text_to_image"]
 
 
 @dataclass
@@ -54,27 +54,24 @@ class TextToImageConfig:
         require(min(self.vae_steps, self.steps) >= 1 and self.batch_size >= 1, "steps and batch size must be positive")
 
 
-def build_components(seed: int) -> dict[str, Any]:
-    """Fresh, seeded components of the miniature pipeline (the architecture is fixed here)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
+# The miniature pipeline's architecture, built by the same builder as the test pipelines (spurgen.testing).
+WORLD_SD = SDArchitecture(
+    name="world",
+    resolution=32,
+    # Cross-attention only at 8x8 and 4x4, where it is cheap; the 16x16 level only convolves.
+    unet={"sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+          "block_out_channels": (32, 64, 128),
+          "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+          "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+          "cross_attention_dim": 64, "attention_head_dim": 8, "norm_num_groups": 16},
     # One down block pair: 32 px -> 16x16x4 latents. A VAE without downsampling is slower (attention over 1,024
     # tokens), a deeper one loses the thin stripes and dots that make up the spurious features.
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-                        mid_block_add_attention=False)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    # Cross-attention only at 8x8 and 4x4, where it is cheap; the 16x16 level only convolves.
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 128),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
+    vae={"in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 32,
+         "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+         "block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8,
+         "mid_block_add_attention": False},
+    text_encoder={**CLIP_TEXT_IDS, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3,
+                  "num_attention_heads": 4},
     # The spurious features are mostly colours, and a sample's colour is decided in the first, noisiest
     # denoising steps. Two choices make the prompt decide it, not the noise:
     # - DDPM's linear schedule, not Stable Diffusion's scaled_linear: at t = 999 scaled_linear keeps 6.8% of
@@ -85,11 +82,10 @@ def build_components(seed: int) -> dict[str, Any]:
     # - v-prediction (as Stable Diffusion 2.x): epsilon's loss hardly weighs the clean image at high t, so
     #   neither training nor DreamBooth fine-tuning taught the model a colour for a prompt there
     #   (fine-tuning on six blue-wave references left "sks blue waves" blue 36% of the time).
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
-                              beta_schedule="linear", clip_sample=False,
-                              steps_offset=1, prediction_type="v_prediction")
-    return {"vae": vae, "text_encoder": text_encoder, "unet": unet, "scheduler": scheduler,
-            "tokenizer": build_clip_tokenizer()}
+    scheduler={"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+               "clip_sample": False, "steps_offset": 1},
+    prediction_type="v_prediction",
+)
 
 
 def _load_training_images(world: Path) -> tuple[torch.Tensor, list[dict[str, Any]]]:
@@ -204,7 +200,8 @@ def train_text_to_image(world: Path, output: Path, config: TextToImageConfig, wo
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    components = build_components(config.seed)
+    components = stable_diffusion_components(WORLD_SD, seed=config.seed)
+    torch.manual_seed(config.seed)  # the builder leaves the global RNG alone; training's noise draws from it
     vae, unet, text_encoder = components["vae"], components["unet"], components["text_encoder"]
     tokenizer, scheduler = components["tokenizer"], components["scheduler"]
     images, rows = _load_training_images(world)

@@ -2,9 +2,10 @@
 
 No Stable Diffusion weights can be downloaded where spurgen is built and tested, yet every code path must run
 on a genuine ``StableDiffusionPipeline`` folder. These builders write one from code: the same file layout,
-configs and classes as a hub checkpoint, with seeded random weights. ``"tiny"`` is for tests and the
-synthetic world (a training step in well under 0.1 s on CPU); ``"full"`` and ``"full-v2"`` reproduce
-SD 1.5's and SD 2.1's architectures for benchmarks and memory estimates.
+configs and classes as a hub checkpoint, with seeded random weights. ``"tiny"`` is for tests (a training
+step in well under 0.1 s on CPU); ``"full"`` and ``"full-v2"`` reproduce SD 1.5's and SD 2.1's architectures
+for benchmarks and memory estimates. The synthetic world builds its text-to-image model's untrained
+components here too, from its own :class:`SDArchitecture`.
 """
 
 from __future__ import annotations
@@ -16,22 +17,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from spurgen._clip_tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer, write_bpe_files
 from spurgen.errors import SpurgenError
+from spurgen.testing.clip_tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer, write_bpe_files
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 __all__ = [
+    "CLIP_TEXT_IDS",
     "PREDICTION_TYPES",
     "SD_ARCHITECTURES",
     "SDArchitecture",
     "build_stable_diffusion",
     "build_tiny_autoencoder",
     "count_parameters",
+    "stable_diffusion_components",
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -61,6 +66,8 @@ class SDArchitecture:
         unet: keyword arguments of ``UNet2DConditionModel``.
         vae: keyword arguments of ``AutoencoderKL``.
         text_encoder: keyword arguments of ``transformers.CLIPTextConfig``.
+        scheduler: keyword arguments of ``DDPMScheduler`` but ``prediction_type``; SD's training schedule
+            unless given.
         prediction_type: the scheduler's ``prediction_type`` unless overridden at build time.
         pad_token: the tokenizer's pad token; SD 2.x pads with ``"!"`` where SD 1.x pads with end-of-text.
     """
@@ -70,6 +77,7 @@ class SDArchitecture:
     unet: dict[str, Any] = field(repr=False)
     vae: dict[str, Any] = field(repr=False)
     text_encoder: dict[str, Any] = field(repr=False)
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(_SD_SCHEDULER), repr=False)
     prediction_type: str = "epsilon"
     pad_token: str = "<|endoftext|>"
 
@@ -87,7 +95,7 @@ class SDArchitecture:
 # The text encoder's special ids are CLIP's real ones. SD 1.5's own config.json says bos 0 / eos 2, which
 # makes transformers fall back to a legacy argmax pooling; SD ignores the pooled output, so nothing else
 # changes, and the real ids keep pooling right for anything that does use it.
-_CLIP_IDS: dict[str, Any] = {
+CLIP_TEXT_IDS: dict[str, Any] = {
     "vocab_size": CLIP_VOCAB_SIZE,
     "max_position_embeddings": CLIP_MAX_LENGTH,
     "bos_token_id": 49406,
@@ -124,7 +132,7 @@ _TINY = SDArchitecture(
         "sample_size": 64,
     },
     text_encoder={
-        **_CLIP_IDS,
+        **CLIP_TEXT_IDS,
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_hidden_layers": 2,
@@ -171,7 +179,7 @@ _FULL = SDArchitecture(
         "sample_size": 512,
     },
     text_encoder={
-        **_CLIP_IDS,
+        **CLIP_TEXT_IDS,
         "hidden_size": 768,
         "intermediate_size": 3072,
         "num_hidden_layers": 12,
@@ -199,7 +207,7 @@ _FULL_V2 = SDArchitecture(
     },
     vae={**_FULL.vae, "sample_size": 768},
     text_encoder={
-        **_CLIP_IDS,
+        **CLIP_TEXT_IDS,
         "hidden_size": 1024,
         "intermediate_size": 4096,
         "num_hidden_layers": 23,
@@ -217,7 +225,9 @@ _FULL_V2 = SDArchitecture(
 SD_ARCHITECTURES: dict[str, SDArchitecture] = {a.name: a for a in (_TINY, _FULL, _FULL_V2)}
 
 
-def _architecture(arch: str) -> SDArchitecture:
+def _architecture(arch: str | SDArchitecture) -> SDArchitecture:
+    if isinstance(arch, SDArchitecture):
+        return arch
     try:
         return SD_ARCHITECTURES[arch]
     except KeyError:
@@ -226,20 +236,39 @@ def _architecture(arch: str) -> SDArchitecture:
         ) from None
 
 
+def _prediction_type(a: SDArchitecture, prediction_type: str | None) -> str:
+    prediction_type = prediction_type or a.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise SpurgenError(
+            f"unknown prediction type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}"
+        )
+    return prediction_type
+
+
+# diffusers and transformers are imported in the builders, not at the top: the world's text-to-image module
+# imports this one for SDArchitecture, and those two libraries take seconds to import.
 def _make_unet(a: SDArchitecture) -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
+
     return UNet2DConditionModel(**copy.deepcopy(a.unet))
 
 
 def _make_vae(a: SDArchitecture) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
     return AutoencoderKL(**copy.deepcopy(a.vae))
 
 
 def _make_text_encoder(a: SDArchitecture) -> CLIPTextModel:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     return CLIPTextModel(CLIPTextConfig(**copy.deepcopy(a.text_encoder)))
 
 
-def _make_scheduler(prediction_type: str) -> DDPMScheduler:
-    return DDPMScheduler(**_SD_SCHEDULER, prediction_type=prediction_type)
+def _make_scheduler(a: SDArchitecture, prediction_type: str) -> DDPMScheduler:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**a.scheduler, prediction_type=prediction_type)
 
 
 @contextmanager
@@ -251,11 +280,11 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def count_parameters(arch: str = "full") -> dict[str, int]:
+def count_parameters(arch: str | SDArchitecture = "full") -> dict[str, int]:
     """Count each component's parameters without allocating weights (built on the meta device).
 
     Args:
-        arch: a key of ``SD_ARCHITECTURES``.
+        arch: a key of ``SD_ARCHITECTURES``, or an architecture of one's own.
 
     Returns:
         ``{"unet": n, "vae": n, "text_encoder": n}``.
@@ -266,9 +295,52 @@ def count_parameters(arch: str = "full") -> dict[str, int]:
     return {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
 
 
+def stable_diffusion_components(
+    arch: str | SDArchitecture = "tiny",
+    *,
+    prediction_type: str | None = None,
+    seed: int = 0,
+    tokenizer: CLIPTokenizer | None = None,
+) -> dict[str, Any]:
+    """Build a Stable Diffusion pipeline's components with seeded random weights, in memory.
+
+    Each model is built under its own seed (``seed``, ``seed + 1``, ``seed + 2``) with the caller's torch RNG
+    state restored afterwards, so building consumes no random numbers of the caller's.
+
+    Args:
+        arch: a key of ``SD_ARCHITECTURES``, or an architecture of one's own.
+        prediction_type: scheduler prediction type (``"epsilon"``, ``"v_prediction"``, ``"sample"``);
+            defaults to the architecture's.
+        seed: seed of the weight initialisation; the same seed gives the same weights.
+        tokenizer: the tokenizer; defaults to the real CLIP tokenizer with the architecture's pad token.
+
+    Returns:
+        ``{"unet", "vae", "text_encoder", "tokenizer", "scheduler"}``: the keyword arguments of
+        ``StableDiffusionPipeline`` but its safety checker.
+
+    Raises:
+        SpurgenError: unknown ``arch`` or ``prediction_type``.
+    """
+    a = _architecture(arch)
+    prediction_type = _prediction_type(a, prediction_type)
+    if tokenizer is None:
+        tokenizer = build_clip_tokenizer()
+        tokenizer.pad_token = a.pad_token
+
+    # A separate seed per component, so each one's weights do not depend on the order they are built in.
+    with _seeded(seed):
+        unet = _make_unet(a)
+    with _seeded(seed + 1):
+        vae = _make_vae(a)
+    with _seeded(seed + 2):
+        text_encoder = _make_text_encoder(a)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": _make_scheduler(a, prediction_type)}
+
+
 def build_stable_diffusion(
     out_dir: Path,
-    arch: str = "tiny",
+    arch: str | SDArchitecture = "tiny",
     *,
     prediction_type: str | None = None,
     seed: int = 0,
@@ -281,8 +353,8 @@ def build_stable_diffusion(
 
     Args:
         out_dir: folder to create; must not exist or be empty.
-        arch: a key of ``SD_ARCHITECTURES`` (``"tiny"``, ``"full"``, ``"full-v2"``). ``"full"`` allocates
-            about 1 B parameters (~4 GB of RAM).
+        arch: a key of ``SD_ARCHITECTURES`` (``"tiny"``, ``"full"``, ``"full-v2"``), or an architecture of
+            one's own. ``"full"`` allocates about 1 B parameters (~4 GB of RAM).
         prediction_type: scheduler prediction type (``"epsilon"``, ``"v_prediction"``, ``"sample"``);
             defaults to the architecture's.
         seed: seed of the weight initialisation; the same seed gives the same weights.
@@ -294,39 +366,18 @@ def build_stable_diffusion(
     Raises:
         SpurgenError: unknown ``arch`` or ``prediction_type``, or ``out_dir`` already holds files.
     """
+    from diffusers import StableDiffusionPipeline
+
     a = _architecture(arch)
-    prediction_type = prediction_type or a.prediction_type
-    if prediction_type not in PREDICTION_TYPES:
-        raise SpurgenError(
-            f"unknown prediction type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}"
-        )
+    prediction_type = _prediction_type(a, prediction_type)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SpurgenError(f"{out_dir} already exists and is not empty: remove it or choose another folder")
 
     own_tokenizer = tokenizer is None
-    if tokenizer is None:
-        tokenizer = build_clip_tokenizer()
-        tokenizer.pad_token = a.pad_token
-
-    # A separate seed per component, so each one's weights do not depend on the order they are built in.
-    with _seeded(seed):
-        unet = _make_unet(a)
-    with _seeded(seed + 1):
-        vae = _make_vae(a)
-    with _seeded(seed + 2):
-        text_encoder = _make_text_encoder(a)
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=_make_scheduler(prediction_type),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    components = stable_diffusion_components(a, prediction_type=prediction_type, seed=seed, tokenizer=tokenizer)
+    pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Same parent as out_dir, so the final rename stays on one filesystem and is atomic.

@@ -12,10 +12,12 @@ import gzip
 import importlib.util
 import json
 from pathlib import Path
-
-from transformers import CLIPTokenizer
+from typing import TYPE_CHECKING
 
 from spurgen.errors import SpurgenError
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 __all__ = ["CLIP_MAX_LENGTH", "CLIP_VOCAB_SIZE", "build_clip_tokenizer", "write_bpe_files"]
 
@@ -116,6 +118,9 @@ def build_clip_tokenizer(save_dir: Path | None = None) -> CLIPTokenizer:
     Raises:
         SpurgenError: open-clip-torch is missing or its BPE file is not the expected one.
     """
+    # Imported here, not at the top: the builders import this module's constants, transformers takes seconds.
+    from transformers import CLIPTokenizer
+
     vocab, merges = _vocab_and_merges()
     # Built from the in-memory vocab and merges, not from files: in transformers 5,
     # CLIPTokenizer(vocab_file=..., merges_file=...) silently ignores the files and builds a 2-token
