@@ -131,7 +131,7 @@ def run(arch: str = "tiny", steps: int = 5, repeats: int = 3, batch_size: int = 
 
     from spurgen._sd_builders import build_tiny_autoencoder
     from spurgen.config import FinetuneConfig
-    from spurgen.sfsl import load_sfsl_decoder
+    from spurgen.finetune.sfsl import load_sfsl_decoder
 
     setup = Bench(arch, sfsl_arch, batch_size, mixed_precision, gradient_checkpointing, device)
     trainer, _ = setup.trainer("sfsl", sfsl_max_timestep=999)

@@ -41,19 +41,19 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from ._base_model import BaseModel, Components, _read_config, image_generator, load_components, resolve_base_model, \
+from .. import __version__
+from .._base_model import BaseModel, Components, _read_config, image_generator, load_components, resolve_base_model, \
     sampling_pipeline
-from ._class_images import ensure_class_images
-from ._lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
-from ._runtime import console, progress_bar, resolve_device, warn
-from .classifiers import load_classifiers
-from .config import FINETUNE_PRESETS, FinetuneConfig
-from .errors import SpurgenError
-from .images import UnreadableImage, file_sha256, load_rgb
-from .labels import ClassInfo, LabelSet, get_label_set
+from .class_images import ensure_class_images
+from .._lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from .._runtime import console, progress_bar, resolve_device, warn
+from ..classifiers import load_classifiers
+from ..config import FINETUNE_PRESETS, FinetuneConfig
+from ..errors import SpurgenError
+from ..images import UnreadableImage, file_sha256, load_rgb
+from ..labels import ClassInfo, LabelSet, get_label_set
 from .sfsl import SpuriousFeature, SpuriousFeatureLoss, decode_latents, load_sfsl_decoder, spurious_feature
-from .workspace import (CHECKPOINT_STATE, CHECKPOINTS, LOSSES_FILE, SELECTION_FILE, TRAINING_FILE, Workspace,
+from ..workspace import (CHECKPOINT_STATE, CHECKPOINTS, LOSSES_FILE, SELECTION_FILE, TRAINING_FILE, Workspace,
                         atomic_write_bytes, atomic_write_json, atomic_write_text, environment_versions, read_json,
                         remove_tree, utc_now)
 

@@ -24,18 +24,18 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._runtime import dtype_argument, progress_bar, warn
-from .classifiers import Classifier, load_classifiers
-from .config import FitNpcaConfig
-from .errors import SpurgenError
-from .images import UnreadableImage, list_images, load_rgb
-from .labels import ClassInfo, get_label_set
-from .workspace import Workspace, atomic_write_bytes
+from .._runtime import dtype_argument, progress_bar, warn
+from ..classifiers import Classifier, load_classifiers
+from ..config import FitNpcaConfig
+from ..errors import SpurgenError
+from ..images import UnreadableImage, list_images, load_rgb
+from ..labels import ClassInfo, get_label_set
+from ..workspace import Workspace, atomic_write_bytes
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, AutoencoderTiny
 
-    from .config import FinetuneConfig
+    from ..config import FinetuneConfig
 
 __all__ = [
     "NeuralPCA",
