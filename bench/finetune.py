@@ -136,10 +136,10 @@ def _reference_step(trainer: Any, config: Any) -> Callable[[int], None]:
 
     from spurgen._base_model import load_components
     from spurgen._lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
-    from spurgen.finetune import _load_pixels
+    from spurgen.finetune.trainer import frozen_dtype, load_pixels
 
     accelerator, plan = trainer.accelerator, trainer.plan
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    half = frozen_dtype(accelerator)
     parts = load_components(trainer.base, unet_dtype=half, text_encoder_dtype=half, vae_dtype=half)
     for model in (parts.unet, parts.text_encoder, parts.vae):
         model.requires_grad_(False).to(accelerator.device)
@@ -163,7 +163,7 @@ def _reference_step(trainer: Any, config: Any) -> Callable[[int], None]:
     b = config.batch_size
     # The script's collate_fn: b instance examples then b class examples, one row of prompt ids each (which
     # images fill the rows does not change the work).
-    pixels = _load_pixels(plan.references[:1], trainer.resolution).repeat(2 * b, 1, 1, 1).to(accelerator.device, half)
+    pixels = load_pixels(plan.references[:1], trainer.resolution).repeat(2 * b, 1, 1, 1).to(accelerator.device, half)
     ids = torch.cat([trainer.prompt_ids[:1].repeat(b, 1), trainer.prompt_ids[1:].repeat(b, 1)])
     scheduler = parts.noise_scheduler
 
