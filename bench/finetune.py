@@ -7,10 +7,11 @@ the model's resolution. The reference encodes the 2b images with the VAE every s
 text encoder, the 2b prompt rows too, as the diffusers script does; ours samples cached latent distributions
 and encodes the two prompts once per step. Presets: ``dreambooth`` (UNet; reference without
 --train_text_encoder), ``dreambooth-te`` (UNet + text encoder) and ``sfsl`` (dreambooth-te + the spurious
-feature similarity loss through a ResNet-50 with random weights, at the default timestep bound; diffusers has
-no counterpart, so its row shows SFSL's cost over the reference). Target: ours at most 0.9x the reference's
-time per step (rate ratio >= 1/0.9 = 1.11), with no more peak memory. Peak memory is each side's growth over the step (torch's allocator on a
-GPU, the resident set on a CPU), so that the other side's weights in the same process do not count.
+feature similarity loss through a ResNet-50 with random weights, at the default timestep bound and
+--sfsl-every, so SFSL is computed on every 4th step; diffusers has no counterpart, so its row shows SFSL's cost
+over the reference). Target: ours at most 0.9x the reference's time per step (rate ratio >= 1/0.9 = 1.11), with
+no more peak memory. Peak memory is each side's growth over the step (torch's allocator on a GPU, the resident
+set on a CPU), so that the other side's weights in the same process do not count.
 ``bench.sfsl`` measures what each of SFSL's cost-cutting measures buys.
 
     python -m bench.finetune [--size tiny|full] [--steps 10] [--repeats 5] [--batch-size 1]
@@ -136,10 +137,10 @@ def _reference_step(trainer: Any, config: Any) -> Callable[[int], None]:
 
     from spurgen._base_model import load_components
     from spurgen._lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
-    from spurgen.finetune import _load_pixels
+    from spurgen.finetune.trainer import frozen_dtype, load_pixels
 
     accelerator, plan = trainer.accelerator, trainer.plan
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    half = frozen_dtype(accelerator)
     parts = load_components(trainer.base, unet_dtype=half, text_encoder_dtype=half, vae_dtype=half)
     for model in (parts.unet, parts.text_encoder, parts.vae):
         model.requires_grad_(False).to(accelerator.device)
@@ -163,7 +164,7 @@ def _reference_step(trainer: Any, config: Any) -> Callable[[int], None]:
     b = config.batch_size
     # The script's collate_fn: b instance examples then b class examples, one row of prompt ids each (which
     # images fill the rows does not change the work).
-    pixels = _load_pixels(plan.references[:1], trainer.resolution).repeat(2 * b, 1, 1, 1).to(accelerator.device, half)
+    pixels = load_pixels(plan.references[:1], trainer.resolution).repeat(2 * b, 1, 1, 1).to(accelerator.device, half)
     ids = torch.cat([trainer.prompt_ids[:1].repeat(b, 1), trainer.prompt_ids[1:].repeat(b, 1)])
     scheduler = parts.noise_scheduler
 

@@ -98,18 +98,6 @@ def unet_training_flops(unet_config: dict[str, Any], batch: int, latent_size: in
     return float(counter.get_total_flops())
 
 
-def _switch(trainer: Any, loss: Any, vae: Any, taesd: Any, on: bool, checkpointing: bool, channels_last: bool,
-            tiny_decoder: bool) -> None:
-    """Sets the trainer's SFSL to one variant (the same models, switched between steps)."""
-    import torch
-
-    trainer.sfsl = loss if on else None
-    decoder = taesd if tiny_decoder else vae
-    trainer.sfsl_decoder = decoder
-    (decoder.enable_gradient_checkpointing if checkpointing else decoder.disable_gradient_checkpointing)()
-    loss.feature.classifier.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
 def run(arch: str = "tiny", steps: int = 5, repeats: int = 3, batch_size: int = 1, mixed_precision: str | None = None,
         sfsl_arch: str = "resnet50.tv_in1k", gradient_checkpointing: bool = False, every: int = 4, warmup: int = 1,
         device: str = "auto") -> list[dict[str, Any]]:
@@ -127,27 +115,28 @@ def run(arch: str = "tiny", steps: int = 5, repeats: int = 3, batch_size: int = 
         warmup: Untimed turns of each variant first.
         device: ``auto`` or ``cpu``.
     """
-    import torch
-
     from spurgen.config import FinetuneConfig
-    from spurgen.sfsl import load_sfsl_decoder
+    from spurgen.finetune.sfsl import load_sfsl_decoder
+    from spurgen.finetune.trainer import frozen_dtype
     from spurgen.testing import build_tiny_autoencoder
 
     setup = Bench(arch, sfsl_arch, batch_size, mixed_precision, gradient_checkpointing, device)
-    trainer, _ = setup.trainer("sfsl", sfsl_max_timestep=999)
+    # Every measured step computes SFSL (bound 999, --sfsl-every 1); the bound's and --sfsl-every's savings are
+    # derived from these below. The config's default --sfsl-every (4) would skip SFSL on 3 steps of 4.
+    trainer, _ = setup.trainer("sfsl", sfsl_max_timestep=999, sfsl_every=1)
     where = trainer.accelerator.device
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(trainer.accelerator.mixed_precision, torch.float32)
     taesd = load_sfsl_decoder(str(build_tiny_autoencoder(setup.root / "taesd", arch)),
-                              trainer.parts.vae.config.latent_channels, where, half)
-    loss, vae = trainer.sfsl, trainer.parts.vae
+                              trainer.parts.vae.config.latent_channels, where, frozen_dtype(trainer.accelerator))
 
-    def variant(switches: tuple[bool, bool, bool, bool]) -> Callable[[], None]:
+    def variant(on: bool, checkpointing: bool, channels_last: bool, tiny_decoder: bool) -> Callable[[], None]:
+        """Switches the trainer's SFSL to one variant (the same models, switched between steps), then steps."""
         take = _steps(trainer.train_step, steps)
-        return lambda: (_switch(trainer, loss, vae, taesd, *switches), take())
+        return lambda: (trainer.set_sfsl(on, taesd if tiny_decoder else None, decoder_checkpointing=checkpointing,
+                                         channels_last=channels_last), take())
 
     # Peak memory: the allocator's peak on a GPU; on a CPU the resident set's growth during the step (its
     # absolute peak is mostly the weights, alike in every variant).
-    times = measure_interleaved({label: variant(switches) for label, *switches in _VARIANTS}, repeats=repeats,
+    times = measure_interleaved({label: variant(*switches) for label, *switches in _VARIANTS}, repeats=repeats,
                                 warmup=warmup, device=where.type, relative_memory=where.type != "cuda", progress=True)
     bound = FinetuneConfig().sfsl_max_timestep
     p = (bound + 1) / trainer.parts.noise_scheduler.config.num_train_timesteps

@@ -260,7 +260,7 @@ def fit_npca_command(
     w_k * phi(x). Writes npca/<sfsl-model>/<index>-<name>.safetensors in the workspace.
     """
     from .config import resolve_config
-    from .sfsl import fit_npca
+    from .finetune.sfsl import fit_npca
 
     ws = Workspace(workspace)
     config = resolve_config(FitNpcaConfig, ws.settings(), "fit-npca", {

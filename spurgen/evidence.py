@@ -81,7 +81,7 @@ class _Experiment:
     def fit_npca(self, classes: list[str]) -> None:
         """Fits each class's neural PCA on the world's unbiased validation images of the class."""
         from .labels import get_label_set
-        from .sfsl import fit_npca
+        from .finetune.sfsl import fit_npca
         from .world.dataset import WorldConfig, build_world
 
         world = self.workspace.root / "world-val"

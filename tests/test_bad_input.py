@@ -588,7 +588,7 @@ def _read_clip_weights(path: Path) -> None:
 
 
 def _read_npca(path: Path) -> None:
-    from spurgen.sfsl import NeuralPCA
+    from spurgen.finetune.npca import NeuralPCA
 
     NeuralPCA.load(path)
 

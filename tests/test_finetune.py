@@ -517,7 +517,7 @@ def test_cli_from_select_refs_to_finetune_with_per_class_kappa(tiny_sd_dir: Path
 
 
 def test_npca_feature_fitted_by_fit_npca(tiny_sd_dir: Path, rigged, tmp_path: Path) -> None:
-    from spurgen.sfsl import NeuralPCA
+    from spurgen.finetune.npca import NeuralPCA
 
     ws = write_refs(tmp_path)
     images = rigged.files[94][0].parent

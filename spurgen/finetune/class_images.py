@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._base_model import BaseModel, Components, image_generator, sampling_pipeline
-from ._runtime import progress_bar
-from .workspace import Workspace, atomic_write_bytes, atomic_write_json
+from .._base_model import BaseModel, Components, image_generator, sampling_pipeline
+from .._runtime import progress_bar
+from ..workspace import Workspace, atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

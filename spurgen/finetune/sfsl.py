@@ -1,4 +1,4 @@
-"""The spurious feature similarity loss (SFSL) and the class-wise neural PCA it can use (method.md §2).
+"""The spurious feature similarity loss (SFSL), its feature s_k, its decoder, and ``spurgen fit-npca`` (method.md §2).
 
 For class k and a classifier with penultimate features phi(x) and last linear layer rows w_k:
 
@@ -11,7 +11,8 @@ For class k and a classifier with penultimate features phi(x) and last linear la
 L_SFSL = 1 - cos(s_k(x_gen), s_k(x_ref)). x_gen comes from the training step (decoded one-step estimate,
 differentiable); x_ref is the clean reference image of the same row, whose features are computed once.
 Images enter as [-1, 1] tensors at the training resolution, exactly as the diffusion model sees them, and
-are mapped to the classifier's [0, 1] input here, the same way for x_gen and x_ref.
+are mapped to the classifier's [0, 1] input here, the same way for x_gen and x_ref. The neural PCA itself
+(fit, save, load) is :class:`.npca.NeuralPCA`.
 """
 
 from __future__ import annotations
@@ -24,21 +25,21 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._runtime import dtype_argument, progress_bar, warn
-from .classifiers import Classifier, load_classifiers
-from .config import FitNpcaConfig
-from .errors import SpurgenError
-from .images import UnreadableImage, list_images, load_rgb
-from .labels import ClassInfo, get_label_set
-from .workspace import Workspace, atomic_write_bytes
+from .._runtime import dtype_argument, progress_bar, warn
+from ..classifiers import Classifier, load_classifiers
+from ..config import FitNpcaConfig
+from ..errors import SpurgenError
+from ..images import UnreadableImage, list_images, load_rgb
+from ..labels import ClassInfo, get_label_set
+from ..workspace import Workspace
+from .npca import NeuralPCA
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, AutoencoderTiny
 
-    from .config import FinetuneConfig
+    from ..config import FinetuneConfig
 
 __all__ = [
-    "NeuralPCA",
     "SpuriousFeature",
     "SpuriousFeatureLoss",
     "to_classifier_input",
@@ -57,78 +58,6 @@ def to_classifier_input(images: torch.Tensor, size: tuple[int, int]) -> torch.Te
         # Antialiasing matters when 512 px shrink to 224: without it the classifier sees aliased pixels.
         images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
     return images
-
-
-@dataclass
-class NeuralPCA:
-    """A class's neural PCA of last-layer contributions w_k * phi(x) over real images of the class.
-
-    Args:
-        mean: mu_k, [D].
-        components: V_k, eigenvectors as columns by descending eigenvalue, [D, D].
-        eigenvalues: descending, [D].
-        classifier: Registry name of the classifier it was fitted with.
-        fingerprint: That classifier's fingerprint (weights, preprocessing); finetune checks it.
-        class_index: k.
-        num_images: Images it was fitted on.
-    """
-
-    mean: torch.Tensor
-    components: torch.Tensor
-    eigenvalues: torch.Tensor
-    classifier: str
-    fingerprint: str
-    class_index: int
-    num_images: int
-
-    @classmethod
-    def fit(cls, contributions: torch.Tensor, classifier: Classifier, class_index: int) -> "NeuralPCA":
-        """Fits mu_k and V_k on contributions [N, D] (float64 eigendecomposition of the covariance)."""
-        values = contributions.double()
-        mean = values.mean(dim=0)
-        centered = values - mean
-        covariance = centered.T @ centered / max(len(values) - 1, 1)
-        eigenvalues, vectors = torch.linalg.eigh(covariance)  # ascending
-        return cls(mean=mean.float(), components=vectors.flip(1).float().contiguous(),
-                   eigenvalues=eigenvalues.flip(0).float().contiguous(), classifier=classifier.name,
-                   fingerprint=classifier.fingerprint(), class_index=class_index, num_images=len(values))
-
-    def coordinates(self, contributions: torch.Tensor, columns: Sequence[int] | None = None) -> torch.Tensor:
-        """alpha_k: ((c - mu_k) @ V_k) * (1^T V_k), over all components or the given ones."""
-        vectors = self.components if columns is None else self.components[:, list(columns)]
-        return ((contributions - self.mean) @ vectors) * vectors.sum(dim=0)
-
-    def to(self, device: torch.device | str) -> "NeuralPCA":
-        self.mean, self.components = self.mean.to(device), self.components.to(device)
-        return self
-
-    def save(self, path: Path) -> None:
-        from safetensors.torch import save
-
-        metadata = {"classifier": self.classifier, "fingerprint": self.fingerprint,
-                    "class_index": str(self.class_index), "num_images": str(self.num_images)}
-        atomic_write_bytes(path, save({"mean": self.mean, "components": self.components,
-                                       "eigenvalues": self.eigenvalues}, metadata=metadata))
-
-    @classmethod
-    def load(cls, path: Path) -> "NeuralPCA":
-        """Reads a saved fit.
-
-        Raises:
-            SpurgenError: the file is missing or not a neural PCA file.
-        """
-        from safetensors import safe_open
-
-        if not path.is_file():
-            raise SpurgenError(f"no neural PCA at {path}; run spurgen fit-npca for the class first")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in ("mean", "components", "eigenvalues")}
-            return cls(**tensors, classifier=meta["classifier"], fingerprint=meta["fingerprint"],
-                       class_index=int(meta["class_index"]), num_images=int(meta["num_images"]))
-        except Exception as exc:  # noqa: BLE001 - truncated or foreign files
-            raise SpurgenError(f"{path} is not a neural PCA file ({type(exc).__name__}); run spurgen fit-npca again") from None
 
 
 class SpuriousFeature(torch.nn.Module):
@@ -192,7 +121,8 @@ class SpuriousFeatureLoss:
         """Factor on kappa on the steps SFSL applies to: N. Over N steps the SFSL gradient then sums to what
         N steps with kappa each give, so its expectation per step is the paper's kappa * grad L_SFSL; only the
         variance grows. (Adam and gradient clipping see the larger, rarer term, so N > 1 trades some fidelity
-        for speed: the default stays 1.)"""
+        for speed: ``--sfsl-every`` defaults to 4, where the synthetic world's evidence found no difference from
+        every step; 1 is the paper's schedule.)"""
         return float(self.every)
 
     def rows(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -246,7 +176,8 @@ def load_sfsl_decoder(name: str, latent_channels: int, device: torch.device | st
         except (OSError, ValueError, AttributeError):
             raise SpurgenError(f"--sfsl-decoder {name}: cannot read {config_file}; {hint}") from None
         if class_name != "AutoencoderTiny":
-            raise SpurgenError(f"--sfsl-decoder {name} holds {class_name or 'no model class'}, not an AutoencoderTiny; {hint}")
+            raise SpurgenError(f"--sfsl-decoder {name} holds {class_name or 'no model class'}, not an "
+                               f"AutoencoderTiny; {hint}")
         name = str(folder)
     elif folder.exists() or name.startswith((".", "/", "~")):
         raise SpurgenError(f"--sfsl-decoder folder {folder} does not exist; {hint}")
@@ -261,7 +192,8 @@ def load_sfsl_decoder(name: str, latent_channels: int, device: torch.device | st
     return decoder.requires_grad_(False).eval().to(device)
 
 
-def spurious_feature(classifier: Classifier, cls: ClassInfo, config: "FinetuneConfig", workspace: Workspace) -> SpuriousFeature:
+def spurious_feature(classifier: Classifier, cls: ClassInfo, config: "FinetuneConfig",
+                     workspace: Workspace) -> SpuriousFeature:
     """Builds s_k for finetune's settings, checking everything it needs before training starts.
 
     Raises:

@@ -1,0 +1,318 @@
+"""Stage 2, ``spurgen finetune``: DreamBooth on Stable Diffusion plus the spurious feature similarity loss.
+
+For each class, the references that select-refs chose (``refs/<class>/``) are the instance images, captioned
+"a photo of sks <noun>"; class images that the frozen base model generates for "a photo of <noun>" keep the
+model's prior. One micro-step, for b references and b class images (method.md §2):
+
+    z = E(x)                    VAE latents, encoded once per image (the VAE is frozen)
+    t ~ U[0, T), eps ~ N(0, I)  z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps
+    pred = unet(z_t, t, text_encoder(prompt))
+    L_inst  = |target - pred|^2 on the b instance rows      (target: eps, or v for v-prediction models)
+    L_prior = |target - pred|^2 on the b class rows
+    L_SFSL  = 1 - cos(s_k(decode(z0_hat)), s_k(x_ref)) on the instance rows with t <= bound,
+              z0_hat the one-step estimate of z from pred; gradients flow through the decoder (the VAE's, or
+              --sfsl-decoder's)
+    L = L_inst + lambda L_prior + kappa L_SFSL
+
+L_SFSL is computed on every N-th optimizer step only (``--sfsl-every N``, default 4), where its weight is
+kappa * N, so that its expected gradient per step stays kappa's; N = 1 is the paper's every step.
+
+Training runs on accelerate: one process, or ``accelerate launch`` for data-parallel training where each
+process draws its own batch; mixed precision; gradient accumulation over the UNet and the text encoder.
+Every random draw of a micro-step comes from a generator seeded by (seed, process, step, micro-step), so a
+run resumed from a checkpoint continues exactly as if it had never stopped.
+
+A run's folder ``models/<class>/<run>/`` holds the weights (``pytorch_lora_weights.safetensors`` or a
+complete diffusers pipeline), ``validation/step-N/``, ``losses.csv``, ``README.md`` (the model card),
+``checkpoints/checkpoint-N/``, and ``training.json``: ``"running"`` while training, ``"failed"`` after a
+non-finite loss, and ``"complete"`` only once everything else is written.
+
+This module is the per-class loop; its parts are :mod:`.plan` (what to do with each class, the resume
+decision), :mod:`.trainer` (models, adapters, optimizer, the step, checkpoints), :mod:`.diffusion` (targets and
+the one-step estimate), :mod:`.sfsl` and :mod:`.npca` (the loss and the neural PCA), :mod:`.class_images` (the
+prior-preservation cache) and :mod:`.outputs` (manifest, model card, losses).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from .._base_model import BaseModel, _read_config, resolve_base_model
+from .._runtime import console, progress_bar, resolve_device
+from ..classifiers import load_classifiers
+from ..config import FinetuneConfig
+from ..errors import SpurgenError
+from ..labels import ClassInfo, get_label_set
+from ..workspace import (CHECKPOINT_STATE, TRAINING_FILE, Workspace, atomic_write_bytes, atomic_write_json,
+                         read_json, utc_now)
+from .diffusion import predicted_original, training_target
+from .outputs import loss_summary, progress_text, save_validation, training_manifest, write_final_outputs
+from .plan import ClassPlan, latest_checkpoint, plan_classes, resume_key
+from .sfsl import SpuriousFeature, load_sfsl_decoder, spurious_feature
+from .trainer import NonFiniteLoss, Trainer, frozen_dtype
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import AutoencoderTiny
+
+__all__ = ["ClassPlan", "FinetuneResult", "FinetuneSetup", "Trainer", "finetune", "prepare_finetune", "plan_classes",
+           "predicted_original", "training_target", "print_finetune_table"]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class FinetuneResult:
+    """The outcome of finetune for one class."""
+
+    cls: ClassInfo
+    run: str
+    folder: Path
+    status: str
+    steps: int
+    sfsl_weight: float
+    last: dict[str, float | None] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def finetune(config: FinetuneConfig, workspace: Workspace,
+             classifier_flags: Sequence[str] = ()) -> list[FinetuneResult]:
+    """Fine-tunes one model per class of ``config`` and writes ``models/<class>/<run>/``.
+
+    Input is checked first (:func:`prepare_finetune`); classes already complete are skipped.
+
+    Args:
+        config: Resolved settings.
+        workspace: Where references are read and models, checkpoints and the class image cache go.
+        classifier_flags: ``--classifier NAME=ARCH[@PATH]`` values (for ``--sfsl-model``).
+
+    Raises:
+        SpurgenError: bad input (nothing is written then), or a non-finite loss (the run's folder keeps
+            its last good checkpoint and says ``"failed"``).
+    """
+    setup = prepare_finetune(config, workspace, classifier_flags)
+    results = []
+    for plan in setup.plans:
+        if plan.action == "skip":
+            done = read_json(plan.folder / TRAINING_FILE)
+            console.print(f"{plan.cls}: {plan.folder} is already complete ({done.get('steps')} steps); "
+                          "--overwrite retrains it, --resume --steps N trains it further", highlight=False)
+            results.append(FinetuneResult(plan.cls, plan.run, plan.folder, "skipped", done.get("steps", 0),
+                                          plan.sfsl_weight, done.get("loss", {}).get("last", {})))
+        else:
+            results.append(_train_class(plan, config, workspace, setup))
+    return results
+
+
+# --- Before training: everything that can be checked is checked, nothing is written ---------------------------
+
+
+@dataclass
+class FinetuneSetup:
+    """What finetune resolved and checked before training: base model, resolution, the classes' plans, the
+    accelerator, the SFSL feature of each class whose kappa is > 0, and ``--sfsl-decoder`` when given."""
+
+    base: BaseModel
+    resolution: int
+    plans: list[ClassPlan]
+    accelerator: "Accelerator"
+    features: dict[int, SpuriousFeature]
+    sfsl_decoder: "AutoencoderTiny | None" = None
+
+    def trainer(self, plan: ClassPlan, config: FinetuneConfig, workspace: Workspace) -> Trainer:
+        """Sets up the training of one planned class (models, data, optimizer) without taking a step."""
+        return Trainer(plan, config, workspace, self.base, self.resolution, self.accelerator,
+                       self.features.get(plan.cls.index), self.sfsl_decoder)
+
+
+def prepare_finetune(config: FinetuneConfig, workspace: Workspace,
+                     classifier_flags: Sequence[str] = ()) -> FinetuneSetup:
+    """Checks everything that can be checked before training, and writes nothing but a probe file.
+
+    References, base model, resolution, optional packages, the SFSL classifier (loaded only when some class
+    has kappa > 0: its last layer, and the neural PCA for ``npca``), the settings of checkpoints to resume,
+    and that the workspace and the models' folders are writable.
+
+    Raises:
+        SpurgenError: any of these fails.
+    """
+    settings = workspace.settings()
+    labels = get_label_set(config.labels)
+    base = resolve_base_model(config.model)
+    if base.prediction_type not in PREDICTION_TYPES:
+        raise SpurgenError(f"base model '{config.model}' predicts '{base.prediction_type}'; spurgen trains "
+                           f"{', '.join(PREDICTION_TYPES)} models")
+    resolution = config.resolution or base.resolution
+    if resolution % base.size_multiple:
+        nearest = max(base.size_multiple, resolution // base.size_multiple * base.size_multiple)
+        raise SpurgenError(f"--resolution {resolution} is not a multiple of {base.size_multiple}, which this "
+                           f"base model needs; try {nearest}")
+    plans = plan_classes(config, workspace, labels)
+    _check_packages(config)
+    accelerator = _make_accelerator(config)
+    sfsl_plans = [p for p in plans if p.sfsl_weight > 0 and p.action != "skip"]
+    features: dict[int, SpuriousFeature] = {}
+    if sfsl_plans:
+        classifier = load_classifiers([config.sfsl_model], classifier_flags, labels, settings, None,
+                                      str(accelerator.device))[0]
+        features = {p.cls.index: spurious_feature(classifier, p.cls, config, workspace) for p in sfsl_plans}
+    sfsl_decoder = None
+    if sfsl_plans and config.sfsl_decoder:
+        vae_config = _read_config(base.path / "vae" / "config.json", f"base model {base.name}")
+        half = frozen_dtype(accelerator)
+        sfsl_decoder = load_sfsl_decoder(config.sfsl_decoder, vae_config.get("latent_channels", 4), accelerator.device,
+                                         half)
+    for plan in plans:
+        if plan.action == "resume":
+            state = read_json(plan.checkpoint / CHECKPOINT_STATE)
+            if state.get("key") != resume_key(config, plan, base, resolution, accelerator):
+                raise SpurgenError(f"{plan.checkpoint} was saved with other settings (or references, base model, "
+                                   "process count); resume with the settings it was started with, or pass --overwrite")
+    workspace.ensure_writable()
+    for plan in plans:
+        if plan.action != "skip":
+            _ensure_writable(plan.folder)
+    accelerator.wait_for_everyone()  # every process has planned from the folders before training changes them
+    return FinetuneSetup(base, resolution, plans, accelerator, features, sfsl_decoder)
+
+
+def _make_accelerator(config: FinetuneConfig) -> "Accelerator":
+    """The accelerator of this command: devices, processes, mixed precision, gradient accumulation.
+
+    Raises:
+        SpurgenError: unusable mixed precision, or processes that accelerate does not join into one run.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps its settings per process: without the reset, an earlier finetune() call in this
+    # process (library use, tests, benchmarks) would pin its mixed precision. The process group stays.
+    AcceleratorState._reset_state()
+    # cpu=True where there is no GPU lets accelerate join processes started by torchrun or
+    # `accelerate launch --multi_gpu` into one data-parallel run (gloo) instead of N separate runs.
+    cpu = config.device == "cpu" or resolve_device("auto").type == "cpu"
+    try:
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu,
+                                  gradient_accumulation_steps=config.gradient_accumulation_steps)
+    except (ValueError, RuntimeError) as exc:
+        raise SpurgenError(f"cannot set up training: {str(exc).splitlines()[0]}; check --mixed-precision "
+                           "(fp16 needs a GPU; bf16 a recent GPU or CPU)") from None
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise SpurgenError(f"{launched} processes were launched but accelerate joined {accelerator.num_processes}; "
+                           "launch with accelerate launch or torchrun, one process per GPU (--device cpu without GPUs)")
+    return accelerator
+
+
+def _check_packages(config: FinetuneConfig) -> None:
+    """Raises SpurgenError when a flag needs an optional package that is not installed."""
+    if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise SpurgenError("--use-8bit-adam needs bitsandbytes, which is not installed; pip install bitsandbytes "
+                           "(or 'spurgen[bnb]'), or drop the flag")
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise SpurgenError("--tensorboard needs tensorboard, which is not installed; pip install tensorboard "
+                           "(or 'spurgen[tensorboard]'), or drop the flag")
+
+
+def _ensure_writable(folder: Path) -> None:
+    """Creates ``folder`` and probes that a file can be written in it.
+
+    Raises:
+        SpurgenError: it cannot be created or written.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpurgenError(f"cannot write {folder}: {exc.strerror or exc}; choose a writable --workspace") from None
+    atomic_write_bytes(folder / ".spurgen-write-test", b"")
+    (folder / ".spurgen-write-test").unlink(missing_ok=True)  # another process may have probed it too
+
+
+# --- Training one class: the loop over steps, checkpoints and the run's folder -------------------------------
+
+
+def _train_class(plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, setup: FinetuneSetup) -> FinetuneResult:
+    """Trains one class from scratch or from its checkpoint, and writes its folder."""
+    accelerator = setup.accelerator
+    started, clock = utc_now(), time.perf_counter()
+    main = accelerator.is_main_process
+    if plan.action == "train" and main:
+        shutil.rmtree(plan.folder, ignore_errors=True)  # a previous model or unfinished run of this name
+    trainer = setup.trainer(plan, config, workspace)
+    try:  # before the manifest changes: a refused checkpoint leaves the run's folder as it was
+        step, log = trainer.load_checkpoint(plan.checkpoint) if plan.checkpoint else (0, [])
+    except BaseException:
+        trainer.close()
+        raise
+    if main:  # from now until the end, the folder says it is not a finished model
+        atomic_write_json(plan.folder / TRAINING_FILE, {"stage": "finetune", "status": "running", "started": started})
+    accelerator.wait_for_everyone()
+    writer = None
+    if config.tensorboard and main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(plan.folder / "logs"))
+    try:
+        key = resume_key(config, plan, setup.base, setup.resolution, accelerator)
+        last_checkpoint = latest_checkpoint(plan.folder)
+        with progress_bar("it") as progress:
+            task = progress.add_task(progress_text(plan.cls, log[-1]) if log else plan.cls.name, total=config.steps,
+                                     completed=step)
+            while step < config.steps:
+                try:
+                    row = trainer.train_step(step)
+                except NonFiniteLoss as exc:
+                    where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
+                             else "no checkpoint was saved yet")
+                    if main:
+                        atomic_write_json(plan.folder / TRAINING_FILE, training_manifest(
+                            plan, config, trainer, "failed", step, log, started, error=str(exc),
+                            last_checkpoint=str(last_checkpoint) if last_checkpoint else None))
+                    raise SpurgenError(f"{plan.cls}: {exc}; stopped, {where}. Lower --learning-rate, use "
+                                       "--mixed-precision bf16 or no, then --resume (or --overwrite)") from None
+                step += 1
+                log.append(row)
+                progress.update(task, advance=1, description=progress_text(plan.cls, row))
+                if writer:
+                    for name in ("loss", "inst", "prior", "sfsl", "lr"):
+                        if row[name] is not None:
+                            writer.add_scalar(name, row[name], step)
+                # Validation images before the checkpoint: a run resumed from checkpoint N has those of step N.
+                if (config.validation_steps and step % config.validation_steps == 0 and step < config.steps
+                        and config.num_validation_images):
+                    if main:
+                        save_validation(trainer, plan.folder, step)
+                    accelerator.wait_for_everyone()
+                if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+                    last_checkpoint = trainer.save_checkpoint(step, key, log)
+
+        if main:  # weights, validation images, losses and model card, then the manifest last
+            write_final_outputs(trainer, step, log, started)
+        accelerator.wait_for_everyone()
+    finally:
+        if writer:
+            writer.close()
+        trainer.close()
+    status = "resumed" if plan.action == "resume" else "trained"
+    return FinetuneResult(plan.cls, plan.run, plan.folder, status, step, plan.sfsl_weight, loss_summary(log)["last"],
+                          time.perf_counter() - clock)
+
+
+def print_finetune_table(results: Sequence[FinetuneResult]) -> None:
+    """The per-class summary table of finetune."""
+    from rich.table import Table
+
+    table = Table(title="finetune")
+    for column in ("class", "run", "status", "steps", "kappa", "loss", "inst", "prior", "sfsl", "time"):
+        table.add_column(column, justify="left" if column in ("class", "run", "status") else "right")
+    for r in results:
+        losses = ["" if r.last.get(t) is None else f"{r.last[t]:.4f}" for t in ("loss", "inst", "prior", "sfsl")]
+        table.add_row(str(r.cls), r.run, r.status, str(r.steps), f"{r.sfsl_weight:g}", *losses,
+                      f"{r.seconds:.0f} s" if r.status != "skipped" else "")
+    console.print(table)
