@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ._file_hashes import sha256_all
-from ._runtime import resolve_device
-from .classifiers import classifier_records, load_classifiers, load_state_dict_file
-from .config import GenerateConfig
-from .errors import SpurgenError
-from .images import file_sha256, load_rgb
-from .labels import ClassInfo, LabelSet
-from .predict import PredictionCache, consistency, predict_files
-from .quality import QualityMetric, load_quality_metric, score_files
-from .workspace import Workspace
+from .._file_hashes import sha256_all
+from .._runtime import resolve_device
+from ..classifiers import classifier_records, load_classifiers, load_state_dict_file
+from ..config import GenerateConfig
+from ..errors import SpurgenError
+from ..images import file_sha256, load_rgb
+from ..labels import ClassInfo, LabelSet
+from ..predict import PredictionCache, consistency, predict_files
+from ..quality import QualityMetric, load_quality_metric, score_files
+from ..workspace import Workspace
 
 if TYPE_CHECKING:
     import torch

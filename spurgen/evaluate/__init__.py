@@ -33,17 +33,17 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ._runtime import console, is_main_process, warn
-from .classifiers import classifier_records, load_classifiers
-from .config import EvaluateConfig
-from .errors import SpurgenError
-from .images import class_image_files, list_images
-from .labels import ClassInfo, LabelSet, get_label_set
-from .predict import PredictionCache, Predictions, consistency, predict_files
-from .quality import QualityMetric, load_quality_metric, score_files
-from .rate import load_ratings
-from .rating_stats import SCORES, RatingSummary, summarize_ratings
-from .workspace import (BASE_RUN, EVALUATION_FILE, EXPORT_MANIFEST, GENERATION_FILE, IMAGES_CSV, REPORT_FILE, SELECTION_FILE,
+from .._runtime import console, is_main_process, warn
+from ..classifiers import classifier_records, load_classifiers
+from ..config import EvaluateConfig
+from ..errors import SpurgenError
+from ..images import class_image_files, list_images
+from ..labels import ClassInfo, LabelSet, get_label_set
+from ..predict import PredictionCache, Predictions, consistency, predict_files
+from ..quality import QualityMetric, load_quality_metric, score_files
+from ..rate import load_ratings
+from ..rate.stats import SCORES, RatingSummary, summarize_ratings
+from ..workspace import (BASE_RUN, EVALUATION_FILE, EXPORT_MANIFEST, GENERATION_FILE, IMAGES_CSV, REPORT_FILE, SELECTION_FILE,
                         SUMMARY_CSV, Workspace, atomic_directory, atomic_write_json, atomic_write_text,
                         environment_versions, read_json, utc_now, workspace_classes)
 

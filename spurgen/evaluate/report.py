@@ -17,10 +17,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .images import UnreadableImage, load_rgb
+from ..images import UnreadableImage, load_rgb
 
 if TYPE_CHECKING:
-    from .evaluate import Evaluation, SourceResult, TableData
+    from . import Evaluation, SourceResult, TableData
 
 __all__ = ["render_report"]
 
@@ -123,7 +123,7 @@ def _naturalness_chart(title: str, results: Sequence["SourceResult"]) -> str:
 
     Results of one source (several classes) are pooled: their counts are added.
     """
-    from .rating_stats import SCORES
+    from ..rate.stats import SCORES
 
     counts: dict[str, list[int]] = {}
     for r in results:
@@ -209,8 +209,8 @@ def _class_section(evaluation: "Evaluation", cls_index: int, limit: int) -> str:
 
 def render_report(evaluation: "Evaluation", tables: Sequence["TableData"], images_per_source: int) -> str:
     """The report page as one HTML string (no external resources)."""
-    from . import __version__
-    from .workspace import utc_now
+    from .. import __version__
+    from ..workspace import utc_now
 
     sources, names = evaluation.sources, evaluation.classifiers
     overall = {}

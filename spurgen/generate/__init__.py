@@ -16,7 +16,7 @@ images of different settings in one folder.
 
 ``--until N --filter ...`` over-generates: images are made a batch at a time (never more than the images still
 wanted, so exactly N pass unless ``--max-images`` ends the run first) and each batch is judged by
-:mod:`spurgen.filters` with the models loaded once. Such a run is complete when N images passed or the limit
+:mod:`spurgen.generate.filters` with the models loaded once. Such a run is complete when N images passed or the limit
 is reached; each image's verdict and reasons are in ``generation.json``. A re-run re-judges the images already
 there (from the caches, so nothing is recomputed), then goes on sampling.
 
@@ -37,18 +37,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from ._base_model import BaseModel, image_generator, resolve_base_model
-from ._file_hashes import FileHashes
-from ._lora import LORA_WEIGHTS_NAME
-from ._runtime import (console, distributed_state, dtype_argument, library_progress_bars_off, progress_bar,
+from .._base_model import BaseModel, image_generator, resolve_base_model
+from .._file_hashes import FileHashes
+from .._lora import LORA_WEIGHTS_NAME
+from .._runtime import (console, distributed_state, dtype_argument, library_progress_bars_off, progress_bar,
                        resolve_device, warn)
-from .config import MODEL_SCHEDULER, SCHEDULERS, GenerateConfig, find_scheduler
-from .errors import SpurgenError
-from .filters import ImageFilters, Verdict
-from .images import file_sha256
-from .labels import ClassInfo, get_label_set
-from .workspace import (BASE_RUN, GENERATION_FILE, TRAINING_FILE, Workspace, atomic_write_bytes, atomic_write_json,
+from ..config import MODEL_SCHEDULER, SCHEDULERS, GenerateConfig, find_scheduler
+from ..errors import SpurgenError
+from ..images import file_sha256
+from ..labels import ClassInfo, get_label_set
+from ..workspace import (BASE_RUN, GENERATION_FILE, TRAINING_FILE, Workspace, atomic_write_bytes, atomic_write_json,
                         environment_versions, holds_json, read_json, utc_now, workspace_classes)
+from .filters import ImageFilters, Verdict
 
 if TYPE_CHECKING:
     import torch

@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from ._runtime import console, progress_bar, warn
-from .config import RateConfig
-from .errors import SpurgenError
-from .images import SpuriousImageNetFolder, UnreadableImage, file_sha256, list_images, load_rgb
-from .labels import ClassInfo, get_label_set
-from .workspace import GENERATION_FILE, Workspace, atomic_write_json, atomic_write_text, read_json, safe_name, utc_now
+from .._runtime import console, progress_bar, warn
+from ..config import RateConfig
+from ..errors import SpurgenError
+from ..images import SpuriousImageNetFolder, UnreadableImage, file_sha256, list_images, load_rgb
+from ..labels import ClassInfo, get_label_set
+from ..workspace import GENERATION_FILE, Workspace, atomic_write_json, atomic_write_text, read_json, safe_name, utc_now
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -69,7 +69,7 @@ OBJECT_ANSWERS = ("yes", "no", "unsure")
 RATINGS_FORMAT = 1
 MISSING_EXTRA = "the rating server needs Flask and waitress; install them with: pip install 'spurgen[rate]'"
 # Marks a run folder as spurgen generate's; it exists from the first image on, so unfinished runs count too.
-STATIC_DIR = Path(__file__).with_name("rate_static")
+STATIC_DIR = Path(__file__).with_name("static")
 _MAX_RATER_LENGTH = 40
 
 
