@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._runtime import warn
-from . import Rating
+from .ratings import Rating
 
 __all__ = ["SCORES", "RatingSummary", "summarize_ratings", "ordinal_alpha", "object_seen"]
 
