@@ -582,7 +582,7 @@ def _read_quality_weights(path: Path) -> None:
 def _read_clip_weights(path: Path) -> None:
     import torch
 
-    from spurgen.filters import load_zero_shot
+    from spurgen.generate.filters import load_zero_shot
 
     load_zero_shot("ViT-B-32", str(path), torch.device("cpu"))
 

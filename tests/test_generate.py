@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import spurgen.generate as generate_module
+import spurgen.generate.sampling as generate_module
 from spurgen._base_model import resolve_base_model
 from spurgen.cli import app
 from spurgen.config import SCHEDULERS, GenerateConfig, resolve_config

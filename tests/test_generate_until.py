@@ -135,7 +135,7 @@ def test_a_rerun_after_a_stop_continues_without_judging_again(rigged_forward, ti
     generate(_config(tiny_sd_dir, until=3, filter=["consistent"], max_images=first), ws, flags)
     assert forward.images == first
     # an interrupted run (Ctrl-C after one more image) keeps its images and resumes from them
-    import spurgen.generate as generate_module
+    import spurgen.generate.sampling as generate_module
 
     real_write, written = generate_module.atomic_write_bytes, []
 

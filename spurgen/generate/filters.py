@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ._file_hashes import sha256_all
-from ._runtime import resolve_device
-from .classifiers import classifier_records, load_classifiers, load_state_dict_file
-from .config import GenerateConfig
-from .errors import SpurgenError
-from .images import file_sha256, load_rgb
-from .labels import ClassInfo, LabelSet
-from .predict import PredictionCache, consistency, predict_files
-from .quality import QualityMetric, load_quality_metric, score_files
-from .workspace import Workspace
+from .._file_hashes import sha256_all
+from .._runtime import resolve_device
+from ..classifiers import classifier_records, load_classifiers, load_state_dict_file
+from ..config import GenerateConfig
+from ..errors import SpurgenError
+from ..images import file_sha256, load_rgb
+from ..labels import ClassInfo, LabelSet
+from ..predict import PredictionCache, consistency, predict_files
+from ..quality import QualityMetric, load_quality_metric, score_files
+from ..workspace import Workspace
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +61,8 @@ class ZeroShot:
         """The class prompt and the feature prompt."""
         return f"a photo of a {cls.name}", f"a photo of {cls.spurious_feature}"
 
-    def scores(self, cls: ClassInfo, files: Sequence[Path], hashes: Sequence[str], cache: PredictionCache) -> np.ndarray:
+    def scores(self, cls: ClassInfo, files: Sequence[Path], hashes: Sequence[str],
+               cache: PredictionCache) -> np.ndarray:
         """[images, 2]: CLIP logits of the class prompt and the feature prompt, from the cache where known."""
         import torch
 
@@ -131,7 +132,8 @@ class ImageFilters:
             featureless = [str(c) for c in classes if not c.spurious_feature]
             if featureless:
                 raise SpurgenError(f"the no-object filter compares the class with its spurious feature, but "
-                                   f"{', '.join(featureless)} has none in the '{labels.name}' label set; leave out no-object")
+                                   f"{', '.join(featureless)} has none in the '{labels.name}' label set; "
+                                   "leave out no-object")
         self.predictions = PredictionCache(workspace.cache_dir("predictions"))
         self.quality_cache = PredictionCache(workspace.cache_dir("quality"))
         self.clip_cache = PredictionCache(workspace.cache_dir("clip"))
@@ -149,7 +151,8 @@ class ImageFilters:
         return {"filters": self.filters, "classifiers": classifier_records(self.classifiers),
                 "quality": {"metric": self.metric.name, "weights": self.metric.weights, "bar": self.bar}
                 if self.metric else None,
-                "clip": {"fingerprint": self.zero_shot.fingerprint, "margin": self.clip_margin} if self.zero_shot else None}
+                "clip": ({"fingerprint": self.zero_shot.fingerprint, "margin": self.clip_margin}
+                         if self.zero_shot else None)}
 
     def judge(self, cls: ClassInfo, files: Sequence[Path]) -> list[Verdict]:
         """Every filter's verdict on each image of one class."""

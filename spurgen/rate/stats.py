@@ -21,8 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._runtime import warn
-from .rate import Rating
+from .._runtime import warn
+from .ratings import Rating
 
 __all__ = ["SCORES", "RatingSummary", "summarize_ratings", "ordinal_alpha", "object_seen"]
 

@@ -15,12 +15,14 @@ import html
 import io
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-from .images import UnreadableImage, load_rgb
-
-if TYPE_CHECKING:
-    from .evaluate import Evaluation, SourceResult, TableData
+from .. import __version__
+from ..images import UnreadableImage, load_rgb
+from ..rate.stats import SCORES
+from ..workspace import utc_now
+from .results import Evaluation, SourceResult
+from .tables import TableData
 
 __all__ = ["render_report"]
 
@@ -62,7 +64,7 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _table(data: "TableData") -> str:
+def _table(data: TableData) -> str:
     # A column name's line break (classifier, then source) becomes <br>.
     head = "".join("<th>" + "<br>".join(_e(part) for part in column.split("\n")) + "</th>" for column in data.columns)
     rows = []
@@ -90,7 +92,8 @@ def _bar_chart(title: str, groups: Sequence[str], series: Sequence[str], values:
     height = top + plot_height + 40 + 18 * legend_rows
     parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
               f'viewBox="0 0 {width} {height}" role="img" font-family="system-ui, sans-serif" font-size="11">'),
-             f"<title>{_e(title)}</title>", f'<text x="{left}" y="16" font-size="13" font-weight="600">{_e(title)}</text>']
+             f"<title>{_e(title)}</title>",
+             f'<text x="{left}" y="16" font-size="13" font-weight="600">{_e(title)}</text>']
     for tick in range(0, 101, 25):
         y = top + plot_height * (1 - tick / 100)
         parts.append(f'<line x1="{left}" x2="{plot_right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>'
@@ -103,13 +106,15 @@ def _bar_chart(title: str, groups: Sequence[str], series: Sequence[str], values:
                 continue
             h = plot_height * value
             x, y = x0 + s * bar, top + plot_height - h
-            parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar - 3}" height="{h:.1f}" fill="{PALETTE[s % len(PALETTE)]}">'
+            parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar - 3}" height="{h:.1f}" '
+                         f'fill="{PALETTE[s % len(PALETTE)]}">'
                          f"<title>{_e(group)} / {_e(name)}: {100 * value:.1f}%</title></rect>"
                          f'<text x="{x + (bar - 3) / 2:.1f}" y="{y - 3:.1f}" text-anchor="middle" font-size="9" '
                          f'fill="#333">{100 * value:.0f}</text>')
         parts.append(f'<text x="{x0 + len(series) * bar / 2:.1f}" y="{top + plot_height + 16}" text-anchor="middle">'
                      f"{_e(group)}</text>")
-    parts.append(f'<line x1="{left}" x2="{plot_right}" y1="{top + plot_height}" y2="{top + plot_height}" stroke="#888"/>')
+    parts.append(f'<line x1="{left}" x2="{plot_right}" y1="{top + plot_height}" y2="{top + plot_height}" '
+                 'stroke="#888"/>')
     for s, name in enumerate(series):
         x, y = left + (s % legend_columns) * legend_width, top + plot_height + 34 + 18 * (s // legend_columns)
         parts.append(f'<rect x="{x}" y="{y - 9}" width="10" height="10" fill="{PALETTE[s % len(PALETTE)]}"/>'
@@ -118,13 +123,11 @@ def _bar_chart(title: str, groups: Sequence[str], series: Sequence[str], values:
     return "".join(parts)
 
 
-def _naturalness_chart(title: str, results: Sequence["SourceResult"]) -> str:
+def _naturalness_chart(title: str, results: Sequence[SourceResult]) -> str:
     """The paper's Figure 3: per naturalness score, the share of each source's ratings that gave it.
 
     Results of one source (several classes) are pooled: their counts are added.
     """
-    from .rating_stats import SCORES
-
     counts: dict[str, list[int]] = {}
     for r in results:
         if r.rating is not None:
@@ -154,7 +157,7 @@ def _link(path: Path, reports: Path) -> str:
         return path.resolve().as_uri()
 
 
-def _grid(evaluation: "Evaluation", result: "SourceResult", limit: int) -> str:
+def _grid(evaluation: Evaluation, result: SourceResult, limit: int) -> str:
     shown = range(len(result.files)) if limit == 0 else range(min(limit, len(result.files)))
     cards = []
     for i in shown:
@@ -166,21 +169,23 @@ def _grid(evaluation: "Evaluation", result: "SourceResult", limit: int) -> str:
         for c, name in enumerate(evaluation.classifiers):
             top1 = int(result.top1[c, i])
             spurious = top1 == result.cls.index
-            labels.append(f'<li class="{"spurious" if spurious else ""}" title="{_e(name)}: {_e(evaluation.labels.label(top1))}">'
+            labels.append(f'<li class="{"spurious" if spurious else ""}" '
+                          f'title="{_e(name)}: {_e(evaluation.labels.label(top1))}">'
                           f'{"✓ " if spurious else ""}{_e(name)}: {_e(evaluation.labels.label(top1))}</li>')
         quality = (f"<div>{_e(evaluation.quality.name)} {result.quality[i]:.3f}</div>"  # type: ignore[union-attr, index]
                    if result.quality is not None else "")
         badge = '<span class="badge">consistently spurious</span>' if result.consistent[i] else ""
         cards.append(f'<figure class="{"consistent" if result.consistent[i] else ""}">'
                      f'<a href="{_e(_link(path, evaluation.reports))}">{picture}</a><figcaption>'
-                     f'<div class="file" title="{_e(path)}">{_e(path.name)}</div>{badge}<ul>{"".join(labels)}</ul>{quality}'
+                     f'<div class="file" title="{_e(path)}">{_e(path.name)}</div>{badge}'
+                     f'<ul>{"".join(labels)}</ul>{quality}'
                      "</figcaption></figure>")
     more = len(result.files) - len(shown)
     tail = f'<p class="note">{more} more image(s) in {_e(result.source.folder)}</p>' if more > 0 else ""
     return f'<div class="grid">{"".join(cards)}</div>{tail}'
 
 
-def _class_section(evaluation: "Evaluation", cls_index: int, limit: int) -> str:
+def _class_section(evaluation: Evaluation, cls_index: int, limit: int) -> str:
     results = [r for r in evaluation.results if r.cls.index == cls_index]
     cls = results[0].cls
     chart = _bar_chart(f"{cls}: spurious accuracy", evaluation.classifiers, [r.source.name for r in results],
@@ -193,7 +198,8 @@ def _class_section(evaluation: "Evaluation", cls_index: int, limit: int) -> str:
                      if r.roc_auc is not None and r.average_precision is not None else "–")
             rows.append(f"<tr><td>{_e(r.source.name)}</td><td>{_e(name)}</td><td>{len(r.files)}</td>"
                         f"<td>{100 * r.spurious_accuracy[c]:.1f}</td><td>{100 * r.top5_rate[c]:.1f}</td>"
-                        f"<td>{r.mean_probability[c]:.3f}</td><td>{100 * r.consistent_rate:.1f}</td><td>{score}</td></tr>")
+                        f"<td>{r.mean_probability[c]:.3f}</td><td>{100 * r.consistent_rate:.1f}</td>"
+                        f"<td>{score}</td></tr>")
     details = ("<table><caption>Per source and classifier</caption><thead><tr><th>source</th><th>classifier</th>"
                "<th>images</th><th>spurious acc. %</th><th>top-5 %</th><th>mean p(class)</th>"
                "<th>consistent %</th><th>ROC-AUC / AP</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
@@ -207,11 +213,8 @@ def _class_section(evaluation: "Evaluation", cls_index: int, limit: int) -> str:
     return f'<section><h2 id="class-{cls.index}">{_e(cls)}{feature}</h2>{chart}{details}{grids}</section>'
 
 
-def render_report(evaluation: "Evaluation", tables: Sequence["TableData"], images_per_source: int) -> str:
+def render_report(evaluation: Evaluation, tables: Sequence[TableData], images_per_source: int) -> str:
     """The report page as one HTML string (no external resources)."""
-    from . import __version__
-    from .workspace import utc_now
-
     sources, names = evaluation.sources, evaluation.classifiers
     overall = {}
     for c, name in enumerate(names):
@@ -229,4 +232,5 @@ def render_report(evaluation: "Evaluation", tables: Sequence["TableData"], image
         _class_section(evaluation, c.index, images_per_source) for c in evaluation.classes)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>spurgen evaluation</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_STYLE}</style></head><body>'
-            f'<h1>spurgen evaluation</h1><p class="meta">{meta}</p><p class="meta">{contents}</p>{body}</body></html>\n')
+            f'<h1>spurgen evaluation</h1><p class="meta">{meta}</p><p class="meta">{contents}</p>{body}'
+            '</body></html>\n')

@@ -1,0 +1,318 @@
+"""What one run of ``spurgen generate`` is: the model to load, the settings that decide its images, and its folder.
+
+A :class:`ModelPlan` is resolved and checked for every class and run before any model loads; a :class:`RunState`
+tracks one run folder's images and writes its ``generation.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .._base_model import BaseModel, resolve_base_model
+from .._file_hashes import FileHashes
+from .._lora import LORA_WEIGHTS_NAME
+from ..config import GenerateConfig, find_scheduler
+from ..errors import SpurgenError
+from ..images import file_sha256
+from ..labels import ClassInfo
+from ..workspace import (BASE_RUN, GENERATION_FILE, TRAINING_FILE, Workspace, atomic_write_json, holds_json, read_json,
+                         utc_now)
+from .filters import ImageFilters, Verdict
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["image_name", "ModelPlan", "plan_class", "model_record", "run_settings", "run_fingerprint", "Until",
+           "RunState", "check_folder"]
+
+# The sub-models whose weights decide an image; the safety checker only blanks flagged images.
+_WEIGHT_FOLDERS = ("unet", "text_encoder", "vae")
+_IMAGE_NAME = re.compile(r"^\d{5,}\.png$")
+
+
+def image_name(index: int) -> str:
+    """File name of image ``index`` of a run: ``00000.png``."""
+    return f"{index:05d}.png"
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What to load for one class and run, resolved and checked before any sampling starts."""
+
+    cls: ClassInfo
+    run: str
+    kind: str  # "base", "lora" or "full"
+    pipeline: BaseModel  # the folder StableDiffusionPipeline.from_pretrained loads: the base or a full run
+    base_model: str  # as the user or training.json named it
+    prompt: str
+    negative_prompt: str
+    resolution: int | None
+    lora_folder: Path | None = None
+
+
+def _fill(template: str, cls: ClassInfo) -> str:
+    # Plain replacement rather than str.format, so other braces in a prompt stay as the user wrote them.
+    return template.replace("{class}", cls.name).replace("{feature}", cls.spurious_feature or cls.name)
+
+
+def _base_of_training(training: dict[str, Any]) -> str:
+    """The base model a run was trained on: its resolved local path when that still exists, else as given."""
+    resolved = training.get("base_model_resolved")
+    if resolved and Path(resolved).is_dir():
+        return str(resolved)
+    return str(training.get("base_model") or resolved or "")
+
+
+def _lora_base(config: GenerateConfig, cls: ClassInfo, run: str, base: str, training: dict[str, Any]) -> BaseModel:
+    """The base model a LoRA run was trained on; ``--model`` finds it when it has moved since training.
+
+    Raises:
+        SpurgenError: the recorded base is gone and no --model is given, or --model is another model
+            (its fingerprint differs from the one training.json recorded).
+    """
+    try:
+        return resolve_base_model(base)
+    except SpurgenError as exc:
+        if not config.model:
+            raise SpurgenError(f"LoRA run '{run}' of {cls} needs the base model it was trained on: {exc}") from None
+    moved = resolve_base_model(config.model)
+    recorded = training.get("base_model_fingerprint")
+    if recorded and recorded != moved.fingerprint:
+        raise SpurgenError(f"--model {config.model} is not the base model LoRA run '{run}' of {cls} was trained on "
+                           f"({base}; the fingerprints differ); pass that model")
+    return moved
+
+
+def plan_class(config: GenerateConfig, workspace: Workspace, cls: ClassInfo) -> list[ModelPlan]:
+    """The models to sample for one class: the base model with --base, else each selected finished run.
+
+    Raises:
+        SpurgenError: no base model, an unfinished or unknown run, or a run folder with missing weights.
+    """
+    runs = workspace.finished_runs(cls)
+    negative = _fill(config.negative_prompt, cls)
+    if config.base:
+        bases = {_base_of_training(t) for t in runs.values()} - {""}
+        if config.model:
+            base = config.model
+        elif len(bases) == 1:
+            base = bases.pop()
+        elif bases:
+            raise SpurgenError(f"the runs of {cls} were trained on different base models ({', '.join(sorted(bases))}); "
+                               "pick one with --model")
+        else:
+            raise SpurgenError(f"no base model for {cls}: pass --model PATH_OR_HUB_ID or set model = \"...\" "
+                               "in spurgen.toml")
+        class_prompts = {t.get("class_prompt") for t in runs.values()} - {None, ""}
+        default_prompt = (class_prompts.pop() if len(class_prompts) == 1
+                          else f"a photo of {cls.spurious_feature or cls.name}")
+        resolutions = {t.get("resolution") for t in runs.values()} - {None}
+        return [ModelPlan(cls, BASE_RUN, "base", resolve_base_model(base), base,
+                          _fill(config.prompt, cls) if config.prompt else default_prompt, negative,
+                          config.resolution or (resolutions.pop() if len(resolutions) == 1 else None))]
+    models_dir = workspace.class_models_dir(cls)
+    if "all" in config.runs:
+        if not runs:
+            raise SpurgenError(f"no finished fine-tuned model for {cls} in {models_dir}; run 'spurgen finetune "
+                               f"--classes {cls.index}' first, or pass --base to sample the untouched base model")
+        names = list(runs)
+    else:
+        names = config.runs
+    plans = []
+    for run in names:
+        run_dir = workspace.model_dir(cls, run)
+        if run not in runs:
+            known = f"finished runs: {', '.join(runs)}" if runs else "it has no finished run"
+            raise SpurgenError(f"{run_dir} holds no finished model (training.json with status complete); {known}. "
+                               "Finish 'spurgen finetune' for it or pick another --runs")
+        if run == BASE_RUN:
+            raise SpurgenError(f"{run_dir}: the run name '{BASE_RUN}' is reserved for the untouched base model's "
+                               "images; rename the run folder")
+        training = runs[run]
+        prompt = _fill(config.prompt, cls) if config.prompt else training.get("instance_prompt")
+        if not prompt:
+            raise SpurgenError(f"{run_dir / TRAINING_FILE} has no instance_prompt; pass --prompt")
+        resolution = config.resolution or training.get("resolution")
+        if training.get("weights") == "lora":
+            if not (run_dir / LORA_WEIGHTS_NAME).is_file():
+                raise SpurgenError(f"{run_dir / LORA_WEIGHTS_NAME} is missing; re-run 'spurgen finetune' for run {run}")
+            base = _base_of_training(training)
+            if not base:
+                raise SpurgenError(f"{run_dir / TRAINING_FILE} names no base_model; re-run 'spurgen finetune' "
+                                   f"for run {run}")
+            base_model = _lora_base(config, cls, run, base, training)
+            plans.append(ModelPlan(cls, run, "lora", base_model, base, prompt, negative, resolution,
+                                   lora_folder=run_dir))
+        elif training.get("weights") == "full":
+            plans.append(ModelPlan(cls, run, "full", resolve_base_model(str(run_dir)),
+                                   str(training.get("base_model", "")), prompt, negative, resolution))
+        else:
+            raise SpurgenError(f"{run_dir / TRAINING_FILE}: weights is {training.get('weights')!r}, expected 'lora' or "
+                               "'full'; re-run 'spurgen finetune'")
+    return plans
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files from_pretrained reads by default: per sub-model, safetensors over .bin, no variants."""
+    files: list[Path] = []
+    for part in _WEIGHT_FOLDERS:
+        candidates = [p for p in sorted((folder / part).glob("*")) if p.is_file() and p.name.count(".") == 1]
+        safetensors = [p for p in candidates if p.suffix == ".safetensors"]
+        files.extend(safetensors or [p for p in candidates if p.suffix == ".bin"])
+    return files
+
+
+def model_record(plan: ModelPlan, hashes: FileHashes) -> dict[str, Any]:
+    """The model part of generation.json: where the weights came from and their SHA-256."""
+    hashed = hashes.digest
+    record: dict[str, Any] = {
+        "kind": plan.kind,
+        "base_model": plan.base_model,
+        "folder": str(plan.pipeline.path),
+        "revision": plan.pipeline.revision,
+        "files": {str(p.relative_to(plan.pipeline.path)): hashed(p) for p in _weight_files(plan.pipeline.path)},
+    }
+    if plan.lora_folder:
+        record.update(lora_folder=str(plan.lora_folder), lora_file=LORA_WEIGHTS_NAME,
+                      lora_sha256=hashed(plan.lora_folder / LORA_WEIGHTS_NAME))
+    return record
+
+
+def run_fingerprint(model: dict[str, Any], settings: dict[str, Any]) -> str:
+    """Hash of everything that changes an image: weight hashes and the settings (not paths, n or batch size)."""
+    payload = {"files": model["files"], "lora": model.get("lora_sha256"), **settings}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_settings(config: GenerateConfig, plan: ModelPlan, dtype: "torch.dtype") -> dict[str, Any]:
+    """The settings that change an image (batch size, device and n do not)."""
+    import torch
+
+    return {
+        "prompt": plan.prompt,
+        "negative_prompt": plan.negative_prompt,
+        "steps": config.steps,
+        "guidance": config.guidance,
+        "scheduler": find_scheduler(config.scheduler),
+        "resolution": plan.resolution or plan.pipeline.resolution,
+        "seed": config.seed,
+        "dtype": {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype],
+    }
+
+
+@dataclass
+class Until:
+    """Over-generation of one run: how many images must pass, and each judged image's verdict."""
+
+    wanted: int
+    verdicts: dict[int, Verdict] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> int:
+        return sum(v.accepted for v in self.verdicts.values())
+
+    def record(self) -> dict[str, Any]:
+        judged = len(self.verdicts)
+        return {"judged": judged, "accepted": self.accepted,
+                "acceptance_rate": self.accepted / judged if judged else None}
+
+
+@dataclass
+class RunState:
+    """One run folder being filled, and its generation.json.
+
+    ``total`` is how many image indices the run may use: -n, or with ``until`` the --max-images limit.
+    """
+
+    plan: ModelPlan
+    folder: Path
+    header: dict[str, Any]
+    seed: int
+    total: int
+    entries: dict[int, dict[str, Any]] = field(default_factory=dict)
+    todo: list[int] = field(default_factory=list)  # the images this process makes (its share of the missing ones)
+    until: Until | None = None
+
+    def present(self) -> list[int]:
+        return [i for i in range(self.total) if (self.folder / image_name(i)).is_file()]
+
+    def finished(self) -> bool:
+        """Every image exists; with ``until``, also as soon as enough images passed."""
+        enough = self.until is not None and self.until.accepted >= self.until.wanted
+        return enough or len(self.present()) == self.total
+
+    def judge(self, filters: ImageFilters, indices: Sequence[int]) -> None:
+        """Judges images of an over-generated run by every filter; an image the safety checker blanked never passes."""
+        if self.until is None or not indices:
+            return
+        verdicts = filters.judge(self.plan.cls, [self.folder / image_name(i) for i in indices])
+        for i, verdict in zip(indices, verdicts):
+            if self.entries.get(i, {}).get("nsfw_flagged"):
+                verdict = Verdict(False, (*verdict.reasons, "blanked by the safety checker"))
+            self.until.verdicts[i] = verdict
+
+    def missing(self, stale: set[Path]) -> list[int]:
+        """The images still to make: absent, or about to be deleted as ``stale``."""
+        return [i for i in range(self.total)
+                if not (self.folder / image_name(i)).is_file() or self.folder / image_name(i) in stale]
+
+    def record(self, index: int, flagged: bool | None) -> None:
+        self.entries[index] = {"index": index, "file": image_name(index), "seed": self.seed + index,
+                               "prompt": self.plan.prompt, "negative_prompt": self.plan.negative_prompt,
+                               "nsfw_flagged": flagged}
+
+    def write(self) -> None:
+        """Writes the manifest, ``"complete"`` once images 0..total-1 all exist.
+
+        An image whose entry is unknown (made by another process sharing the work) is recorded from the
+        settings, which determine it; only the safety checker's flag is then unknown.
+        """
+        present = self.present()
+        complete = self.finished()
+        for i in present:
+            if i not in self.entries:
+                self.record(i, None)
+        verdicts = self.until.verdicts if self.until else {}
+        images = [dict(self.entries[i], **({"sha256": file_sha256(self.folder / image_name(i))} if complete else {}),
+                       **({"accepted": verdicts[i].accepted, "reasons": list(verdicts[i].reasons)}
+                          if i in verdicts else {}))
+                  for i in present]
+        over_generation = ({"over_generation": {**self.header["over_generation"], **self.until.record()}}
+                           if self.until else {})
+        manifest = {**self.header, "status": "complete" if complete else "incomplete", "updated": utc_now(),
+                    "num_images": len(present) if self.until else self.total, "images": images, **over_generation}
+        if not holds_json(self.folder / GENERATION_FILE, manifest):  # a finished run's manifest stays untouched
+            atomic_write_json(self.folder / GENERATION_FILE, manifest)
+
+
+def check_folder(folder: Path, settings: dict[str, Any], fingerprint: str,
+                 overwrite: bool) -> tuple[dict[int, dict[str, Any]], list[Path]]:
+    """Checks that a run folder holds only images of these settings.
+
+    Returns:
+        The manifest entries of the images to keep, and the files that --overwrite is to delete.
+
+    Raises:
+        SpurgenError: earlier images of other settings (or of unknown origin) and no --overwrite.
+    """
+    ours = [p for p in folder.iterdir() if _IMAGE_NAME.match(p.name)] if folder.is_dir() else []
+    manifest_path = folder / GENERATION_FILE
+    previous = read_json(manifest_path) if manifest_path.is_file() else None
+    if previous is not None and previous.get("fingerprint") == fingerprint:
+        return {int(e["index"]): e for e in previous.get("images", [])}, []
+    if not ours and previous is None:
+        return {}, []
+    if not overwrite:
+        if previous is None:
+            reason = "images without generation.json (not made by spurgen generate)"
+        else:
+            changed = [k for k, v in settings.items() if previous.get("settings", {}).get(k) != v]
+            reason = "images made with other settings" + (f" ({', '.join(changed)} changed)" if changed
+                                                          else " (the model's weights changed)")
+        raise SpurgenError(f"{folder} holds {reason}; pass --overwrite to replace them, or move them away")
+    return {}, [*ours, *([manifest_path] if previous is not None else [])]

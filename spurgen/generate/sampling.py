@@ -1,0 +1,212 @@
+"""The sampling side of ``spurgen generate``: pipelines, schedulers, LoRA loading and the batch loop."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+from .._base_model import image_generator
+from .._lora import LORA_WEIGHTS_NAME
+from .._runtime import distributed_state, dtype_argument, library_progress_bars_off
+from ..config import MODEL_SCHEDULER, SCHEDULERS, GenerateConfig, find_scheduler
+from ..errors import SpurgenError
+from ..workspace import atomic_write_bytes
+from .filters import ImageFilters
+from .runs import ModelPlan, RunState, image_name
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+__all__ = ["torch_dtype", "build_scheduler", "PipelineSlot", "fill_run"]
+
+MANIFEST_INTERVAL_S = 10.0
+
+
+def torch_dtype(name: str, device: "torch.device") -> "torch.dtype":
+    """The precision a --dtype name means on a device ('auto': fp16 on CUDA, fp32 elsewhere)."""
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def build_scheduler(name: str, model_config: Any) -> Any:
+    """A diffusers scheduler by its user-facing name, built from the model's scheduler config.
+
+    Building from the model's config keeps its noise schedule and prediction type (v-prediction for
+    SD 2.x-768); ``"model"`` returns ``None`` (keep the model's own scheduler).
+    """
+    import diffusers
+
+    canonical = find_scheduler(name)
+    if canonical is None:
+        raise SpurgenError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or '{MODEL_SCHEDULER}'")
+    if canonical == MODEL_SCHEDULER:
+        return None
+    class_name, overrides = SCHEDULERS[canonical]
+    return getattr(diffusers, class_name).from_config(model_config, **overrides)
+
+
+def _load_pipeline(folder: Path, dtype: "torch.dtype", device: "torch.device") -> "StableDiffusionPipeline":
+    """A Stable Diffusion pipeline on ``device``, without progress bars.
+
+    Raises:
+        SpurgenError: ``folder`` holds no loadable pipeline.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    # A hub snapshot fetched by finetune lacks the safety checker (its download is skipped for training);
+    # a model folder that has one keeps it.
+    no_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    try:
+        with library_progress_bars_off():
+            checker = {} if (folder / "safety_checker").is_dir() else no_checker
+            pipe = StableDiffusionPipeline.from_pretrained(folder, **dtype_argument(dtype), **checker)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpurgenError(f"cannot load a Stable Diffusion pipeline from {folder} ({first}); give a diffusers "
+                           "Stable Diffusion folder or hub id") from None
+    pipe.set_progress_bar_config(disable=True)
+    # Attention runs through PyTorch's scaled_dot_product_attention (diffusers' default AttnProcessor2_0),
+    # which picks flash / memory-efficient kernels on GPUs.
+    return pipe.to(device)
+
+
+def _png_bytes(image: Any) -> bytes:
+    """A PIL image encoded as PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _chunks(items: Sequence[int], size: int) -> Iterable[list[int]]:
+    """``items`` in consecutive lists of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])
+
+
+def _batches(state: RunState, batch_size: int) -> Iterator[list[int]]:
+    """The batches of images to make: the run's share of the missing ones.
+
+    With --until, the images are taken in index order and a batch holds no more than the images still
+    wanted, so no more than that many can pass; it ends once enough passed or at the --max-images limit.
+    """
+    if state.until is None:
+        yield from _chunks(state.todo, batch_size)
+        return
+    remaining = iter(state.todo)
+    while not state.finished():
+        batch = list(itertools.islice(remaining, min(batch_size, state.until.wanted - state.until.accepted)))
+        if not batch:
+            return
+        yield batch
+
+
+def _sample(pipe: "StableDiffusionPipeline", state: RunState, config: GenerateConfig, progress: Any,
+            filters: ImageFilters | None) -> int:
+    """Makes the run's missing images batch by batch; returns how many the safety checker flagged.
+
+    With --until, each batch is judged by ``filters`` as soon as it is written.
+    """
+    resolution = state.header["settings"]["resolution"]
+    until = state.until
+    task = progress.add_task(f"{state.plan.cls.dirname}/{state.plan.run}" + (" accepted" if until else ""),
+                             total=until.wanted if until else len(state.todo), completed=until.accepted if until else 0)
+    flagged, written = 0, time.monotonic()
+    main = distributed_state().is_main_process
+    for batch in _batches(state, config.batch_size):
+        # One CPU generator per image: its starting noise and any ancestral noise are drawn from seed + i
+        # alone, so neither the batch it falls in nor the device changes it.
+        generators = [image_generator(config.seed + i) for i in batch]
+        output = pipe(prompt=[state.plan.prompt] * len(batch),
+                      negative_prompt=[state.plan.negative_prompt] * len(batch) if state.plan.negative_prompt else None,
+                      num_inference_steps=config.steps, guidance_scale=config.guidance,
+                      height=resolution, width=resolution, generator=generators,
+                      output_type="pil")
+        flags = output.nsfw_content_detected or [None] * len(batch)
+        for i, image, flag in zip(batch, output.images, flags):
+            atomic_write_bytes(state.folder / image_name(i), _png_bytes(image))
+            state.record(i, None if flag is None else bool(flag))
+            flagged += bool(flag)
+        if filters is not None:
+            state.judge(filters, batch)
+        # The images themselves are the progress a re-run resumes from; the manifest adds only the safety
+        # checker's flags, so it is rewritten (a synced file) at most every MANIFEST_INTERVAL_S seconds.
+        if main and time.monotonic() - written >= MANIFEST_INTERVAL_S:
+            state.write()
+            written = time.monotonic()
+        if until:
+            progress.update(task, completed=until.accepted)
+        else:
+            progress.advance(task, len(batch))
+    return flagged
+
+
+class PipelineSlot:
+    """The one pipeline held in memory; loading another folder releases the previous pipeline first."""
+
+    def __init__(self, dtype: "torch.dtype", device: "torch.device") -> None:
+        self.dtype, self.device = dtype, device
+        self.folder: Path | None = None
+        self.pipe: Any = None
+        self.scheduler: Any = None  # the pipeline's own scheduler, kept while runs swap in others
+
+    def get(self, folder: Path) -> "StableDiffusionPipeline":
+        """The pipeline of ``folder``, loaded unless it is the one held."""
+        if folder != self.folder:
+            self.folder = self.pipe = self.scheduler = None
+            self.pipe = _load_pipeline(folder, self.dtype, self.device)
+            self.folder, self.scheduler = folder, self.pipe.scheduler
+        return self.pipe
+
+
+def fill_run(pipelines: PipelineSlot, state: RunState, config: GenerateConfig, progress: Any,
+             filters: ImageFilters | None) -> int:
+    """Loads the run's model (LoRA onto its base) and makes its missing images; returns the flagged count."""
+    plan = state.plan
+    pipe = pipelines.get(plan.pipeline.path)
+    pipe.scheduler = build_scheduler(config.scheduler, pipelines.scheduler.config) or pipelines.scheduler
+    if plan.lora_folder:
+        _load_lora(pipe, plan)  # before anything is written: a LoRA of another base model is bad input
+    state.folder.mkdir(parents=True, exist_ok=True)
+    main = distributed_state().is_main_process
+    if main:
+        state.write()  # "incomplete" before the first image: a crash leaves a resumable folder
+    try:
+        return _sample(pipe, state, config, progress, filters)
+    except BaseException:
+        if main:
+            state.write()  # an interrupted run still records the images it made (Ctrl-C, an error in a batch)
+        raise
+    finally:
+        if plan.lora_folder:
+            pipe.unload_lora_weights()
+
+
+def _load_lora(pipe: "StableDiffusionPipeline", plan: ModelPlan) -> None:
+    """Loads the run's LoRA weights onto the pipeline.
+
+    Raises:
+        SpurgenError: the weights do not fit the pipeline (a LoRA of another base model).
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    # A UNet-only run (preset dreambooth) has no text-encoder keys, which diffusers reports as a warning.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipe.load_lora_weights(plan.lora_folder, weight_name=LORA_WEIGHTS_NAME)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        # torch's "Error(s) in loading state_dict for ...:" header says less than the first mismatch under it.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = next((line for line in lines if not line.endswith(":")), lines[0] if lines else type(exc).__name__)
+        raise SpurgenError(f"cannot load the LoRA of run '{plan.run}' ({plan.lora_folder / LORA_WEIGHTS_NAME}) onto "
+                           f"{plan.base_model} ({first}); it must be loaded onto the base model it was trained "
+                           "on") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
