@@ -28,6 +28,7 @@ from .evidence import EvidenceConfig
 F = TypeVar("F", bound=Callable[..., Any])
 # Flags of a command: each given option's value by config field name, None where not given (see _cli_options).
 Flags = dict[str, Any]
+# The workspace without --workspace or SPURGEN_WORKSPACE; kept here, as --help must not import workspace.py.
 DEFAULT_WORKSPACE = "spurgen-work"
 
 app = typer.Typer(
