@@ -3,6 +3,7 @@
 Stages, each ours against a baseline measured in the same process (see each module's docstring):
 
     help         spurgen --help in a subprocess vs a bare Python start       target < 1 s
+                 and vs a bare python -c "import typer, rich"                <= 2x
     select-refs  select_refs end to end vs bare batched classifier forwards  >= 0.8x
     evaluate     evaluate end to end vs bare batched classifier forwards     >= 0.8x
     generate     generate vs a bare diffusers StableDiffusionPipeline loop   >= 0.95x

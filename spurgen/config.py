@@ -1,6 +1,7 @@
 """Stage settings as dataclasses, and how they are resolved.
 
-Every setting is a dataclass field whose ``help`` metadata is also its ``--help`` text. A stage's
+Every setting is a dataclass field, and its field alone declares the setting's command-line option
+(:func:`setting`'s metadata, read by ``_cli_options``): its ``help`` is also the ``--help`` text. A stage's
 settings come from, in rising priority: the field defaults, the top level of ``spurgen.toml``, the
 stage's table in it (``[select-refs]``, ``[finetune]``, ...), and command-line flags. This module
 imports nothing heavy, so ``spurgen --help`` stays fast.
@@ -14,7 +15,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from .errors import SpurgenError
 
@@ -28,12 +29,31 @@ CROP_POLICIES = ("center", "none")
 FILTER_PATTERN = re.compile(r"^(consistent|no-object|quality>=-?(\d+\.?\d*|\.\d+))$")
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field carrying its help text (shown by ``--help`` and in the README)."""
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[str, ...] = (), off: str | None = None,
+            metavar: str | None = None, path: bool = False, split: bool = True,
+            parse: Callable[[list[str]], Any] | None = None, cli: bool = True, **kwargs: Any) -> Any:
+    """A dataclass field carrying its help text and how its command-line option reads (see ``_cli_options``).
+
+    Args:
+        default: The default; a list or dict is copied for every instance.
+        help: What the setting does, shown by ``--help`` (with the default appended) and in the README.
+        flags: More names of the option besides ``--<field-name>``: short flags (``"-c"``) and aliases (``"--lr"``).
+        off: The switch that sets a bool setting to false (``"--full"`` for ``--lora``); without one the flag only
+            sets it true.
+        metavar: The value's shape in ``--help`` (``"CLASS=KAPPA"``), where the type's name says too little.
+        path: The value names a file or folder: ``--help`` says ``<path>`` and ``~`` is expanded.
+        split: A list option's values are split at commas as well as repeated (``-c a,b -c c``); false where an
+            item may hold a comma (a folder name).
+        parse: Turns a list option's (split) values into the setting's value, raising :class:`SpurgenError`.
+        cli: False for a setting that only spurgen.toml or code sets.
+        **kwargs: Passed on to :func:`dataclasses.field`.
+    """
+    metadata = {"help": help, "flags": flags, "off": off, "metavar": metavar, "path": path, "split": split,
+                "parse": parse, "cli": cli}
     if isinstance(default, (list, dict)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 def help_for(config_cls: type, name: str) -> str:
@@ -150,11 +170,11 @@ def require(condition: bool, message: str) -> None:
 class SelectRefsConfig:
     """Settings of ``spurgen select-refs``."""
 
-    classes: list[str] = setting(["all"], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all' (the 100 Spurious ImageNet classes).")
-    dataset: str | None = setting(None, "Spurious ImageNet 'images' folder (100 sub-folders of 75 images).")
-    images: str | None = setting(None, "A plain folder of images of one class (use with a single --classes).")
+    classes: list[str] = setting(["all"], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all' (the 100 Spurious ImageNet classes).", flags=("-c",))
+    dataset: str | None = setting(None, "Spurious ImageNet 'images' folder (100 sub-folders of 75 images).", path=True)
+    images: str | None = setting(None, "A plain folder of images of one class (use with a single --classes).", path=True)
     classifiers: list[str] = setting(["all"], "Classifiers that must all agree, comma-separated registry names, or 'all' (every configured one).")
-    k: int = setting(6, "Number of reference images to keep per class (the paper keeps 6).")
+    k: int = setting(6, "Number of reference images to keep per class (the paper keeps 6).", flags=("-k",))
     crop: str | None = setting(None, "Crop policy: 'center' (resize + center crop) or 'none' (the whole image resized to the input size, as Spurious ImageNet feeds its square images). Default: each classifier's own.")
     batch_size: int = setting(32, "Images per classifier forward pass.")
     num_workers: int = setting(2, "DataLoader worker processes decoding images (0 decodes in the main process).")
@@ -170,10 +190,10 @@ class SelectRefsConfig:
 
 
 def same_setting(config_cls: type, name: str) -> Any:
-    """A field with the default and help text of another stage's setting, so a shared flag reads the same."""
+    """A field with the default, help text and option of another stage's setting, so a shared flag reads the same."""
     fld = {f.name: f for f in dataclasses.fields(config_cls)}[name]
     default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()  # type: ignore[misc]
-    return setting(default, fld.metadata.get("help", ""))
+    return setting(default, **fld.metadata)
 
 
 # Samplers by the names users know them from (diffusers' docs, web UIs): the diffusers class and the settings
@@ -212,11 +232,11 @@ def find_scheduler(name: str) -> str | None:
 class GenerateConfig:
     """Settings of ``spurgen generate``."""
 
-    classes: list[str] = setting([], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all'. Default: every class with a fine-tuned model in the workspace.")
-    runs: list[str] = setting(["all"], "Fine-tuned runs to sample from (models/<class>/<run>/), comma-separated, or 'all' (every finished run of the class).")
+    classes: list[str] = setting([], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all'. Default: every class with a fine-tuned model in the workspace.", flags=("-c",))
+    runs: list[str] = setting(["all"], "Fine-tuned runs to sample from (models/<class>/<run>/), comma-separated, or 'all' (every finished run of the class).", flags=("--run",))
     base: bool = setting(False, "Sample from the untouched base model instead of the fine-tuned runs (the no-fine-tuning baseline); saved as run 'base'.")
     model: str | None = setting(None, "Base model for --base: a diffusers Stable Diffusion folder or hub id. Default: the top-level 'model' of spurgen.toml, else the base model the class's finished runs were trained on. Also where a LoRA run's base model is when it has moved since training (checked against the fingerprint in training.json).")
-    num_images: int = setting(75, "Images per class and run (the paper samples 75, as many as Spurious ImageNet has per class).")
+    num_images: int = setting(75, "Images per class and run (the paper samples 75, as many as Spurious ImageNet has per class).", flags=("-n",))
     prompt: str | None = setting(None, "Prompt; {class} and {feature} stand for the class name and its spurious feature. Default: the run's instance prompt ('a photo of sks <noun>'); with --base, the class prompt ('a photo of <noun>').")
     negative_prompt: str = setting("", "Negative prompt; the same placeholders as --prompt.")
     steps: int = setting(25, "Denoising steps.")
@@ -235,9 +255,9 @@ class GenerateConfig:
     classifiers: list[str] = setting(["all"], "Classifiers of the 'consistent' filter, comma-separated registry names, or 'all' (every configured one).")
     crop: str | None = same_setting(SelectRefsConfig, "crop")
     quality: str = setting("topiq", "No-reference quality metric of the 'quality>=X' filter (pyiqa; pip install 'spurgen[quality]').")
-    quality_weights: str | None = setting(None, "Weights of the --quality metric (safetensors or a torch state dict). Default: pyiqa's own.")
+    quality_weights: str | None = setting(None, "Weights of the --quality metric (safetensors or a torch state dict). Default: pyiqa's own.", path=True)
     clip_model: str | None = setting(None, "open_clip model of the 'no-object' filter: an architecture name (ViT-B-32) with --clip-weights, or an 'hf-hub:ORG/NAME' id (from the hub cache on this machine).")
-    clip_weights: str | None = setting(None, "Weights of --clip-model: safetensors or a torch state dict (read without unpickling code).")
+    clip_weights: str | None = setting(None, "Weights of --clip-model: safetensors or a torch state dict (read without unpickling code).", path=True)
     clip_margin: float = setting(0.0, "The 'no-object' filter rejects an image when the class prompt's CLIP logit exceeds the feature prompt's by more than this.")
 
     @property
@@ -279,12 +299,12 @@ class GenerateConfig:
 class EvaluateConfig:
     """Settings of ``spurgen evaluate``."""
 
-    classes: list[str] = setting([], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all'. Default: every class with generated images or references in the workspace.")
-    runs: list[str] = setting(["all"], "Generated runs to evaluate (generated/<class>/<run>/), comma-separated, or 'all' (every finished one; 'base' is the untouched base model's).")
-    refs: bool = setting(True, "Also evaluate each class's selected reference images (refs/<class>/) when present.")
-    dataset: str | None = setting(None, "Spurious ImageNet (its 'images' folder or the folder above it): adds each class's spurious images as the source 'spurious-imagenet'.")
-    images: list[str] = setting([], "More image sources, [NAME=]DIR each (repeatable): a folder of one class's images (with a single --classes) or a folder in Spurious ImageNet's layout, such as an --export.")
-    val_images: str | None = setting(None, "Real images of each class (e.g. its 50 ImageNet validation images): one sub-folder per class named by WordNet id (n01833805), index (94) or 94-hummingbird, or a plain folder for a single class. Adds Spurious ImageNet's spurious score per class: ROC-AUC of the class probability separating these images (positives) from each source's images (negatives), and average precision of the same ranking. Spurious ImageNet's paper calls its score an AUC while its code computes average precision; both are reported, each under its own name.")
+    classes: list[str] = setting([], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all'. Default: every class with generated images or references in the workspace.", flags=("-c",))
+    runs: list[str] = setting(["all"], "Generated runs to evaluate (generated/<class>/<run>/), comma-separated, or 'all' (every finished one; 'base' is the untouched base model's).", flags=("--run",))
+    refs: bool = setting(True, "Also evaluate each class's selected reference images (refs/<class>/) when present.", off="--no-refs")
+    dataset: str | None = setting(None, "Spurious ImageNet (its 'images' folder or the folder above it): adds each class's spurious images as the source 'spurious-imagenet'.", path=True)
+    images: list[str] = setting([], "More image sources, [NAME=]DIR each (repeatable): a folder of one class's images (with a single --classes) or a folder in Spurious ImageNet's layout, such as an --export.", metavar="[NAME=]DIR", split=False)
+    val_images: str | None = setting(None, "Real images of each class (e.g. its 50 ImageNet validation images): one sub-folder per class named by WordNet id (n01833805), index (94) or 94-hummingbird, or a plain folder for a single class. Adds Spurious ImageNet's spurious score per class: ROC-AUC of the class probability separating these images (positives) from each source's images (negatives), and average precision of the same ranking. Spurious ImageNet's paper calls its score an AUC while its code computes average precision; both are reported, each under its own name.", path=True)
     classifiers: list[str] = setting(["all"], "Classifiers to evaluate with, comma-separated registry names, or 'all' (every configured one).")
     crop: str | None = same_setting(SelectRefsConfig, "crop")
     batch_size: int = same_setting(SelectRefsConfig, "batch_size")
@@ -292,9 +312,9 @@ class EvaluateConfig:
     device: str = same_setting(SelectRefsConfig, "device")
     labels: str = same_setting(SelectRefsConfig, "labels")
     quality: str | None = setting(None, "No-reference image quality metric of pyiqa: 'topiq' (TOPIQ as in the paper, pyiqa's topiq_nr) or any pyiqa NR metric name. Needs pip install 'spurgen[quality]' (pyiqa: non-commercial licence).")
-    quality_weights: str | None = setting(None, "Weights of the --quality metric (safetensors or a torch state dict, read without unpickling code). Default: pyiqa's own, from its cache (downloaded on first use).")
+    quality_weights: str | None = setting(None, "Weights of the --quality metric (safetensors or a torch state dict, read without unpickling code). Default: pyiqa's own, from its cache (downloaded on first use).", path=True)
     min_quality: float | None = setting(None, "With --export: keep only images whose quality is at least this (at most this for metrics where lower is better). Needs --quality.")
-    export: str | None = setting(None, "Write the consistently spurious generated images to this folder in Spurious ImageNet's layout (images/<...>_<index>_<name>_<component>/), with manifest.json; 'spurgen select-refs --dataset' reads it.")
+    export: str | None = setting(None, "Write the consistently spurious generated images to this folder in Spurious ImageNet's layout (images/<...>_<index>_<name>_<component>/), with manifest.json; 'spurgen select-refs --dataset' reads it.", path=True)
     report_images: int = setting(16, "Images per class and source shown in the report's grids (0: all).")
     drop_object_present: bool = setting(False, "With --export: leave out images that most raters of 'spurgen rate' said show the class object (more than half of their answers 'yes').")
 
@@ -342,24 +362,37 @@ def _prompt_problem(template: str) -> str | None:
     return f"unknown placeholder {{{sorted(unknown)[0]}}}" if unknown else None
 
 
+def _class_sfsl_weights(items: list[str]) -> dict[str, float]:
+    """Parses ``--class-sfsl-weight hummingbird=0.2,koala=0.05`` (already split at commas) into a table."""
+    table: dict[str, float] = {}
+    for item in items:
+        name, sep, kappa = item.rpartition("=")
+        try:
+            table[name.strip()] = float(kappa)
+        except ValueError:
+            name = ""
+        if not sep or not name.strip():
+            raise SpurgenError(f"--class-sfsl-weight: bad entry {item!r}; write CLASS=KAPPA, e.g. hummingbird=0.2")
+    return table
+
+
 @dataclass
 class FinetuneConfig:
     """Settings of ``spurgen finetune``."""
 
-    classes: list[str] = setting(["all"], "Classes to fine-tune, one model each: ImageNet names, indices or WordNet ids, comma-separated, or 'all'.")
+    classes: list[str] = setting(["all"], "Classes to fine-tune, one model each: ImageNet names, indices or WordNet ids, comma-separated, or 'all'.", flags=("-c",))
     model: str = setting("stable-diffusion-v1-5/stable-diffusion-v1-5", "Base Stable Diffusion model: a diffusers folder or a hub id (SD 1.x or 2.x; also read from 'model' at the top of spurgen.toml, shared with generate).")
-    labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
     preset: str = setting("sfsl", "What is trained: 'dreambooth' (UNet only), 'dreambooth-te' (UNet + text encoder) or 'sfsl' (UNet + text encoder + spurious feature similarity loss), the paper's three ablation runs.")
     run_name: str | None = setting(None, "Name of the run's folder models/<class>/<run-name>/. Default: the preset.")
     identifier: str = setting("sks", "Rare token that binds the references' spurious feature in the instance prompt.")
     noun: str | None = setting(None, "Noun of the prompts. Default: the class's spurious feature from the label set (e.g. 'red feeder/flower'), else its name.")
     instance_prompt: str = setting("a photo of {identifier} {noun}", "Prompt of the reference images; {identifier} and {noun} are filled in per class.")
     class_prompt: str = setting("a photo of {noun}", "Prompt of the prior-preservation class images; {noun} is filled in per class.")
-    train_text_encoder: bool | None = setting(None, "Train the text encoder with the UNet. Default: the preset's (off for 'dreambooth'); changing it needs --run-name.")
-    lora: bool = setting(True, "Train LoRA adapters (saved as pytorch_lora_weights.safetensors) instead of all weights (--full, saved as a complete diffusers folder).")
+    train_text_encoder: bool | None = setting(None, "Train the text encoder with the UNet. Default: the preset's (off for 'dreambooth'); changing it needs --run-name.", off="--no-train-text-encoder")
+    lora: bool = setting(True, "Train LoRA adapters (saved as pytorch_lora_weights.safetensors) instead of all weights (--full, saved as a complete diffusers folder).", off="--full")
     rank: int = setting(16, "LoRA rank.")
     alpha: float | None = setting(None, "LoRA alpha; the update is scaled by alpha / rank. Default: the rank.")
-    learning_rate: float | None = setting(None, "Learning rate of the UNet. Default: 1e-4 for LoRA, 5e-6 for full fine-tuning.")
+    learning_rate: float | None = setting(None, "Learning rate of the UNet. Default: 1e-4 for LoRA, 5e-6 for full fine-tuning.", flags=("--lr",))
     text_encoder_lr: float | None = setting(None, "Learning rate of the text encoder. Default: --learning-rate.")
     lr_scheduler: str = setting("constant", "Learning-rate schedule: constant, constant_with_warmup, linear or cosine.")
     lr_warmup_steps: int = setting(0, "Warm-up steps of the learning-rate schedule.")
@@ -372,17 +405,17 @@ class FinetuneConfig:
     resolution: int | None = setting(None, "Training image side in pixels. Default: the base model's (512 for SD 1.x, 768 for SD 2.x-768).")
     seed: int = setting(0, "Seed of everything random: LoRA initialisation, batches, noise, timesteps, class and validation images.")
     mixed_precision: str | None = setting(None, "Mixed precision: 'no', 'fp16' or 'bf16'. Default: accelerate's configuration ('no' without one).")
-    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass to save memory: UNet, trained text encoder, and the VAE decoder that SFSL differentiates through.")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass to save memory: UNet, trained text encoder, and the VAE decoder that SFSL differentiates through.", off="--no-gradient-checkpointing")
     attention: str = setting("sdpa", "Attention kernel: 'sdpa' (PyTorch scaled dot-product attention, memory-efficient) or 'eager'.")
     device: str = setting("auto", "'auto' (the GPU when present; several GPUs through accelerate launch) or 'cpu'.")
-    prior_preservation: bool = setting(True, "Add the prior-preservation loss on class images that the frozen base model generates from the class prompt.")
+    prior_preservation: bool = setting(True, "Add the prior-preservation loss on class images that the frozen base model generates from the class prompt.", off="--no-prior-preservation")
     prior_weight: float = setting(1.0, "Weight lambda of the prior-preservation loss.")
     num_class_images: int = setting(200, "Class images for prior preservation, generated once and cached in the workspace (shared by classes and runs with the same base model, prompt, resolution and seed).")
     sample_steps: int = setting(25, "Denoising steps for class and validation images (with the base model's own scheduler).")
     guidance_scale: float = setting(7.5, "Classifier-free guidance scale of class and validation images.")
     sample_batch_size: int = setting(4, "Images per batch when generating class images.")
     sfsl_weight: float = setting(100.0, "Weight kappa of the spurious feature similarity loss with the 'sfsl' preset (0 disables it); [finetune.class-sfsl-weight] in spurgen.toml sets it per class. The default is the synthetic world's choice among 1, 10 and 100 (README, Evidence); the paper's best kappa differs per class, so sweep it on real models (spurgen run --sfsl-weight 1,10,100).")
-    class_sfsl_weight: dict[str, float] = setting({}, "Per-class kappa, NAME=KAPPA comma-separated (in spurgen.toml: a [finetune.class-sfsl-weight] table); overrides --sfsl-weight for the classes it names.")
+    class_sfsl_weight: dict[str, float] = setting({}, "Per-class kappa, NAME=KAPPA comma-separated (in spurgen.toml: a [finetune.class-sfsl-weight] table); overrides --sfsl-weight for the classes it names.", metavar="CLASS=KAPPA", parse=_class_sfsl_weights)
     sfsl_model: str = setting("robust-rn50", "Classifier of the SFSL features: any registry name (define it with --classifier NAME=ARCH@PATH); it needs a last linear layer.")
     sfsl_feature: str = setting("contrib", "SFSL feature: 'contrib' (w_k * phi(x), the per-feature contributions to the class logit) or 'npca' (the class's neural PCA coordinates; run spurgen fit-npca first).")
     sfsl_npca_components: str = setting("all", "With --sfsl-feature npca: 'all' components or only the class's 'spurious' ones (from the label set).")
@@ -396,6 +429,7 @@ class FinetuneConfig:
     validation_steps: int = setting(200, "Save validation images from the instance prompt every N steps (0: only at the end).")
     num_validation_images: int = setting(4, "Validation images per save, with seeds seed, seed+1, ... (0: none).")
     tensorboard: bool = setting(False, "Write TensorBoard logs to models/<class>/<run>/logs (pip install tensorboard).")
+    labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
 
     def validate(self) -> None:
         require(self.preset in FINETUNE_PRESETS, f"--preset must be one of {', '.join(FINETUNE_PRESETS)}, got {self.preset!r}")
@@ -449,12 +483,12 @@ class FinetuneConfig:
 class FitNpcaConfig:
     """Settings of ``spurgen fit-npca``."""
 
-    classes: list[str] = setting([], "The class whose images --images holds (one class).")
-    images: str | None = setting(None, "Folder of real images of the class (e.g. its ImageNet training images).")
+    classes: list[str] = setting([], "The class whose images --images holds (one class).", flags=("-c",))
+    images: str | None = setting(None, "Folder of real images of the class (e.g. its ImageNet training images).", path=True)
     sfsl_model: str = setting("robust-rn50", "Classifier whose last-layer contributions are analysed: the --sfsl-model that finetune will use.")
-    labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
     batch_size: int = setting(32, "Images per classifier forward pass.")
     device: str = setting("auto", "Device: 'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1', 'mps'.")
+    labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
 
     def validate(self) -> None:
         require(len(self.classes) == 1, "fit-npca fits one class; pass exactly one --classes NAME")
@@ -466,8 +500,8 @@ class FitNpcaConfig:
 class RateConfig:
     """Settings of ``spurgen rate``."""
 
-    classes: list[str] = setting(["all"], "Classes whose images are rated: names, indices or WordNet ids, comma-separated, or 'all'; classes without images are left out.")
-    dataset: str | None = setting(None, "Spurious ImageNet 'images' folder: its class folders join the study as real images.")
+    classes: list[str] = setting(["all"], "Classes whose images are rated: names, indices or WordNet ids, comma-separated, or 'all'; classes without images are left out.", flags=("-c",))
+    dataset: str | None = setting(None, "Spurious ImageNet 'images' folder: its class folders join the study as real images.", path=True)
     max_images: int | None = setting(None, "At most this many images per class and source (reference, dataset, generated), a sample fixed by --seed. Default: all.")
     seed: int = setting(0, "Study seed: with each rater's name it fixes the rater's image order; keep it for the whole study.")
     image_size: int = setting(512, "Longer side in pixels of the images shown; every image is re-encoded to it, so neither format nor size gives away its source.")
@@ -490,7 +524,7 @@ class RateConfig:
 class RunConfig:
     """Settings of ``spurgen run`` (its [run] table); each stage reads its own table as its command does."""
 
-    classes: list[str] = setting(["all"], "Classes to take through every stage: ImageNet names, indices or WordNet ids, comma-separated, or 'all'.")
+    classes: list[str] = setting(["all"], "Classes to take through every stage: ImageNet names, indices or WordNet ids, comma-separated, or 'all'.", flags=("-c",))
     presets: list[str] = setting(["sfsl"], "Fine-tuning presets, one run each per class, comma-separated: dreambooth, dreambooth-te, sfsl.")
     sfsl_weight: list[float] = setting([], "Grid of kappa values for the 'sfsl' preset, comma-separated; each is its own run named sfsl-k<kappa> (sfsl-k0.05). Default: one run 'sfsl' with [finetune]'s sfsl-weight.")
     labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._runtime import console
 from .config import (EvaluateConfig, FinetuneConfig, GenerateConfig, SelectRefsConfig, require, resolve_config,
                      setting)
 from .errors import SpurgenError
-from .workspace import Workspace, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:  # --help imports DemoConfig; it must not load the workspace and progress modules
+    from .workspace import Workspace
 
 __all__ = ["DemoConfig", "run_demo", "demo_settings"]
 
@@ -28,10 +29,10 @@ PRESETS = ("dreambooth", "dreambooth-te", "sfsl")
 class DemoConfig:
     """Settings of ``spurgen demo``."""
 
-    classes: list[str] = setting(["triangle", "star"], "World classes to run (circle, square, triangle, cross, star, ring).")
+    classes: list[str] = setting(["triangle", "star"], "World classes to run (circle, square, triangle, cross, star, ring).", flags=("-c",))
     steps: int = setting(150, "Fine-tuning steps per class and preset.")
-    num_images: int = setting(75, "Images generated per class and run (and for the base model).")
-    num_class_images: int = setting(24, "Prior-preservation class images per class.")
+    num_images: int = setting(75, "Images generated per class and run (and for the base model).", flags=("-n",))
+    num_class_images: int = setting(24, "Prior-preservation class images per class.", cli=False)
 
     def validate(self) -> None:
         require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
@@ -90,10 +91,12 @@ def render_spurious_set(workspace: Workspace) -> None:
 
 def run_demo(config: DemoConfig, workspace: Workspace) -> dict[str, Any]:
     """Runs the four stages on the world and returns the evaluation plus the time each stage took."""
+    from ._runtime import console
     from .evaluate import evaluate, print_evaluation_tables
     from .finetune import finetune
     from .generate import generate
     from .select_refs import print_selection_table, select_refs
+    from .workspace import atomic_write_json, atomic_write_text
 
     from .world.build import SD_DIR
 

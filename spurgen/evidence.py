@@ -22,12 +22,13 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._runtime import console
 from .config import (EvaluateConfig, FinetuneConfig, FitNpcaConfig, GenerateConfig, SelectRefsConfig, require,
                       resolve_config, setting)
-from .workspace import Workspace, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:  # --help imports EvidenceConfig; it must not load the workspace and progress modules
+    from .workspace import Workspace
 
 __all__ = ["EvidenceConfig", "gather_evidence", "EVIDENCE_FILE"]
 
@@ -44,7 +45,7 @@ class EvidenceConfig:
     bounds: list[int] = setting([400, 999], "SFSL timestep bounds tried on the tuning classes.")
     seeds: list[int] = setting([0, 1], "Fine-tuning seeds of every reported run (their spread is the noise).")
     steps: int = setting(150, "Fine-tuning steps of every run.")
-    num_images: int = setting(75, "Images generated per run.")
+    num_images: int = setting(75, "Images generated per run.", flags=("-n",))
 
     def validate(self) -> None:
         require(not set(self.tuning_classes) & set(self.report_classes),
@@ -63,6 +64,7 @@ class _Experiment:
 
     def __init__(self, workspace: Workspace, config: EvidenceConfig) -> None:
         from .demo import DemoConfig, demo_settings, render_spurious_set
+        from .workspace import atomic_write_text
 
         self.workspace = workspace
         self.config = config
@@ -217,6 +219,9 @@ def gather_evidence(config: EvidenceConfig, workspace: Workspace) -> dict[str, A
         The tuning runs' scores, the chosen setting, the report's Table 2 and the SFSL - DreamBooth + text
         encoder difference with its standard error.
     """
+    from ._runtime import console
+    from .workspace import atomic_write_json
+
     config.validate()
     started = time.perf_counter()
     experiment = _Experiment(workspace, config)
@@ -234,6 +239,8 @@ def gather_evidence(config: EvidenceConfig, workspace: Workspace) -> dict[str, A
 def print_evidence(evidence: dict[str, Any]) -> None:
     """The tuning grid and the reported Table 2 as rich tables."""
     from rich.table import Table
+
+    from ._runtime import console
 
     tuning = Table(title=f"tuning classes: {', '.join(evidence['settings']['tuning_classes'])}")
     for column in ("run", "spurious acc.", "consistent"):

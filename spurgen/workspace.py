@@ -43,7 +43,6 @@ __all__ = [
     "holds_json",
     "safe_name",
     "environment_versions",
-    "DEFAULT_WORKSPACE",
     "workspace_classes",
     "SELECTION_FILE",
     "TRAINING_FILE",
@@ -59,7 +58,6 @@ __all__ = [
     "EXPORT_MANIFEST",
 ]
 
-DEFAULT_WORKSPACE = "spurgen-work"
 SETTINGS_FILE = "spurgen.toml"
 # Every manifest a stage writes, by name: a stage finds another's outputs through these names, never by
 # importing that stage. A manifest is written last, so its presence marks the output finished.
