@@ -329,17 +329,13 @@ def classes_command(
     from rich.table import Table
 
     from ._runtime import console
-    from .labels import get_label_set, normalize_name
+    from .labels import get_label_set
 
     label_set = get_label_set(labels)
-    indices = sorted(label_set.classes) if everything else list(label_set.default_indices)
     table = Table(title=f"label set '{label_set.name}'")
     for column in ("index", "name", "synset", "spurious feature"):
         table.add_column(column)
-    for index in indices:
-        info = label_set[index]
-        if query and normalize_name(query) not in normalize_name(" ".join((info.name, *info.aliases))):
-            continue
+    for info in label_set.search(query, everything):
         table.add_row(str(info.index), info.name, info.synset or "", info.spurious_feature or "")
     console.print(table)
 

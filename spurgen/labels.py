@@ -156,6 +156,28 @@ class LabelSet:
                 resolved.setdefault(info.index, info)
         return list(resolved.values())
 
+    def search(self, query: str | None = None, every_class: bool = False) -> list[ClassInfo]:
+        """The classes whose name or alias contains ``query`` (all when it is empty), in index order.
+
+        Args:
+            query: Text to look for, compared as normalized names (``grey whale`` = ``grey_whale``).
+            every_class: Search every class of the label set, not only those ``all`` selects.
+
+        Raises:
+            SpurgenError: no class contains ``query``; says which flag finds it, or suggests the closest names
+                as ``--classes`` does for a typo.
+        """
+        indices = sorted(self.classes) if every_class else list(self.default_indices)
+        key = normalize_name(query or "")
+        found = [self.classes[i] for i in indices
+                 if key in normalize_name(" ".join((self.classes[i].name, *self.classes[i].aliases)))]
+        if found or not key:
+            return found
+        if not every_class and self.search(query, every_class=True):
+            raise SpurgenError(f"none of the classes that 'all' selects contains '{query}'; add --all-classes to "
+                               f"search every class of the '{self.name}' label set")
+        raise SpurgenError(f"no class name contains '{query}'{self._suggestion(query or '')}")
+
     def _suggestion(self, text: str) -> str:
         key = normalize_name(text)
         close = difflib.get_close_matches(key, list(self._lookup), n=3, cutoff=0.75)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from .._base_model import BaseModel, _read_config, resolve_base_model
-from .._runtime import console, progress_bar, resolve_device
+from .._runtime import PROGRESS_INTERVAL_S, console, progress_bar, resolve_device
 from ..classifiers import load_classifiers
 from ..config import FinetuneConfig
 from ..errors import SpurgenError
@@ -52,7 +52,8 @@ from ..labels import ClassInfo, get_label_set
 from ..workspace import (CHECKPOINT_STATE, TRAINING_FILE, Workspace, atomic_write_bytes, atomic_write_json,
                          read_json, utc_now)
 from .diffusion import predicted_original, training_target
-from .outputs import loss_summary, progress_text, save_validation, training_manifest, write_final_outputs
+from .outputs import (loss_summary, progress_text, save_validation, training_manifest, write_final_outputs,
+                      write_losses)
 from .plan import ClassPlan, latest_checkpoint, plan_classes, resume_key
 from .sfsl import SpuriousFeature, load_sfsl_decoder, spurious_feature
 from .trainer import NonFiniteLoss, Trainer, frozen_dtype
@@ -65,6 +66,9 @@ __all__ = ["ClassPlan", "FinetuneResult", "FinetuneSetup", "Trainer", "finetune"
            "predicted_original", "training_target", "print_finetune_table"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# losses.csv is rewritten during training at this interval (and at each checkpoint), as often as a batch job's
+# log gets a progress line: the file follows the run, not only its end.
+LOSSES_INTERVAL_S = PROGRESS_INTERVAL_S
 
 
 @dataclass
@@ -261,6 +265,7 @@ def _train_class(plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, 
     try:
         key = resume_key(config, plan, setup.base, setup.resolution, accelerator)
         last_checkpoint = latest_checkpoint(plan.folder)
+        losses_written = -float("inf")  # the file appears after the first step, then at the interval
         with progress_bar("it") as progress:
             task = progress.add_task(progress_text(plan.cls, log[-1]) if log else plan.cls.name, total=config.steps,
                                      completed=step)
@@ -271,6 +276,7 @@ def _train_class(plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, 
                     where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
                              else "no checkpoint was saved yet")
                     if main:
+                        write_losses(plan.folder, log)
                         atomic_write_json(plan.folder / TRAINING_FILE, training_manifest(
                             plan, config, trainer, "failed", step, log, started, error=str(exc),
                             last_checkpoint=str(last_checkpoint) if last_checkpoint else None))
@@ -289,8 +295,12 @@ def _train_class(plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, 
                     if main:
                         save_validation(trainer, plan.folder, step)
                     accelerator.wait_for_everyone()
-                if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+                checkpoint = bool(config.checkpointing_steps) and step % config.checkpointing_steps == 0
+                if checkpoint:
                     last_checkpoint = trainer.save_checkpoint(step, key, log)
+                if main and (checkpoint or time.monotonic() - losses_written >= LOSSES_INTERVAL_S):
+                    write_losses(plan.folder, log)
+                    losses_written = time.monotonic()
 
         if main:  # weights, validation images, losses and model card, then the manifest last
             write_final_outputs(trainer, step, log, started)

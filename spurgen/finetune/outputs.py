@@ -27,7 +27,8 @@ from .plan import ClassPlan
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["save_validation", "loss_summary", "progress_text", "training_manifest", "write_final_outputs"]
+__all__ = ["save_validation", "loss_summary", "progress_text", "training_manifest", "write_final_outputs",
+           "write_losses"]
 
 
 def save_validation(trainer: Trainer, folder: Path, step: int) -> None:
@@ -58,6 +59,17 @@ def _losses_csv(log: list[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(log)
     return buffer.getvalue()
+
+
+def write_losses(folder: Path, log: list[dict[str, Any]]) -> None:
+    """Writes ``losses.csv`` of the steps so far, whole or not at all: during training too, so that a long run's
+    losses can be followed (and survive a killed run).
+
+    Args:
+        folder: The run's folder.
+        log: The loss row of every step so far.
+    """
+    atomic_write_text(folder / LOSSES_FILE, _losses_csv(log))
 
 
 def progress_text(cls: ClassInfo, row: dict[str, Any]) -> str:
@@ -206,6 +218,6 @@ def write_final_outputs(trainer: Trainer, step: int, log: list[dict[str, Any]], 
     extra: dict[str, Any] = {"lora_sha256": file_sha256(plan.folder / LORA_WEIGHTS_NAME)} if config.lora else {}
     manifest = training_manifest(plan, config, trainer, "complete", step, log, started, finished=utc_now(),
                                  losses_file=LOSSES_FILE, **extra)
-    atomic_write_text(plan.folder / LOSSES_FILE, _losses_csv(log))
+    write_losses(plan.folder, log)
     atomic_write_text(plan.folder / "README.md", _model_card(plan, config, manifest))
     atomic_write_json(plan.folder / TRAINING_FILE, manifest)
