@@ -353,6 +353,21 @@ def test_class_images_are_generated_once_and_reused(tiny_sd_dir: Path, tmp_path:
     assert manifest(workspace.model_dir(HUMMINGBIRD, "more"))["prior_preservation"]["generated_now"] == 1
 
 
+def test_class_image_cache_is_keyed_by_content_not_by_how_the_path_is_written(tiny_sd_dir: Path, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    workspace = write_refs(tmp_path / "ws")
+    finetune(config(tiny_sd_dir, preset="dreambooth", run_name="absolute"), workspace)
+    monkeypatch.chdir(tiny_sd_dir.parent.parent)
+    relative = Path(tiny_sd_dir.parent.name) / tiny_sd_dir.name
+    finetune(config(relative, preset="dreambooth", run_name="relative"), workspace)
+    assert manifest(workspace.model_dir(HUMMINGBIRD, "relative"))["base_model"] == str(relative)
+    assert manifest(workspace.model_dir(HUMMINGBIRD, "relative"))["prior_preservation"]["generated_now"] == 0
+    folders = [p for p in workspace.cache_dir("class-images").iterdir() if p.is_dir()]
+    assert len(folders) == 1
+    # the path is provenance only: the first run's spelling, not part of the key
+    assert json.loads((folders[0] / "cache.json").read_text())["base_model"] == str(tiny_sd_dir)
+
+
 def test_several_classes_in_one_call(tiny_sd_dir: Path, tmp_path: Path) -> None:
     workspace = write_refs(tmp_path)
     write_refs(tmp_path, count=2, cls="105")
