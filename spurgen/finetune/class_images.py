@@ -3,8 +3,9 @@
 The cache folder is keyed by the content that determines the images (base model fingerprint, prompt,
 resolution, seed, sampler, steps, guidance), so another class with the same noun, another ablation run, or the
 same base model written as another path (relative, absolute, through a link) reuses them. ``cache.json``
-records the base model's name as first given, as provenance only. Image ``i`` is always generated from seed ``seed + i``: asking for more images later adds to the
-folder without changing the ones already there, and processes of a distributed run split the missing ones.
+records the base model's name as first given, as provenance only. Image ``i`` is always generated from seed
+``seed + i``: asking for more images later adds to the folder without changing the ones already there, and
+processes of a distributed run split the missing ones.
 """
 
 from __future__ import annotations
