@@ -185,7 +185,7 @@ def _model_card(plan: ClassPlan, config: FinetuneConfig, manifest: dict[str, Any
             if lora else 'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")  # or its hub id')
     trained = "UNet and text encoder" if manifest["train_text_encoder"] else "UNet"
     licence = (f"The base model's licence, {_LICENSE_NAMES.get(license_id, f'`{license_id}`')}, carries over to "
-               "these weights and to the images they generate, use restrictions included."
+               "these weights, and its use restrictions bind the images they generate."
                if license_id else "The base model's licence is unknown to spurgen: check it before sharing these "
                "weights or their images, since it carries over to both.")
     seeds = manifest["validation"]["seeds"]
