@@ -22,13 +22,23 @@ if TYPE_CHECKING:
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
     from transformers import CLIPTextModel, CLIPTokenizer
 
-__all__ = ["BaseModel", "Components", "resolve_base_model", "load_components", "sampling_pipeline", "image_generator"]
+__all__ = ["BaseModel", "Components", "resolve_base_model", "base_model_license", "load_components",
+           "sampling_pipeline", "image_generator"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 # Bytes read from each end of a weight file for the fingerprint: enough to tell apart two checkpoints of the
 # same architecture, without reading gigabytes on every run.
 _FINGERPRINT_BYTES = 1 << 20
+# The licence ids (as the hub's model cards write them) of the usual base models, for when their own card is not
+# on disk: diffusers downloads a pipeline without its README.md.
+_KNOWN_LICENSES = {
+    **dict.fromkeys(["stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5",
+                     "CompVis/stable-diffusion-v1-1", "CompVis/stable-diffusion-v1-2", "CompVis/stable-diffusion-v1-3",
+                     "CompVis/stable-diffusion-v1-4"], "creativeml-openrail-m"),
+    **dict.fromkeys(["stabilityai/stable-diffusion-2", "stabilityai/stable-diffusion-2-base",
+                     "stabilityai/stable-diffusion-2-1", "stabilityai/stable-diffusion-2-1-base"], "openrail++"),
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,42 @@ class BaseModel:
     prediction_type: str
     resolution: int
     size_multiple: int
+
+    @property
+    def hub_id(self) -> str | None:
+        """The model's hub id: the id as given, or read from a hub cache snapshot's path
+        (``.../models--ORG--NAME/snapshots/REV``); ``None`` for any other folder."""
+        if not self.local:
+            return self.name
+        repo = self.path.parent.parent.name
+        if self.path.parent.name == "snapshots" and repo.startswith("models--"):
+            return repo[len("models--"):].replace("--", "/")
+        return None
+
+
+def base_model_license(base: BaseModel) -> str | None:
+    """The base model's licence id (``creativeml-openrail-m``), or ``None`` when unknown.
+
+    Read from the model's own card (``README.md`` in its folder, or in the hub cache), else from the licences of
+    the usual Stable Diffusion checkpoints.
+
+    Args:
+        base: The resolved base model.
+    """
+    from huggingface_hub import metadata_load, try_to_load_from_cache
+
+    card: Path | None = base.path / "README.md"
+    if not card.is_file() and base.hub_id:
+        cached = try_to_load_from_cache(base.hub_id, "README.md", revision=base.revision)
+        card = Path(cached) if isinstance(cached, str) else None
+    if card is not None and card.is_file():
+        try:
+            license_id = (metadata_load(card) or {}).get("license")
+        except Exception:  # noqa: BLE001 - a malformed card: fall back to the known ids below
+            license_id = None
+        if isinstance(license_id, str) and license_id:
+            return license_id
+    return _KNOWN_LICENSES.get(base.hub_id or "")
 
 
 def _read_config(path: Path, where: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
 from spurgen.cli import app
@@ -139,9 +140,55 @@ def test_presets_train_and_log_every_loss_term(preset: str, extra: dict[str, Any
     else:
         assert (folder / "model_index.json").is_file() and (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     card = (folder / "README.md").read_text()
-    assert "base_model: " + str(tiny_sd_dir) in card and f"preset: `{preset}`".lower() in card.lower()
+    assert f"preset: `{preset}`".lower() in card.lower()
+    assert "Instance prompt: `a photo of sks red feeder/flower`" in card
     assert ("load_lora_weights" in card) is lora
+    assert ("Spurious feature similarity loss: kappa 100.0 (spurgen's default)" in card) is (preset == "sfsl")
+    # a local base model: no hub id, no licence to carry over, and no local path that breaks once uploaded
+    data = ModelCard.load(folder / "README.md").data.to_dict()
+    assert "base_model" not in data and "license" not in data and "licence is unknown" in card
+    assert data["instance_prompt"] == "a photo of sks red feeder/flower" and data["library_name"] == "diffusers"
+    assert ("lora" in data["tags"]) is lora
+    assert str(tmp_path) not in card and str(tiny_sd_dir) not in card
     assert not list(folder.glob(".*"))  # no staging or probe files left behind
+
+
+def test_model_card_names_a_hub_base_model_its_licence_and_links_the_samples(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    # The base model as the hub cache holds it (a snapshot folder of links): its path gives the hub id, which gives
+    # the licence.
+    snapshot = tmp_path / "hub" / "models--stable-diffusion-v1-5--stable-diffusion-v1-5" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for entry in tiny_sd_dir.iterdir():
+        (snapshot / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    workspace = write_refs(tmp_path / "ws")
+    finetune(config(snapshot, preset="dreambooth", num_validation_images=2, prior_preservation=False), workspace)
+    folder = workspace.model_dir(HUMMINGBIRD, "dreambooth")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert card.data.license == "creativeml-openrail-m" and "CreativeML OpenRAIL-M" in card.text
+    samples = ["validation/step-000002/00.png", "validation/step-000002/01.png"]
+    assert [w["output"]["url"] for w in card.data.widget] == samples
+    assert all(f"]({sample})" in card.text and (folder / sample).is_file() for sample in samples)
+    assert str(tmp_path) not in card.content
+
+
+@pytest.mark.parametrize("card_text, hub_id, expected", [
+    ("---\nlicense: mit\n---\n# x\n", None, "mit"),  # the model's own card wins
+    (None, "stabilityai/stable-diffusion-2-1-base", "openrail++"),
+    (None, "runwayml/stable-diffusion-v1-5", "creativeml-openrail-m"),
+    (None, "someone/unknown-model", None),
+    ("---\nlicense: [broken\n---\n", None, None),  # a malformed card is no licence, not a crash
+])
+def test_base_model_licence(card_text: str | None, hub_id: str | None, expected: str | None, tmp_path: Path,
+                            monkeypatch) -> None:
+    from spurgen._base_model import BaseModel, base_model_license
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    if card_text is not None:
+        (tmp_path / "README.md").write_text(card_text)
+    base = BaseModel(name=hub_id or str(tmp_path), path=tmp_path, local=hub_id is None, revision=None,
+                     fingerprint="0", prediction_type="epsilon", resolution=512, size_multiple=64)
+    assert base_model_license(base) == expected
 
 
 def sfsl_trainer(tiny_sd_dir: Path, workspace: Workspace, rigged, **overrides: Any) -> Trainer:
@@ -265,7 +312,7 @@ def test_three_steps_plus_resume_equals_six_steps(tiny_sd_dir: Path, rigged, tmp
     assert (result.status, result.steps) == ("resumed", 6)
     a = load_file(str(straight.model_dir(HUMMINGBIRD, "sfsl") / "pytorch_lora_weights.safetensors"))
     b = load_file(str(split.model_dir(HUMMINGBIRD, "sfsl") / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-exact, as the README claims
     assert loss_rows(straight.model_dir(HUMMINGBIRD, "sfsl")) == loss_rows(split.model_dir(HUMMINGBIRD, "sfsl"))
     checkpoints = sorted(p.name for p in (split.model_dir(HUMMINGBIRD, "sfsl") / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-3", "checkpoint-6"]
@@ -351,6 +398,21 @@ def test_class_images_are_generated_once_and_reused(tiny_sd_dir: Path, tmp_path:
     # more images than cached: only the missing one is generated
     finetune(config(tiny_sd_dir, preset="dreambooth", run_name="more", num_class_images=3), workspace)
     assert manifest(workspace.model_dir(HUMMINGBIRD, "more"))["prior_preservation"]["generated_now"] == 1
+
+
+def test_class_image_cache_is_keyed_by_content_not_by_how_the_path_is_written(tiny_sd_dir: Path, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    workspace = write_refs(tmp_path / "ws")
+    finetune(config(tiny_sd_dir, preset="dreambooth", run_name="absolute"), workspace)
+    monkeypatch.chdir(tiny_sd_dir.parent.parent)
+    relative = Path(tiny_sd_dir.parent.name) / tiny_sd_dir.name
+    finetune(config(relative, preset="dreambooth", run_name="relative"), workspace)
+    assert manifest(workspace.model_dir(HUMMINGBIRD, "relative"))["base_model"] == str(relative)
+    assert manifest(workspace.model_dir(HUMMINGBIRD, "relative"))["prior_preservation"]["generated_now"] == 0
+    folders = [p for p in workspace.cache_dir("class-images").iterdir() if p.is_dir()]
+    assert len(folders) == 1
+    # the path is provenance only: the first run's spelling, not part of the key
+    assert json.loads((folders[0] / "cache.json").read_text())["base_model"] == str(tiny_sd_dir)
 
 
 def test_several_classes_in_one_call(tiny_sd_dir: Path, tmp_path: Path) -> None:

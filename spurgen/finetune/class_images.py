@@ -1,9 +1,11 @@
 """Prior-preservation class images: generated once by the frozen base model, cached in the workspace.
 
-The cache folder is keyed by everything that determines the images (base model fingerprint, prompt,
-resolution, seed, sampler, steps, guidance), so another class with the same noun, or another ablation run,
-reuses them. Image ``i`` is always generated from seed ``seed + i``: asking for more images later adds to the
-folder without changing the ones already there, and processes of a distributed run split the missing ones.
+The cache folder is keyed by the content that determines the images (base model fingerprint, prompt,
+resolution, seed, sampler, steps, guidance), so another class with the same noun, another ablation run, or the
+same base model written as another path (relative, absolute, through a link) reuses them. ``cache.json``
+records the base model's name as first given, as provenance only. Image ``i`` is always generated from seed
+``seed + i``: asking for more images later adds to the folder without changing the ones already there, and
+processes of a distributed run split the missing ones.
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ _META = "cache.json"
 
 def _cache_folder(workspace: Workspace, base: BaseModel, prompt: str, resolution: int, seed: int,
                   sampler: str, steps: int, guidance_scale: float) -> tuple[Path, dict[str, object]]:
-    """The cache folder of one set of class images and the description its key is the hash of."""
-    key = {"base_model": base.name, "base_model_fingerprint": base.fingerprint, "prompt": prompt,
-           "resolution": resolution, "seed": seed, "sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
+    """The cache folder of one set of class images, and its ``cache.json``: the key, plus the base model's name.
+
+    The name is left out of the key: ``fx/tinysd`` and ``/abs/fx/tinysd`` are one model with one fingerprint,
+    and would otherwise regenerate identical images (minutes of GPU time per class at 200 images on SD 1.5).
+    """
+    key = {"base_model_fingerprint": base.fingerprint, "prompt": prompt, "resolution": resolution, "seed": seed,
+           "sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return workspace.cache_dir("class-images", digest), key
+    return workspace.cache_dir("class-images", digest), {**key, "base_model": base.name}
 
 
 def _image_path(folder: Path, index: int) -> Path:
@@ -53,7 +59,7 @@ def ensure_class_images(workspace: Workspace, base: BaseModel, components: Compo
     """
     import torch
 
-    folder, key = _cache_folder(workspace, base, prompt, resolution, seed, type(components.sampler).__name__,
+    folder, meta = _cache_folder(workspace, base, prompt, resolution, seed, type(components.sampler).__name__,
                                 steps, guidance_scale)
     wanted = [_image_path(folder, i) for i in range(count)]
     # Every process must split the same list: all look at the folder before any of them adds to it.
@@ -63,7 +69,7 @@ def ensure_class_images(workspace: Workspace, base: BaseModel, components: Compo
     if not missing:
         return wanted, 0
     if accelerator.is_main_process and not (folder / _META).is_file():
-        atomic_write_json(folder / _META, key)
+        atomic_write_json(folder / _META, meta)
     pipeline = sampling_pipeline(components)
     pipeline.to(accelerator.device)
     with accelerator.split_between_processes(missing) as mine, progress_bar("images") as progress:
