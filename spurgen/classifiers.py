@@ -380,8 +380,8 @@ class Classifier:
         """PIL RGB image -> [0, 1] tensor at the input size, by the crop policy.
 
         ``center`` resizes and center-crops as the model was evaluated (crop_pct from its data
-        config); ``none`` resizes the whole image to the input size without cropping, as
-        Spurious ImageNet feeds its (square) spurious images.
+        config); ``none`` resizes the whole image to the input size without cropping, with the model's
+        interpolation; ``spurious-imagenet`` and ``spurious-imagenet-val`` are Spurious ImageNet's own.
         """
         if self.crop in (SPURIOUS_IMAGENET_CROP, SPURIOUS_IMAGENET_VAL_CROP):
             return self._spurious_imagenet_transform()
