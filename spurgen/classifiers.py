@@ -11,6 +11,7 @@ so the same module serves batched prediction and the differentiable spurious fea
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -40,9 +41,20 @@ __all__ = [
     "load_classifier",
     "load_state_dict_file",
     "load_classifiers",
+    "protocol_crop",
+    "ROBUST_RN50_TEMPERATURE",
+    "SPURIOUS_IMAGENET_CROP",
+    "SPURIOUS_IMAGENET_VAL_CROP",
 ]
 
 _EXAMPLE = "robust-rn50=resnet50@~/weights/l2_improved_3_ep.pt"
+# Spurious ImageNet's own value (dataset/spurious_score.py), in full: rounding it changes every probability.
+ROBUST_RN50_TEMPERATURE = 0.7155761122703552
+# Spurious ImageNet's preprocessing (their imagenet_augmentation.py), as two more crop policies of a Classifier:
+# spurious images resized whole, bicubic ('no_crop'); real (ImageNet validation) images resized to 256/224 of the
+# input size, bicubic, then center-cropped ('test').
+SPURIOUS_IMAGENET_CROP = "spurious-imagenet"
+SPURIOUS_IMAGENET_VAL_CROP = "spurious-imagenet-val"
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,7 @@ class ClassifierSpec:
             pretrained weights through timm (the hub, or its cache when offline).
         needs_path: The weights are not on any hub, so ``path`` must be given.
         crop: ``center`` or ``none`` to override the crop policy of the model's data config.
-        temperature: Logits are divided by it (Spurious ImageNet's robust ResNet-50 uses 0.7156).
+        temperature: Logits are divided by it (Spurious ImageNet's robust ResNet-50 uses 0.7155761122703552).
         description: One line for ``spurgen classifiers`` and reports.
     """
 
@@ -90,7 +102,8 @@ _BUILTIN: dict[str, dict[str, ClassifierSpec]] = {
             ClassifierSpec("rn50-v2", "resnet50.tv2_in1k", description="ResNet-50, torchvision IMAGENET1K_V2 (80.9% top-1)"),
             ClassifierSpec("vit-b16", "vit_base_patch16_224.augreg_in21k_ft_in1k",
                            description="ViT-B/16 AugReg, ImageNet-21k pre-trained, fine-tuned on ImageNet-1k"),
-            ClassifierSpec("robust-rn50", "resnet50.tv_in1k", needs_path=True, temperature=0.7156,
+            ClassifierSpec("robust-rn50", "resnet50.tv_in1k", needs_path=True,
+                           temperature=ROBUST_RN50_TEMPERATURE,
                            description="adversarially robust ResNet-50 of Spurious ImageNet (l2_improved_3_ep.pt)"),
         )
     }
@@ -330,7 +343,8 @@ class Classifier:
         spec: The configuration it was loaded from.
         model: The timm model, in eval mode.
         data_config: timm's resolved data config (input size, interpolation, crop, mean, std).
-        crop: Override of the crop policy (``center``/``none``); ``None`` keeps the data config's.
+        crop: Override of the crop policy (``center``, ``none``, or Spurious ImageNet's ``spurious-imagenet`` and
+            ``spurious-imagenet-val``); ``None`` keeps the data config's.
     """
 
     def __init__(self, spec: ClassifierSpec, model: Any, data_config: dict[str, Any], crop: str | None = None) -> None:
@@ -366,15 +380,41 @@ class Classifier:
         """PIL RGB image -> [0, 1] tensor at the input size, by the crop policy.
 
         ``center`` resizes and center-crops as the model was evaluated (crop_pct from its data
-        config); ``none`` resizes the whole image to the input size without cropping, as
-        Spurious ImageNet feeds its (square) spurious images.
+        config); ``none`` resizes the whole image to the input size without cropping, with the model's
+        interpolation; ``spurious-imagenet`` and ``spurious-imagenet-val`` are Spurious ImageNet's own.
         """
+        if self.crop in (SPURIOUS_IMAGENET_CROP, SPURIOUS_IMAGENET_VAL_CROP):
+            return self._spurious_imagenet_transform()
         from timm.data import create_transform
 
         config = dict(self.data_config, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
         if self.crop == "none":
             config.update(crop_pct=1.0, crop_mode="squash")
         return create_transform(**config, is_training=False)
+
+    def _spurious_imagenet_transform(self) -> Callable[["Image.Image"], "torch.Tensor"]:
+        """Spurious ImageNet's evaluation input: ``no_crop`` for spurious images, ``test`` for real ones.
+
+        Their ``Resize(size)`` scales the shorter side; ours gives the full input size, which is the same for
+        square images (theirs all are) and keeps a non-square one batchable and valid for a ViT.
+        """
+        from torchvision import transforms
+
+        height, width = self.input_size
+        bicubic = transforms.InterpolationMode.BICUBIC
+        if self.crop == SPURIOUS_IMAGENET_VAL_CROP:
+            # int(256 / 224 * size) exactly as they compute it: 256 for 224 px, 329 for 288 px.
+            steps = [transforms.Resize(int(256 / 224 * height), interpolation=bicubic),
+                     transforms.CenterCrop((height, width))]
+        else:
+            steps = [transforms.Resize((height, width), interpolation=bicubic)]
+        return transforms.Compose([*steps, transforms.ToTensor()])
+
+    def preprocessed_as(self, crop: str) -> "Classifier":
+        """The same model (shared, not copied) with another crop policy, e.g. for a protocol's real images."""
+        twin = copy.copy(self)
+        twin.crop, twin._fingerprint = crop, None
+        return twin
 
     def normalize(self, images: "torch.Tensor") -> "torch.Tensor":
         return (images - self.mean) / self.std
@@ -461,6 +501,11 @@ def load_classifiers(names: Sequence[str], flags: Sequence[str], labels: "LabelS
             loaded.append(classifier)
             progress.advance(task)
     return loaded
+
+
+def protocol_crop(protocol: str, crop: str | None) -> str | None:
+    """The crop policy classifiers are loaded with under a ``--protocol``: Spurious ImageNet's fixes it."""
+    return SPURIOUS_IMAGENET_CROP if protocol == "spurious-imagenet" else crop
 
 
 def classifier_records(classifiers: Sequence[Classifier]) -> list[dict[str, Any]]:

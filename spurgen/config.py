@@ -19,12 +19,15 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from .errors import SpurgenError
 
-__all__ = ["setting", "same_setting", "help_for", "resolve_config", "SelectRefsConfig", "CROP_POLICIES", "SCHEDULERS",
-           "find_scheduler", "GenerateConfig", "EvaluateConfig", "RunConfig"]
+__all__ = ["setting", "same_setting", "help_for", "resolve_config", "SelectRefsConfig", "CROP_POLICIES", "PROTOCOLS",
+           "SCHEDULERS", "find_scheduler", "GenerateConfig", "EvaluateConfig", "RunConfig"]
 
 C = TypeVar("C")
 
 CROP_POLICIES = ("center", "none")
+# How classifiers are fed: "spurgen", each classifier's own preprocessing (timm data config, --crop) for every image;
+# "spurious-imagenet", Spurious ImageNet's evaluation code exactly (method.md §4).
+PROTOCOLS = ("spurgen", "spurious-imagenet")
 # The filters of generate --until: consistent, no-object, quality>=X.
 FILTER_PATTERN = re.compile(r"^(consistent|no-object|quality>=-?(\d+\.?\d*|\.\d+))$")
 
@@ -180,13 +183,25 @@ class SelectRefsConfig:
     num_workers: int = setting(2, "DataLoader worker processes decoding images (0 decodes in the main process).")
     device: str = setting("auto", "Device: 'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1', 'mps'.")
     labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
+    protocol: str = setting("spurgen", (
+        "How images are fed to the classifiers: 'spurgen' (each classifier's own preprocessing, --crop) or "
+        "'spurious-imagenet' (Spurious ImageNet's code: the whole image resized to the input size, bicubic). Use the "
+        "same as evaluate, whose predictions then come from the same cache."))
 
     def validate(self) -> None:
+        _require_protocol(self.protocol, self.crop)
         require(self.k >= 1, f"-k must be at least 1, got {self.k}; pass -k 6 for the paper's setting")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.num_workers >= 0, f"--num-workers must be 0 or more, got {self.num_workers}")
         require(self.crop in (None, *CROP_POLICIES), f"--crop must be 'center' or 'none', got {self.crop!r}")
         require(not (self.dataset and self.images), "--dataset and --images both given; pass only one source of images")
+
+
+def _require_protocol(protocol: str, crop: str | None) -> None:
+    require(protocol in PROTOCOLS, f"--protocol must be {' or '.join(PROTOCOLS)}, got {protocol!r}")
+    require(protocol != "spurious-imagenet" or crop is None,
+            f"--crop {crop} and --protocol spurious-imagenet both given; the protocol fixes the crop, so leave out "
+            "--crop")
 
 
 def same_setting(config_cls: type, name: str) -> Any:
@@ -243,9 +258,15 @@ class GenerateConfig:
     guidance: float = setting(7.5, "Classifier-free guidance scale (1 turns guidance off).")
     scheduler: str = setting("DPM-Solver++", f"Sampler: {', '.join(SCHEDULERS)}, or '{MODEL_SCHEDULER}' (the scheduler saved with the model).")
     batch_size: int = setting(4, "Images per pipeline call; it does not change the images.")
-    seed: int = setting(0, "Image i uses seed SEED + i, whatever the batch size, so re-runs and other batch sizes give the same images.")
+    seed: int = setting(0, (
+        "Image i uses seed SEED + i, whatever the batch size, so re-runs and other batch sizes give the same picture "
+        "(bit for bit only with the same batch size, device and --dtype)."))
     resolution: int | None = setting(None, "Image side in pixels, a multiple of 8. Default: the run's training resolution, else the model's native size.")
     dtype: str = setting("auto", "Precision: 'auto' (fp16 on CUDA, fp32 elsewhere), 'fp32', 'fp16' or 'bf16'.")
+    safety_checker: bool = setting(True, (
+        "Run the base model's safety checker when its folder has one (safety_checker/): it blanks the images it "
+        "flags, which generation.json marks and evaluate leaves out. --no-safety-checker keeps every image and makes "
+        "the blanked ones again, for research on the images themselves; the model's licence still applies."))
     device: str = same_setting(SelectRefsConfig, "device")
     labels: str = same_setting(SelectRefsConfig, "labels")
     overwrite: bool = setting(False, "Replace images made earlier with other settings (another model, prompt, sampler...) instead of stopping.")
@@ -311,6 +332,12 @@ class EvaluateConfig:
     num_workers: int = same_setting(SelectRefsConfig, "num_workers")
     device: str = same_setting(SelectRefsConfig, "device")
     labels: str = same_setting(SelectRefsConfig, "labels")
+    protocol: str = setting("spurgen", (
+        "How images are fed to the classifiers: 'spurgen' (each classifier's own preprocessing, --crop, for every "
+        "image) or 'spurious-imagenet' (Spurious ImageNet's evaluation code exactly: spurious images, which are "
+        "every source's, resized whole to the input size, bicubic; --val-images resized to 256/224 of it, bicubic, "
+        "and center-cropped). With --val-images the latter reproduces Spurious ImageNet's per-class score, its mean "
+        "and its joint score to the last digit."))
     quality: str | None = setting(None, "No-reference image quality metric of pyiqa: 'topiq' (TOPIQ as in the paper, pyiqa's topiq_nr) or any pyiqa NR metric name. Needs pip install 'spurgen[quality]' (pyiqa: non-commercial licence).")
     quality_weights: str | None = setting(None, "Weights of the --quality metric (safetensors or a torch state dict, read without unpickling code). Default: pyiqa's own, from its cache (downloaded on first use).", path=True)
     min_quality: float | None = setting(None, "With --export: keep only images whose quality is at least this (at most this for metrics where lower is better). Needs --quality.")
@@ -323,6 +350,7 @@ class EvaluateConfig:
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.num_workers >= 0, f"--num-workers must be 0 or more, got {self.num_workers}")
         require(self.crop in (None, *CROP_POLICIES), f"--crop must be 'center' or 'none', got {self.crop!r}")
+        _require_protocol(self.protocol, self.crop)
         require(self.report_images >= 0, f"--report-images must be 0 or more, got {self.report_images}")
         require(self.min_quality is None or self.quality is not None,
                 "--min-quality needs a quality metric; add --quality topiq")

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._runtime import console, distributed_state, warn
-from .classifiers import classifier_records, load_classifiers
+from .classifiers import classifier_records, load_classifiers, protocol_crop
 from .config import SelectRefsConfig
 from .images import class_image_files, file_sha256
 from .labels import ClassInfo, get_label_set
@@ -118,7 +118,8 @@ def select_refs(config: SelectRefsConfig, workspace: Workspace, classifier_flags
     classes = labels.resolve_many(config.classes)
     files = class_image_files(classes, config.dataset, config.images)
     workspace.ensure_writable()
-    classifiers = load_classifiers(config.classifiers, classifier_flags, labels, settings, config.crop, config.device)
+    classifiers = load_classifiers(config.classifiers, classifier_flags, labels, settings,
+                                   protocol_crop(config.protocol, config.crop), config.device)
     all_files = [f for c in classes for f in files[c.index]]
     predictions = predict_files(all_files, classifiers, cache=PredictionCache(workspace.cache_dir("predictions")),
                                 batch_size=config.batch_size, num_workers=config.num_workers)

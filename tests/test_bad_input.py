@@ -210,6 +210,17 @@ def _lora_on_other_base(env: Env) -> list[str]:
     return _generate(env, "--runs", "lora-x", "-n", "1", "--steps", "1", "--device", "cpu")
 
 
+def _full_over_complete_lora(env: Env) -> list[str]:
+    """finetune --full where the run of that name is a complete LoRA run."""
+    _write_refs(env.ws, env.fixture("rigged").files[94][:2])
+    run = env.ws / "models" / "94-hummingbird" / "sfsl"
+    shutil.copytree(env.fixture("tiny_lora_run"), run)
+    training = json.loads((run / "training.json").read_text())
+    training.update(steps=800, settings={"preset": "sfsl", "lora": True, "rank": 16, "steps": 800})
+    (run / "training.json").write_text(json.dumps(training))
+    return _finetune(env, "--model", str(env.fixture("tiny_sd_dir")), "--full")
+
+
 def _resume_pickled_checkpoint(env: Env) -> list[str]:
     shutil.copytree(env.fixture("checkpointed_run"), env.ws)
     for optimizer in (env.ws / "models").rglob("optimizer.bin"):
@@ -343,6 +354,8 @@ CASES: list[Case] = [
     Case("toml-kappa-table", "`class-sfsl-weight = 3` instead of a table", "`error: spurgen.toml: [finetune] class-sfsl-weight: expected a table, got 3; give NAME = VALUE lines under a [table] header`",
          "class-sfsl-weight: expected a table", _toml("[finetune]\nclass-sfsl-weight = 3\n", "finetune", "--classes", "94")),
     # Contradictory flags.
+    Case("flags-full-over-lora", "`finetune --full` where the run `sfsl` is a complete LoRA run", "`error: …/models/94-hummingbird/sfsl holds a complete run with other settings (--lora in the run, --full requested); pass --run-name NAME to train a new run beside it, or --overwrite to replace it`",
+         "holds a complete run with other settings (--lora in the run, --full requested)", _full_over_complete_lora),
     Case("flags-resume-overwrite", "`finetune --resume --overwrite`", "`error: --resume and --overwrite both given; pass one: continue the run or start it over`",
          "--resume and --overwrite both given", lambda env: _finetune(env, "--resume", "--overwrite")),
     Case("flags-dataset-images", "`--dataset` and `--images` together", "`error: --dataset and --images both given; pass only one source of images`",

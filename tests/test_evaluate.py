@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +189,10 @@ def test_export_holds_exactly_the_consistently_spurious_generated_images_and_rea
     assert found == expected and evaluation.exported == len(expected) == 8
     manifest = json.loads((export / "manifest.json").read_text())
     assert {(e["class"], Path(e["file"]).name) for e in manifest["images"]} == expected
-    assert (export / "images" / "timestamp.txt").is_file()
+    # read as Spurious ImageNet's evaluate_all_models.py reads it: int() of the first line
+    with open(export / "images" / "timestamp.txt") as f:
+        timestamp = int(f.readline().rstrip())
+    assert timestamp == manifest["timestamp"] and abs(timestamp - time.time()) < 3600 and manifest["created"]
     assert (export / "spurious_imagenet_classes.tsv").read_text().splitlines()[1:] == [
         f"{c.index}\t{c.name}\t{c.spurious_feature}\t{list(c.npca_components)}" for c in (LABELS[94], LABELS[105])]
 
@@ -333,3 +337,118 @@ def test_bad_input_is_a_one_line_error_before_any_work(rigged, tmp_path: Path) -
         evaluate(_config(classes=["94", "105"], dataset=str(rigged.dataset), val_images=str(tmp_path / "val")),
                  ws, _flags(rigged))
     assert not ws.reports_dir.exists()
+
+
+# --- Spurious ImageNet's protocol, computed here as their code computes it -------------------------------------------
+
+
+def _their_average_precision(y_true: list[int], y_score: np.ndarray) -> float:
+    """scikit-learn's ``average_precision_score``, which their ``spurious_score.py`` calls (not installed here):
+    precision and recall at each distinct score, from the highest down, and AP = sum of (R_n - R_n-1) x P_n."""
+    order = np.argsort(-y_score, kind="mergesort")
+    labels, scores = np.asarray(y_true)[order], y_score[order]
+    ap, previous_recall, hits = 0.0, 0.0, 0
+    for n in range(len(scores)):
+        hits += labels[n]
+        if n + 1 < len(scores) and scores[n + 1] == scores[n]:
+            continue  # one threshold for equal scores
+        recall = hits / labels.sum()
+        ap += (recall - previous_recall) * hits / (n + 1)
+        previous_recall = recall
+    return ap
+
+
+def _their_probabilities(model, default_cfg: dict, transform, files: list[Path], temperature: float = 1.0):
+    """[images, classes]: their get_probabilities_targets: default_loader, the transform, NormalizationWrapper
+    with the model's mean and std, logits / T (TemperatureWrapper), float32 softmax."""
+    import torch
+
+    mean = torch.tensor(default_cfg["mean"])[:, None, None]
+    std = torch.tensor(default_cfg["std"])[:, None, None]
+    with torch.no_grad():
+        batch = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+        return torch.softmax(model((batch - mean) / std) / temperature, dim=1).numpy()
+
+
+def test_protocol_spurious_imagenet_gives_their_scores_to_the_last_digit(rigged, tmp_path: Path) -> None:
+    from torchvision import transforms
+
+    from spurgen.classifiers import ROBUST_RN50_TEMPERATURE, builtin_classifiers, load_classifier, parse_classifier
+
+    ws = Workspace(tmp_path / "ws")
+    classes = (94, 105)
+    for k in classes:
+        _write_run(ws, rigged, k, "run-a", [0, 2, 4, 6])
+    # Real images of another size and shape than the spurious ones, so that their resize and crop matter.
+    val: dict[int, list[Path]] = {}
+    rng = np.random.default_rng(7)
+    for k in classes:
+        folder = tmp_path / "val" / LABELS[k].synset
+        folder.mkdir(parents=True)
+        val[k] = []
+        for i in range(5):
+            val[k].append(folder / f"val_{i}.png")
+            Image.fromarray(rng.integers(0, 256, (70 + 9 * i, 52, 3), dtype=np.uint8)).save(val[k][-1])
+    evaluation = evaluate(_config(classes=[str(k) for k in classes], dataset=str(rigged.dataset),
+                                  val_images=str(tmp_path / "val"), protocol="spurious-imagenet"), ws, _flags(rigged))
+    report = json.loads((ws.reports_dir / "evaluation.json").read_text())
+    assert report["protocol"] == "spurious-imagenet" and evaluation.protocol == "spurious-imagenet"
+
+    sources = {"spurious-imagenet": {k: rigged.files[k] for k in classes},
+               "run-a": {k: [ws.generated_dir(LABELS[k], "run-a") / f"{n:05d}.png" for n in range(4)] for k in classes}}
+    differences = []
+    for name in RIGGED_CLASSIFIERS:
+        model = load_classifier(parse_classifier(rigged.flags[name], {})).model
+        cfg = model.default_cfg  # their get_model: test_input_size, else input_size; mean and std
+        size = cfg.get("test_input_size", cfg["input_size"])[1]
+        bicubic = transforms.InterpolationMode.BICUBIC
+        no_crop = transforms.Compose([transforms.Resize(size, interpolation=bicubic), transforms.ToTensor()])
+        test = transforms.Compose([transforms.Resize(int(256 / 224 * size), interpolation=bicubic),
+                                   transforms.CenterCrop(size), transforms.ToTensor()])
+        for source, files in sources.items():
+            # their calculate_spurious_score, class by class, then pooled
+            in_scores = {k: _their_probabilities(model, cfg, test, val[k])[:, k] for k in classes}
+            out_scores = {k: _their_probabilities(model, cfg, no_crop, files[k])[:, k] for k in classes}
+            per_class = {k: _their_average_precision(len(in_scores[k]) * [1] + len(out_scores[k]) * [0],
+                                                     np.concatenate([in_scores[k], out_scores[k]])) for k in classes}
+            merged_in = np.concatenate([in_scores[k] for k in classes])
+            merged_out = np.concatenate([out_scores[k] for k in classes])
+            joint = _their_average_precision(len(merged_in) * [1] + len(merged_out) * [0],
+                                             np.concatenate([merged_in, merged_out]))
+            rows = {r["class_index"]: r for r in report["results"] if r["source"] == source and r["classifier"] == name}
+            mean = next(m for m in report["means"] if m["source"] == source and m["classifier"] == name)
+            differences += [abs(rows[k]["spurious_score_average_precision"] - per_class[k]) for k in classes]
+            differences += [abs(mean["spurious_score_average_precision"] - np.mean(list(per_class.values()))),
+                            abs(mean["spurious_score_joint_average_precision"] - joint)]
+    print(f"largest difference from Spurious ImageNet's computation: {max(differences):.3g}")
+    assert max(differences) <= 1e-6
+    # the scores are not all trivially 1: the ranking mixes real and spurious images
+    assert min(m["spurious_score_joint_average_precision"] for m in report["means"]) < 0.99
+    # their robust ResNet-50's temperature, in full
+    assert builtin_classifiers("imagenet")["robust-rn50"].temperature == ROBUST_RN50_TEMPERATURE == 0.7155761122703552
+
+
+def test_images_the_safety_checker_blanked_are_left_out_and_counted(rigged, tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws")
+    _write_run(ws, rigged, 94, "run-a", [0, 1, 4, 5])
+    manifest_file = ws.generated_dir(LABELS[94], "run-a") / "generation.json"
+    manifest = json.loads(manifest_file.read_text())
+    for entry in manifest["images"][1:3]:  # images 1 and 4: spurious for every classifier, then for none
+        entry["nsfw_flagged"] = True
+    manifest_file.write_text(json.dumps(manifest))
+    evaluation = evaluate(_config(classes=["94"]), ws, _flags(rigged))
+    report = json.loads((ws.reports_dir / "evaluation.json").read_text())
+    assert report["blanked"] == 2 and evaluation.blanked == 2
+    assert [(s["name"], s["images"], s["blanked"]) for s in report["sources"]] == [("run-a", 2, 2)]
+    expected = _expected(rigged, 94, [0, 5])
+    for row in report["results"]:
+        c = RIGGED_CLASSIFIERS.index(row["classifier"])
+        assert row["blanked"] == 2 and row["spurious_accuracy"] == pytest.approx(expected["spurious_accuracy"][c])
+    assert {i["file"] for i in report["images"]} == {str(manifest_file.parent / f) for f in ("00000.png", "00003.png")}
+    assert "2 image(s) blanked by the safety checker left out" in (ws.reports_dir / "report.html").read_text()
+
+    for entry in manifest["images"]:  # a run the checker blanked whole has nothing to measure
+        entry["nsfw_flagged"] = True
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(SpurgenError, match="blanked all 4 images; generate them again with --no-safety-checker"):
+        evaluate(_config(classes=["94"], runs=["run-a"]), ws, _flags(rigged))

@@ -295,3 +295,39 @@ def test_many_files_hash_in_parallel_to_the_same_digests(tmp_path: Path) -> None
         files.append(tmp_path / f"{i}.bin")
         files[-1].write_bytes(bytes([i]) * (1000 + i))
     assert sha256_all(files) == [file_sha256(f) for f in files]
+
+
+def test_without_the_safety_checker_blanked_images_are_made_again(ws: Workspace, tiny_sd_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = ws.generated_dir(HUMMINGBIRD, "full-a")
+    generate(_config(runs=["full-a"]), ws)
+    original = _pixels(folder / "00001.png")
+    # as the checker leaves a flagged image: a black square, marked in generation.json
+    Image.new("RGB", (64, 64)).save(folder / "00001.png")
+    manifest = json.loads((folder / "generation.json").read_text())
+    manifest["images"][1]["nsfw_flagged"] = True
+    (folder / "generation.json").write_text(json.dumps(manifest))
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+
+    generate(_config(runs=["full-a"]), ws)  # with the checker: the run is complete as it is
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")} == stamps
+    generate(_config(runs=["full-a"], safety_checker=False), ws)
+    _assert_same_image(_pixels(folder / "00001.png"), original)
+    assert [e["nsfw_flagged"] for e in json.loads((folder / "generation.json").read_text())["images"]] == [None] * 3
+    assert {n: t for n, t in stamps.items() if n != "00001.png"} == {
+        p.name: p.stat().st_mtime_ns for p in folder.glob("*.png") if p.name != "00001.png"}
+
+    # a model folder's own checker is loaded unless it is turned off
+    model = shutil.copytree(tiny_sd_dir, ws.root / "with-checker")
+    (model / "safety_checker").mkdir()
+    asked: list[dict] = []
+
+    def record_and_stop(folder: Path, **kwargs: object) -> None:
+        asked.append(kwargs)
+        raise KeyError("stopped before loading")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", record_and_stop)
+    for on in (True, False):
+        with pytest.raises(SpurgenError):
+            generate_module._load_pipeline(model, torch.float32, torch.device("cpu"), on)
+    assert "safety_checker" not in asked[0] and asked[1]["safety_checker"] is None

@@ -10,9 +10,11 @@ classifier:
 - *mean class probability*: the mean softmax probability of the class;
 
 and for each class and source the *consistently spurious rate*, the fraction of images that every
-classifier predicts as the class. ``--val-images`` adds Spurious ImageNet's spurious score, ``--quality``
-a no-reference quality score per image, ``--export`` writes the consistently spurious generated images
-as a new spurious test set.
+classifier predicts as the class. ``--val-images`` adds Spurious ImageNet's spurious score (per class, its
+mean, and the joint score over all classes), ``--quality`` a no-reference quality score per image, ``--export``
+writes the consistently spurious generated images as a new spurious test set. ``--protocol spurious-imagenet``
+feeds the classifiers as Spurious ImageNet's code does, so the score is theirs to the last digit. Images that the
+safety checker blanked (``nsfw_flagged`` in generation.json) are left out of every measure and counted.
 
 Predictions come from :func:`~spurgen.predict.predict_files` with the same content-addressed cache as
 select-refs: each image is classified once per classifier, whichever source, command or run it belongs to.
@@ -27,12 +29,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from .._runtime import is_main_process, warn
-from ..classifiers import classifier_records, load_classifiers
+from ..classifiers import SPURIOUS_IMAGENET_VAL_CROP, classifier_records, load_classifiers, protocol_crop
 from ..config import EvaluateConfig
 from ..errors import SpurgenError
 from ..labels import get_label_set
-from ..predict import PredictionCache, predict_files
+from ..predict import PredictionCache, Predictions, predict_files
 from ..quality import load_quality_metric, score_files
 from ..rate import load_ratings
 from ..rate.stats import summarize_ratings
@@ -79,13 +83,21 @@ def evaluate(config: EvaluateConfig, workspace: Workspace, classifier_flags: Seq
                                "evaluated; run 'spurgen generate' first or leave out --export")
     workspace.ensure_writable()
     metric = load_quality_metric(config.quality, config.quality_weights, config.device) if config.quality else None
-    classifiers = load_classifiers(config.classifiers, classifier_flags, labels, settings, config.crop, config.device)
+    classifiers = load_classifiers(config.classifiers, classifier_flags, labels, settings,
+                                   protocol_crop(config.protocol, config.crop), config.device)
+    # Spurious ImageNet feeds real images otherwise than spurious ones; spurgen feeds every image alike.
+    val_classifiers = ([c.preprocessed_as(SPURIOUS_IMAGENET_VAL_CROP) for c in classifiers]
+                       if config.protocol == "spurious-imagenet" else classifiers)
 
     source_files = list(dict.fromkeys(f for found in sources.values() for s in found for f in s.files))
-    all_files = list(dict.fromkeys([*source_files, *(f for files in val.values() for f in files)]))
-    predictions = predict_files(all_files, classifiers, cache=PredictionCache(workspace.cache_dir("predictions")),
-                                batch_size=config.batch_size, num_workers=config.num_workers, description="classifying")
-    for path, reason in predictions.unreadable.items():
+    cache = PredictionCache(workspace.cache_dir("predictions"))
+    predictions = predict_files(source_files, classifiers, cache=cache, batch_size=config.batch_size,
+                                num_workers=config.num_workers, description="classifying")
+    val_predictions = predict_files(list(dict.fromkeys(f for files in val.values() for f in files)), val_classifiers,
+                                    cache=cache, batch_size=config.batch_size, num_workers=config.num_workers,
+                                    description="classifying --val-images") if val else None
+    unreadable = {**predictions.unreadable, **(val_predictions.unreadable if val_predictions else {})}
+    for path, reason in unreadable.items():
         warn(f"skipped unreadable image {path}: {reason}")
     quality = None
     if metric:
@@ -94,16 +106,17 @@ def evaluate(config: EvaluateConfig, workspace: Workspace, classifier_flags: Seq
                               PredictionCache(workspace.cache_dir("quality")), num_workers=config.num_workers)
     results = [result for cls in classes for source in sources[cls.index]
                if (result := source_result(cls, source, predictions, quality,
-                                     predictions.rows(val[cls.index]) if val else None)) is not None]
+                                           _val_probability(val_predictions, val, cls.index))) is not None]
     for result in results:
         result.rating = summarize_ratings(result.hashes, ratings)
     evaluation = Evaluation(labels=labels, classifiers=[c.name for c in classifiers], results=results, quality=metric,
-                            reports=workspace.reports_dir, export=export)
+                            reports=workspace.reports_dir, protocol=config.protocol, export=export)
     if not is_main_process():  # under `accelerate launch`, one process writes
         return evaluation
 
     manifest_base = {
         "created": utc_now(),
+        "protocol": config.protocol,
         "versions": environment_versions(),
         "settings": {**vars(config), "classes": [c.index for c in classes]},
         "classifiers": classifier_records(classifiers),
@@ -123,16 +136,34 @@ def evaluate(config: EvaluateConfig, workspace: Workspace, classifier_flags: Seq
         "classes": [{"index": c.index, "name": c.name, "synset": c.synset, "spurious_feature": c.spurious_feature}
                     for c in classes],
         "sources": [{"class": r.cls.index, "name": r.source.name, "kind": r.source.kind, "folder": str(r.source.folder),
-                     "images": len(r.files), "unreadable": r.unreadable} for r in results],
+                     "images": len(r.files), "unreadable": r.unreadable, "blanked": r.source.blanked}
+                    for r in results],
+        "blanked": evaluation.blanked,
         "results": result_rows(evaluation),
         "means": means(evaluation),
         "images": image_records(evaluation),
-        "unreadable": [{"file": str(f), "reason": reason} for f, reason in predictions.unreadable.items()],
+        "unreadable": [{"file": str(f), "reason": reason} for f, reason in unreadable.items()],
         "val_images": {str(k): [str(f) for f in files] for k, files in val.items()} or None,
-        "computed_predictions": predictions.computed,
+        "computed_predictions": {name: count + (val_predictions.computed[name] if val_predictions else 0)
+                                 for name, count in predictions.computed.items()},
         "ratings": [{"class": r.cls.index, "source": r.source.name, **r.rating.record()}
                     for r in results if r.rating is not None] if evaluation.rated else None,
         "export": ({"folder": str(export), "images": evaluation.exported, "min_quality": config.min_quality}
                    if export else None),
     })
     return evaluation
+
+
+def _val_probability(predictions: Predictions | None, val: dict[int, list[Path]],
+                     class_index: int) -> np.ndarray | None:
+    """[classifiers, readable --val-images of the class]: each classifier's probability of the class.
+
+    Args:
+        predictions: Every classifier's predictions on the --val-images, or ``None`` without them.
+        val: The --val-images of each class.
+        class_index: The class.
+    """
+    if predictions is None:
+        return None
+    rows = predictions.rows(val[class_index])
+    return np.stack([predictions.probabilities(name)[rows, class_index] for name in predictions.logits])

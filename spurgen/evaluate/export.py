@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from .._runtime import warn
 from ..errors import SpurgenError
-from ..workspace import EXPORT_MANIFEST, atomic_directory, atomic_write_json, read_json, utc_now
+from ..workspace import EXPORT_MANIFEST, atomic_directory, atomic_write_json, read_json
 from .results import Evaluation
 
 __all__ = ["check_export_target", "export_images"]
@@ -32,14 +33,17 @@ def export_images(evaluation: Evaluation, folder: Path, min_quality: float | Non
 
     With ``drop_object_present``, images that most raters said show the class object are left out.
 
-    ``images/<prefix>_<index>_<name>_<component>/<run>_<file>``, ``images/timestamp.txt``,
+    ``images/<prefix>_<index>_<name>_<component>/<run>_<file>``, ``images/timestamp.txt`` (a Unix time),
     ``spurious_imagenet_classes.tsv`` and ``manifest.json`` (per image: source, predictions, quality).
     """
     entries = []
     with atomic_directory(folder) as staging:
         images = staging / "images"
         images.mkdir()
-        (images / "timestamp.txt").write_text(f"{utc_now()} spurgen export\n", encoding="utf-8")
+        # Spurious ImageNet's scripts read this file with int(line) to tell data set versions apart: a Unix time,
+        # nothing else. The readable provenance is in manifest.json.
+        timestamp = int(time.time())
+        (images / "timestamp.txt").write_text(f"{timestamp}\n", encoding="utf-8")
         rows = ["imagenet_index\tclass_name\tspurious_feature\tspurious_npca_components"]
         for cls in evaluation.classes:
             component = cls.npca_components[0] if cls.npca_components else 0
@@ -71,6 +75,7 @@ def export_images(evaluation: Evaluation, folder: Path, min_quality: float | Non
                 warn(f"{cls}: no generated image is consistently spurious"
                      f"{' and above --min-quality' if min_quality is not None else ''}; nothing exported for it")
         (staging / "spurious_imagenet_classes.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-        atomic_write_json(staging / EXPORT_MANIFEST, {**manifest_base, "stage": "export", "min_quality": min_quality,
+        atomic_write_json(staging / EXPORT_MANIFEST, {**manifest_base, "stage": "export", "timestamp": timestamp,
+                                                      "min_quality": min_quality,
                                                       "drop_object_present": drop_object_present, "images": entries})
     return len(entries)

@@ -22,6 +22,7 @@ def result_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
             records.append({
                 "class_index": r.cls.index, "class_name": r.cls.name, "source": r.source.name,
                 "source_kind": r.source.kind, "classifier": name, "images": len(r.files), "unreadable": r.unreadable,
+                "blanked": r.source.blanked,
                 "spurious_accuracy": float(r.spurious_accuracy[c]), "top5_rate": float(r.top5_rate[c]),
                 "mean_class_probability": float(r.mean_probability[c]),
                 "consistently_spurious_rate": r.consistent_rate,
@@ -85,6 +86,7 @@ def means(evaluation: Evaluation) -> list[dict[str, Any]]:
     for source in evaluation.sources:
         results = [r for r in evaluation.results if r.source.name == source]
         scored = all(r.roc_auc is not None for r in results)
+        joint = evaluation.joint_average_precision(source)
         for c, name in enumerate(evaluation.classifiers):
             means.append({
                 "source": source, "classifier": name, "classes": len(results),
@@ -95,5 +97,6 @@ def means(evaluation: Evaluation) -> list[dict[str, Any]]:
                 "spurious_score_roc_auc": float(np.mean([r.roc_auc[c] for r in results])) if scored else None,  # type: ignore[index]
                 "spurious_score_average_precision":
                     float(np.mean([r.average_precision[c] for r in results])) if scored else None,  # type: ignore[index]
+                "spurious_score_joint_average_precision": None if joint is None else float(joint[c]),
             })
     return means

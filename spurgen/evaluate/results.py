@@ -25,6 +25,7 @@ class Source:
     kind: str  # "generated", "refs", "dataset" or "images"
     folder: Path
     files: tuple[Path, ...]
+    blanked: int = 0  # images the safety checker blanked, left out of files
 
 
 @dataclass
@@ -45,6 +46,7 @@ class SourceResult:
     quality: np.ndarray | None = None  # [images]
     roc_auc: np.ndarray | None = None  # [classifiers] spurious score against --val-images
     average_precision: np.ndarray | None = None  # [classifiers]
+    val_probability: np.ndarray | None = None  # [classifiers, val images] probability of the class, --val-images
     rating: RatingSummary | None = None  # what the human study (ratings/) says about these images
     unreadable: int = 0
 
@@ -79,6 +81,7 @@ class Evaluation:
     results: list[SourceResult]
     quality: QualityMetric | None
     reports: Path
+    protocol: str = "spurgen"
     export: Path | None = None
     exported: int = 0
 
@@ -100,20 +103,40 @@ class Evaluation:
         """Whether the human study rated any evaluated image."""
         return any(r.rating is not None for r in self.results)
 
+    @property
+    def blanked(self) -> int:
+        """Images the safety checker blanked, left out of every measure."""
+        return sum(r.source.blanked for r in self.results)
+
     def result(self, cls: ClassInfo, source: str) -> SourceResult | None:
         return next((r for r in self.results if r.cls.index == cls.index and r.source.name == source), None)
 
+    def joint_average_precision(self, source: str) -> np.ndarray | None:
+        """[classifiers]: Spurious ImageNet's joint score, one average precision over every class's images pooled.
+
+        Positives are each class's --val-images scored by the probability of their own class, negatives the
+        source's images scored likewise; ``None`` without --val-images.
+        """
+        results = [r for r in self.results if r.source.name == source]
+        if not results or any(r.val_probability is None for r in results):
+            return None
+        real = [r.val_probability for r in results]
+        return np.array([average_precision(np.concatenate([v[c] for v in real]),  # type: ignore[index]
+                                           np.concatenate([r.probability[c] for r in results]))
+                         for c in range(len(self.classifiers))])
+
 
 def source_result(cls: ClassInfo, source: Source, predictions: Predictions, quality: dict[str, float] | None,
-                  val_rows: list[int] | None) -> SourceResult | None:
+                  val_probability: np.ndarray | None) -> SourceResult | None:
     """One class and source measured from every classifier's predictions; ``None`` when no image is readable.
 
     Args:
         cls: The class the source's images are meant to show.
         source: Its images.
-        predictions: Every classifier's predictions on (at least) the source's files and ``val_rows``.
+        predictions: Every classifier's predictions on (at least) the source's files.
         quality: Quality score by image hash, or ``None`` without --quality.
-        val_rows: Rows of the class's --val-images in ``predictions``, or ``None`` without --val-images.
+        val_probability: [classifiers, images]: each classifier's probability of the class on the class's
+            readable --val-images, or ``None`` without --val-images.
     """
     readable = [f for f in source.files if f not in predictions.unreadable]
     if not readable:
@@ -129,8 +152,9 @@ def source_result(cls: ClassInfo, source: Source, predictions: Predictions, qual
         unreadable=len(source.files) - len(readable))
     if quality is not None:
         result.quality = np.array([quality[h] for h in result.hashes], dtype=np.float64)
-    if val_rows:
-        real = np.stack([predictions.probabilities(n)[val_rows, cls.index] for n in names])
-        result.roc_auc = np.array([roc_auc(real[c], probability[c]) for c in range(len(names))])
-        result.average_precision = np.array([average_precision(real[c], probability[c]) for c in range(len(names))])
+    if val_probability is not None and val_probability.shape[1]:
+        result.val_probability = val_probability
+        result.roc_auc = np.array([roc_auc(val_probability[c], probability[c]) for c in range(len(names))])
+        result.average_precision = np.array([average_precision(val_probability[c], probability[c])
+                                             for c in range(len(names))])
     return result

@@ -37,15 +37,22 @@ def _generated_sources(workspace: Workspace, cls: ClassInfo, runs: Sequence[str]
     for run in names:
         run_dir = workspace.generated_dir(cls, run)
         manifest = read_json(run_dir / GENERATION_FILE) if (run_dir / GENERATION_FILE).is_file() else None
-        files = tuple(run_dir / entry["file"] for entry in (manifest or {}).get("images", []))
+        entries = (manifest or {}).get("images", [])
+        files = tuple(run_dir / entry["file"] for entry in entries)
+        # An image the safety checker blanked is a black square: counting it would lower every measure.
+        blanked = {run_dir / entry["file"] for entry in entries if entry.get("nsfw_flagged")}
         if manifest is None or not files:
             problem = (f"{run_dir} has no generated images; run 'spurgen generate --classes {cls.index}"
                        f"{' --base' if run == BASE_RUN else f' --runs {run}'}' first")
         elif manifest.get("status") != "complete":
             problem = (f"{run_dir}: generation is incomplete ({len(files)} of {manifest.get('num_images')} images); "
                        "run the same 'spurgen generate' command again to finish it")
+        elif len(blanked) == len(files):
+            problem = (f"{run_dir}: the safety checker blanked all {len(files)} images; generate them again with "
+                       "--no-safety-checker --overwrite")
         else:
-            sources.append(Source(run, "generated", run_dir, files))
+            sources.append(Source(run, "generated", run_dir, tuple(f for f in files if f not in blanked),
+                                  blanked=len(blanked)))
             continue
         if not every:
             raise SpurgenError(problem)

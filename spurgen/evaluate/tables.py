@@ -60,6 +60,8 @@ def _table1(evaluation: Evaluation, stacked: bool) -> TableData:
     sources, names = evaluation.sources, evaluation.classifiers
     title = "Table 1: spurious accuracy (%) per class, classifier and source"
     caption = "top-1 prediction = the class; 'all': consistently spurious (every classifier at once)"
+    if evaluation.blanked:
+        caption += f"; {evaluation.blanked} image(s) blanked by the safety checker left out"
 
     def values(result: SourceResult | None) -> list[float | None]:
         accuracy = [float(a) for a in result.spurious_accuracy] if result else [None] * len(names)
@@ -101,7 +103,7 @@ def _table1(evaluation: Evaluation, stacked: bool) -> TableData:
 def summary_tables(evaluation: Evaluation, stacked: bool = False) -> list[TableData]:
     """Table 1 (``stacked``: sources one under another), Table 2 when several runs exist, and the quality and
     spurious score tables when they were measured."""
-    sources, names = evaluation.sources, evaluation.classifiers
+    sources = evaluation.sources
     tables = [_table1(evaluation, stacked)]
     if len(evaluation.runs) > 1:
         table2 = TableData("Table 2: spurious accuracy (%), mean over classifiers",
@@ -121,19 +123,30 @@ def summary_tables(evaluation: Evaluation, stacked: bool = False) -> list[TableD
                                              if r and r.quality is not None else "–" for r in found)])
         tables.append(quality)
     if any(r.roc_auc is not None for r in evaluation.results):
-        score = TableData("Spurious score: ROC-AUC / average precision, mean over classes", ["source", *names],
-                          caption="class probability separating --val-images (positives) from the source's images; "
-                                  "lower means more spurious. Spurious ImageNet's paper calls its score AUC; its code "
-                                  "computes average precision")
-        for source in sources:
-            score.rows.append([source, *(
-                f"{_mean_over_classes(evaluation, source, lambda r, c=c: r.roc_auc[c]):.3f} / "
-                f"{_mean_over_classes(evaluation, source, lambda r, c=c: r.average_precision[c]):.3f}"
-                for c in range(len(names)))])
-        tables.append(score)
+        tables.append(_score_table(evaluation))
     if evaluation.rated:
         tables.append(_ratings_table(evaluation))
     return tables
+
+
+def _score_table(evaluation: Evaluation) -> TableData:
+    """Spurious ImageNet's spurious score per source and classifier: ROC-AUC and average precision (means over
+    classes) and the joint average precision (all classes pooled)."""
+    protocol = ("Spurious ImageNet's preprocessing" if evaluation.protocol == "spurious-imagenet"
+                else "each classifier's own preprocessing (--protocol spurious-imagenet reproduces their numbers)")
+    score = TableData("Spurious score: ROC-AUC / average precision (means over classes) / joint average precision",
+                      ["source", *evaluation.classifiers],
+                      caption="class probability separating --val-images (positives) from the source's images; lower "
+                              "means more spurious. Spurious ImageNet's paper calls its score AUC; its code computes "
+                              f"average precision, per class and jointly over all classes. Protocol: {protocol}")
+    for source in evaluation.sources:
+        joint = evaluation.joint_average_precision(source)
+        score.rows.append([source, *(
+            f"{_mean_over_classes(evaluation, source, lambda r, c=c: r.roc_auc[c]):.3f} / "
+            f"{_mean_over_classes(evaluation, source, lambda r, c=c: r.average_precision[c]):.3f} / "
+            f"{'–' if joint is None else f'{joint[c]:.3f}'}"
+            for c in range(len(evaluation.classifiers)))])
+    return score
 
 
 def _ratings_table(evaluation: Evaluation) -> TableData:

@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._base_model import BaseModel
 from .._runtime import warn
@@ -30,6 +30,9 @@ __all__ = ["ClassPlan", "plan_classes", "list_checkpoints", "latest_checkpoint",
 _RESUMABLE = {"classes", "steps", "resume", "overwrite", "run_name", "checkpointing_steps", "checkpoints_total_limit",
               "validation_steps", "num_validation_images", "tensorboard", "sample_batch_size",
               "gradient_checkpointing", "device", "class_sfsl_weight", "sfsl_weight", "model"}
+
+# Switches whose off form is not --no-NAME.
+_SWITCHES = {"lora": ("--lora", "--full")}
 
 
 @dataclass
@@ -97,13 +100,59 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return (list_checkpoints(folder) or [None])[-1]
 
 
-def _action(config: FinetuneConfig, folder: Path) -> tuple[str, Path | None]:
-    """Whether a class is trained from scratch, resumed or skipped, from what its folder holds."""
+def _as_flag(name: str, value: Any) -> str:
+    """A setting as the command-line flag that gives it: ``--rank 8``, ``--full``, ``--no-prior-preservation``."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        on, off = _SWITCHES.get(name, (f"--{flag}", f"--no-{flag}"))
+        return on if value else off
+    return f"--{flag} {value if isinstance(value, str) else json.dumps(value)}"
+
+
+def _differing_settings(config: FinetuneConfig, kappa: float, run: dict[str, Any]) -> list[str]:
+    """``X in the run, Y requested`` (as flags) for each setting that shapes training and differs from a run's record.
+
+    Args:
+        config: The requested settings.
+        kappa: The class's requested kappa (0 without SFSL).
+        run: The run's training.json; settings it lacks (an older spurgen's) are not compared.
+    """
+    # As training.json stores them: JSON values, and the text encoder setting resolved from the preset.
+    requested = {**json.loads(json.dumps(asdict(config), default=str)),
+                 "train_text_encoder": config.trains_text_encoder}
+    recorded = run.get("settings") or {}
+    differing = [f"{_as_flag(name, recorded[name])} in the run, {_as_flag(name, value)} requested"
+                 for name, value in requested.items()
+                 if name not in _RESUMABLE and name in recorded and recorded[name] != value]
+    # kappa is per class (--sfsl-weight or [finetune.class-sfsl-weight]): the record's resolved value counts.
+    trained_kappa = (run.get("sfsl") or {}).get("weight", 0.0)
+    if "sfsl" in run and trained_kappa != kappa:
+        differing.append(f"kappa {trained_kappa:g} in the run, {kappa:g} requested (--sfsl-weight)")
+    return differing
+
+
+def _action(config: FinetuneConfig, folder: Path, kappa: float) -> tuple[str, Path | None]:
+    """Whether a class is trained from scratch, resumed or skipped, from what its folder holds.
+
+    Args:
+        config: The requested settings.
+        folder: The class's run folder.
+        kappa: The class's requested kappa.
+
+    Raises:
+        SpurgenError: the folder holds a complete run with other settings, or an unfinished one, and neither
+            --overwrite nor (for an unfinished run) --resume says what to do with it.
+    """
     status = read_json(folder / TRAINING_FILE) if (folder / TRAINING_FILE).is_file() else {}
     checkpoint = latest_checkpoint(folder)
     if config.overwrite:
         return "train", None
     if status.get("status") == "complete":
+        # Skipping it would hand over a model of other settings (a LoRA for --full) as if it were the one asked for.
+        differing = _differing_settings(config, kappa, status)
+        if differing:
+            raise SpurgenError(f"{folder} holds a complete run with other settings ({'; '.join(differing)}); pass "
+                               "--run-name NAME to train a new run beside it, or --overwrite to replace it")
         if not config.resume or status.get("steps", 0) >= config.steps:
             return "skip", None
         if checkpoint is None:
@@ -141,7 +190,7 @@ def plan_classes(config: FinetuneConfig, workspace: Workspace, labels: LabelSet)
         if config.prior_preservation and plan.instance_prompt == plan.class_prompt:
             raise SpurgenError(f"instance and class prompts are both '{plan.instance_prompt}'; the instance prompt "
                                "needs the {identifier} token to tell the references apart")
-        plan.action, plan.checkpoint = _action(config, plan.folder)
+        plan.action, plan.checkpoint = _action(config, plan.folder, plan.sfsl_weight)
         plans.append(plan)
     return plans
 

@@ -113,6 +113,11 @@ def generate(config: GenerateConfig, workspace: Workspace,
         folder = workspace.generated_dir(plan.cls, plan.run)
         entries, replaced = check_folder(folder, settings, fingerprint, config.overwrite)
         stale.extend(replaced)
+        if not config.safety_checker:
+            # A blanked image is a black square, not its seed's image: without the checker it is made again.
+            blanked = {i for i, entry in entries.items() if entry.get("nsfw_flagged")}
+            stale.extend(folder / image_name(i) for i in sorted(blanked))
+            entries = {i: entry for i, entry in entries.items() if i not in blanked}
         header = {"stage": "generate", "created": utc_now(), "versions": environment_versions(),
                   "class": {"index": plan.cls.index, "name": plan.cls.name, "synset": plan.cls.synset,
                             "spurious_feature": plan.cls.spurious_feature},
@@ -138,7 +143,7 @@ def generate(config: GenerateConfig, workspace: Workspace,
             state.judge(filters, state.present())
 
     flagged: dict[int, int] = {}
-    pipelines = PipelineSlot(dtype, device)
+    pipelines = PipelineSlot(dtype, device, config.safety_checker)
     with progress_bar("images") as progress:
         # Grouped by pipeline folder so that LoRA runs on one base model share one loaded pipeline.
         for n, state in sorted(enumerate(states), key=lambda item: str(item[1].plan.pipeline.path)):

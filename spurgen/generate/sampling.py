@@ -52,8 +52,15 @@ def build_scheduler(name: str, model_config: Any) -> Any:
     return getattr(diffusers, class_name).from_config(model_config, **overrides)
 
 
-def _load_pipeline(folder: Path, dtype: "torch.dtype", device: "torch.device") -> "StableDiffusionPipeline":
+def _load_pipeline(folder: Path, dtype: "torch.dtype", device: "torch.device",
+                   safety_checker: bool) -> "StableDiffusionPipeline":
     """A Stable Diffusion pipeline on ``device``, without progress bars.
+
+    Args:
+        folder: A diffusers Stable Diffusion folder.
+        dtype: Precision of its weights.
+        device: Where it runs.
+        safety_checker: Keep the folder's safety checker, when it has one (``--no-safety-checker``: never).
 
     Raises:
         SpurgenError: ``folder`` holds no loadable pipeline.
@@ -65,7 +72,7 @@ def _load_pipeline(folder: Path, dtype: "torch.dtype", device: "torch.device") -
     no_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:
         with library_progress_bars_off():
-            checker = {} if (folder / "safety_checker").is_dir() else no_checker
+            checker = {} if safety_checker and (folder / "safety_checker").is_dir() else no_checker
             pipe = StableDiffusionPipeline.from_pretrained(folder, **dtype_argument(dtype), **checker)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -150,8 +157,8 @@ def _sample(pipe: "StableDiffusionPipeline", state: RunState, config: GenerateCo
 class PipelineSlot:
     """The one pipeline held in memory; loading another folder releases the previous pipeline first."""
 
-    def __init__(self, dtype: "torch.dtype", device: "torch.device") -> None:
-        self.dtype, self.device = dtype, device
+    def __init__(self, dtype: "torch.dtype", device: "torch.device", safety_checker: bool) -> None:
+        self.dtype, self.device, self.safety_checker = dtype, device, safety_checker
         self.folder: Path | None = None
         self.pipe: Any = None
         self.scheduler: Any = None  # the pipeline's own scheduler, kept while runs swap in others
@@ -160,7 +167,7 @@ class PipelineSlot:
         """The pipeline of ``folder``, loaded unless it is the one held."""
         if folder != self.folder:
             self.folder = self.pipe = self.scheduler = None
-            self.pipe = _load_pipeline(folder, self.dtype, self.device)
+            self.pipe = _load_pipeline(folder, self.dtype, self.device, self.safety_checker)
             self.folder, self.scheduler = folder, self.pipe.scheduler
         return self.pipe
 
