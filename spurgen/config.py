@@ -266,7 +266,8 @@ class GenerateConfig:
     safety_checker: bool = setting(True, (
         "Run the base model's safety checker when its folder has one (safety_checker/): it blanks the images it "
         "flags, which generation.json marks and evaluate leaves out. --no-safety-checker keeps every image and makes "
-        "the blanked ones again, for research on the images themselves; the model's licence still applies."))
+        "the blanked ones again, for research on the images themselves; the model's licence still applies."),
+        off="--no-safety-checker")
     device: str = same_setting(SelectRefsConfig, "device")
     labels: str = same_setting(SelectRefsConfig, "labels")
     overwrite: bool = setting(False, "Replace images made earlier with other settings (another model, prompt, sampler...) instead of stopping.")
