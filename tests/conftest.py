@@ -109,8 +109,8 @@ def rigged(tmp_path_factory: pytest.TempPathFactory) -> RiggedSetup:
     import timm
     import torch
     from safetensors.torch import save_file
-
     from timm.data import resolve_data_config
+    from timm.models._hub import save_for_hf
 
     from spurgen.classifiers import Classifier, ClassifierSpec
     from spurgen.images import load_rgb
@@ -147,7 +147,8 @@ def rigged(tmp_path_factory: pytest.TempPathFactory) -> RiggedSetup:
                 row += 1
         # Least squares with a bias column: features (N x D+1) @ W^T = target, exact since N < D.
         design = torch.cat([features, torch.ones(len(all_files), 1, dtype=torch.float64)], dim=1)
-        solution = torch.linalg.lstsq(design, target).solution
+        # gelsd (SVD): torch 2.2's default driver (the floor) gives a wrong solution for res-a's ill-conditioned design
+        solution = torch.linalg.lstsq(design, target, driver="gelsd").solution
         head = model.get_classifier()
         head.weight.data = solution[:-1].T.float().contiguous()
         head.bias.data = solution[-1].float().contiguous()
@@ -163,7 +164,7 @@ def rigged(tmp_path_factory: pytest.TempPathFactory) -> RiggedSetup:
                         "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
         else:
             path = root / "vit-c"
-            timm.models.save_for_hf(model, str(path), safe_serialization=True)
+            save_for_hf(model, str(path), safe_serialization=True)  # timm.models exports it after 1.0.15
         flags[name] = f"{name}={arch}@{path}"
     return RiggedSetup(dataset, flags, files)
 
