@@ -40,7 +40,7 @@ $(FLOOR_VENV)/.installed: pyproject.toml .ci/floor_pins.py
 	touch $@
 
 test-floors: install $(FLOOR_VENV)/.installed
-	SPURGEN_OTHER_PYTHON=$(abspath $(PY)) $(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/floors
+	SPURGEN_OTHER_PYTHON=$(abspath $(PY)) $(FLOOR_VENV)/bin/python -m pytest -p no:cacheprovider tests/floors
 
 lint: install
 	$(PY) -m ruff check spurgen tests bench
