@@ -64,7 +64,7 @@ def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Mod
 # The LoraConfig fields written as adapter metadata. diffusers rebuilds the adapter with LoraConfig(**metadata),
 # which refuses a field that the reader's peft does not know, so only fields that exist since the peft floor
 # (pyproject.toml) go into the file; every other field keeps its default, as it does when we train. Writing the
-# whole to_dict() made a LoRA saved under peft 0.21 fail to load under 0.17 (tests/floors/ checks this).
+# whole to_dict() made a LoRA saved under peft 0.21 fail to load under the floor, 0.15 (tests/floors/ checks it).
 ADAPTER_METADATA_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "init_lora_weights",
                            "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
 
@@ -74,7 +74,7 @@ def _classic_text_encoder_keys(layers: dict[str, "torch.Tensor"]) -> dict[str, "
 
     transformers 5 dropped the ``text_model`` level of CLIPTextModel, so its names read ``encoder.layers...``.
     transformers 4 (with diffusers 0.34, our floors) loads such a file without an error but leaves the text
-    encoder's LoRA at its initialisation, and diffusers 0.32 fails with an IndexError; the classic names, those of
+    encoder's LoRA at its initialisation (diffusers 0.32 failed with an IndexError); the classic names, those of
     the LoRA files on the hub, load under transformers 4 and 5 alike (tests/floors/ checks both directions).
     """
     return {key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in layers.items()}
