@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU machines we build on have these two wheels on local disk; elsewhere pip fetches them.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast test-floors lint demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,24 @@ test: install lint
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# Every lower bound of pyproject.toml, installed together on the oldest Python we support (pyenv's 3.10 on our
+# machines), in a second environment; there tests/floors/ runs the pipeline and exchanges LoRA files with the main
+# environment (the newest versions). torch 2.2 comes from PyPI: a CUDA build, about 3 GB, a minute or two.
+FLOOR_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10) $(shell command -v python3.10))
+FLOOR_VENV ?= .venv-floors
+
+$(FLOOR_VENV)/.installed: pyproject.toml .ci/floor_pins.py
+	@test -n "$(FLOOR_PYTHON)" || { echo "make test-floors: no python3.10 found; set FLOOR_PYTHON=/path/to/python3.10"; exit 1; }
+	rm -rf $(FLOOR_VENV)
+	$(FLOOR_PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PY) .ci/floor_pins.py --python 3.10 > $(FLOOR_VENV)/floors.txt
+	$(FLOOR_VENV)/bin/python -m pip install -q -c $(FLOOR_VENV)/floors.txt -e . pytest
+	touch $@
+
+test-floors: install $(FLOOR_VENV)/.installed
+	SPURGEN_OTHER_PYTHON=$(abspath $(PY)) $(FLOOR_VENV)/bin/python -m pytest -p no:cacheprovider tests/floors
+
 lint: install
 	$(PY) -m ruff check spurgen tests bench
 
@@ -37,4 +55,4 @@ bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) spurgen-work .pytest_cache
+	rm -rf $(VENV) $(FLOOR_VENV) spurgen-work .pytest_cache

@@ -212,7 +212,8 @@ def load_components(base: BaseModel, attention: str = "sdpa", *, unet_dtype: "to
         components = Components(
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
             text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", attn_implementation=attention,
-                                                       dtype=text_encoder_dtype or float32),
+                                                       **dtype_argument(text_encoder_dtype or float32,
+                                                                        "transformers")),
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **dtype_argument(vae_dtype or float32)),
             unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **dtype_argument(unet_dtype or float32)),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),

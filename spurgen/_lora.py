@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LORA_WEIGHTS_NAME", "UNET_TARGETS", "TEXT_ENCODER_TARGETS", "add_lora", "save_lora"]
+__all__ = ["ADAPTER_METADATA_FIELDS", "LORA_WEIGHTS_NAME", "UNET_TARGETS", "TEXT_ENCODER_TARGETS", "add_lora",
+           "save_lora"]
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
@@ -51,7 +52,7 @@ def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Mod
     StableDiffusionPipeline.save_lora_weights(
         folder,
         unet_lora_layers=layers(unet),
-        text_encoder_lora_layers=layers(text_encoder) if text_encoder is not None else None,
+        text_encoder_lora_layers=_classic_text_encoder_keys(layers(text_encoder)) if text_encoder is not None else None,
         unet_lora_adapter_metadata=_adapter_metadata(unet),
         text_encoder_lora_adapter_metadata=_adapter_metadata(text_encoder) if text_encoder is not None else None,
         safe_serialization=True,
@@ -60,11 +61,31 @@ def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Mod
     return Path(folder) / LORA_WEIGHTS_NAME
 
 
+# The LoraConfig fields written as adapter metadata. diffusers rebuilds the adapter with LoraConfig(**metadata),
+# which refuses a field that the reader's peft does not know, so only fields that exist since the peft floor
+# (pyproject.toml) go into the file; every other field keeps its default, as it does when we train. Writing the
+# whole to_dict() made a LoRA saved under peft 0.21 fail to load under the floor, 0.15 (tests/floors/ checks it).
+ADAPTER_METADATA_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "init_lora_weights",
+                           "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
+
+
+def _classic_text_encoder_keys(layers: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    """The text encoder's LoRA layers under CLIP's classic names, ``text_model.encoder.layers...``.
+
+    transformers 5 dropped the ``text_model`` level of CLIPTextModel, so its names read ``encoder.layers...``.
+    transformers 4 (with diffusers 0.34, our floors) loads such a file without an error but leaves the text
+    encoder's LoRA at its initialisation (diffusers 0.32 failed with an IndexError); the classic names, those of
+    the LoRA files on the hub, load under transformers 4 and 5 alike (tests/floors/ checks both directions).
+    """
+    return {key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in layers.items()}
+
+
 def _adapter_metadata(model: "torch.nn.Module") -> dict:
-    """The adapter's peft config; its target modules, a set in peft, sorted so that the file is the same in every
-    process (a set's order follows the process's string hash seed)."""
+    """The adapter's peft config, restricted to ADAPTER_METADATA_FIELDS; its target modules, a set in peft, sorted
+    so that the file is the same in every process (a set's order follows the process's string hash seed)."""
     config = model.peft_config["default"].to_dict()
-    return {**config, "target_modules": sorted(config["target_modules"])}
+    metadata = {field: config[field] for field in ADAPTER_METADATA_FIELDS if field in config}
+    return {**metadata, "target_modules": sorted(config["target_modules"])}
 
 
 def _sort_header(path: Path) -> None:

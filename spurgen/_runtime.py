@@ -278,13 +278,15 @@ def library_progress_bars_off() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def dtype_argument(dtype: "torch.dtype") -> dict[str, "torch.dtype"]:
-    """from_pretrained's precision argument: ``dtype`` since diffusers 0.42, ``torch_dtype`` before it.
+def dtype_argument(dtype: "torch.dtype", package: str = "diffusers") -> dict[str, "torch.dtype"]:
+    """from_pretrained's precision argument: ``dtype`` since diffusers 0.42 (transformers 4.56), ``torch_dtype``
+    before it. ``package`` is the library whose ``from_pretrained`` is called.
 
     Loading in the final precision (rather than casting afterwards) keeps the modules that a model marks
     as float32-only in float32.
     """
     from importlib.metadata import version
 
-    major, minor = (int(part) for part in version("diffusers").split(".")[:2])
-    return {"dtype" if (major, minor) >= (0, 42) else "torch_dtype": dtype}
+    major, minor = (int(part) for part in version(package).split(".")[:2])
+    since = {"diffusers": (0, 42), "transformers": (4, 56)}[package]
+    return {"dtype" if (major, minor) >= since else "torch_dtype": dtype}

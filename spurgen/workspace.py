@@ -22,7 +22,6 @@ import re
 import shutil
 import sys
 import tempfile
-import tomllib
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -32,6 +31,11 @@ from typing import Any, Iterator
 
 from .errors import SpurgenError
 from .labels import ClassInfo, LabelSet
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as a package (a dependency there)
+    import tomli as tomllib
 
 __all__ = [
     "Workspace",

@@ -110,6 +110,7 @@ def rigged(tmp_path_factory: pytest.TempPathFactory) -> RiggedSetup:
     import timm
     import torch
     from safetensors.torch import save_file
+    from timm.models._hub import save_for_hf
 
     from spurgen.testing import solved_head_classifier
 
@@ -147,7 +148,7 @@ def rigged(tmp_path_factory: pytest.TempPathFactory) -> RiggedSetup:
                         "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
         else:
             path = root / "vit-c"
-            timm.models.save_for_hf(model, str(path), safe_serialization=True)
+            save_for_hf(model, str(path), safe_serialization=True)  # timm.models exports it after 1.0.15
         flags[name] = f"{name}={arch}@{path}"
     return RiggedSetup(dataset, flags, files)
 

@@ -56,7 +56,8 @@ def solved_head_classifier(arch: str, images: Sequence[Path], logits: torch.Tens
     target = logits.double()
     # features (N x D+1 with the bias column) @ W^T = target: exact when the N rows are independent (N <= D + 1).
     design = torch.cat([features, torch.ones(len(features), 1, dtype=torch.float64)], dim=1)
-    solution = torch.linalg.lstsq(design, target).solution
+    # gelsd (SVD): the default driver of torch 2.2 (our floor) returns a wrong solution for ill-conditioned designs.
+    solution = torch.linalg.lstsq(design, target, driver="gelsd").solution
     head = model.get_classifier()
     head.weight.data = solution[:-1].T.float().contiguous()
     head.bias.data = solution[-1].float().contiguous()

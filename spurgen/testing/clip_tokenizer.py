@@ -11,6 +11,7 @@ import functools
 import gzip
 import importlib.util
 import json
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -119,6 +120,7 @@ def build_clip_tokenizer(save_dir: Path | None = None) -> CLIPTokenizer:
         SpurgenError: open-clip-torch is missing or its BPE file is not the expected one.
     """
     # Imported here, not at the top: the builders import this module's constants, transformers takes seconds.
+    import transformers
     from transformers import CLIPTokenizer
 
     vocab, merges = _vocab_and_merges()
@@ -126,15 +128,14 @@ def build_clip_tokenizer(save_dir: Path | None = None) -> CLIPTokenizer:
     # CLIPTokenizer(vocab_file=..., merges_file=...) silently ignores the files and builds a 2-token
     # tokenizer, and from_pretrained(tmp_dir) would leave the deleted temp paths in init_kwargs. Both give
     # the same backend tokenizer.
-    tokenizer = CLIPTokenizer(
-        vocab=dict(vocab),
-        merges=list(merges),
-        model_max_length=CLIP_MAX_LENGTH,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
+    special = {"model_max_length": CLIP_MAX_LENGTH, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), **special)
+    else:  # transformers 4 (the floor, 4.45): the slow tokenizer reads both files at construction
+        with tempfile.TemporaryDirectory() as tmp:
+            write_bpe_files(Path(tmp))
+            tokenizer = CLIPTokenizer(vocab_file=f"{tmp}/vocab.json", merges_file=f"{tmp}/merges.txt", **special)
     # Guards against a transformers release that changes how CLIPTokenizer reads vocab/merges again.
     ids = tokenizer(_CHECK_TEXT).input_ids
     decoded = tokenizer.decode(ids, skip_special_tokens=True)
