@@ -107,7 +107,6 @@ def rigged(tmp_path_factory: pytest.TempPathFactory) -> RiggedSetup:
     with DataParallel's ``module.`` prefix, read with ``torch.load(weights_only=True)``), ``vit-c`` a timm model
     folder (config.json + model.safetensors).
     """
-    import timm
     import torch
     from safetensors.torch import save_file
     from timm.models._hub import save_for_hf
