@@ -17,10 +17,11 @@ import typer
 from . import __version__
 from .config import (EvaluateConfig, FinetuneConfig, FitNpcaConfig, GenerateConfig, RateConfig, RunConfig,
                      SelectRefsConfig, help_for)
-from .demo import DemoConfig
-from .evidence import EvidenceConfig
 from .errors import SpurgenError
 from .workspace import DEFAULT_WORKSPACE, Workspace
+from .world.demo import DemoConfig
+from .world.evidence import EvidenceConfig
+from .world.models import OUT_ENV
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -482,7 +483,7 @@ def demo_command(
     The workspace can be explored with the ordinary commands afterwards (its spurgen.toml points at the world).
     """
     from .config import resolve_config
-    from .demo import run_demo
+    from .world.demo import run_demo
 
     config = resolve_config(DemoConfig, {}, "demo", {"classes": _split(classes), "steps": steps,
                                                       "num_images": num_images})
@@ -551,10 +552,14 @@ app.add_typer(world_app, name="world")
 def world_build_command(
     work: Path = typer.Option("spurgen-world-build", "--work", help="Scratch folder: the rendered world and resumable checkpoints."),
     threads: int = typer.Option(1, "--threads", help="torch threads for training (1 is fastest on a busy 2-core machine)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", envvar=OUT_ENV, show_default=False,
+        help="Where the trained models go; the demo looks there first (default: $XDG_CACHE_HOME/spurgen/world, "
+             "else ~/.cache/spurgen/world)."),
 ) -> None:
-    """Render the world and train every model spurgen ships for it, from scratch (seeded; resumable).
+    """Render the world and train the models it needs, from scratch (seeded; resumable).
 
-    Writes the classifiers and the text-to-image model into the package's world/assets folder.
+    Writes only what this installation lacks (its shipped models are read only, and kept) into --out.
     """
     from dataclasses import replace
 
@@ -564,7 +569,7 @@ def world_build_command(
     config = WorldBuildConfig()
     config.classifiers = replace(config.classifiers, threads=threads)
     config.text_to_image = replace(config.text_to_image, threads=threads)
-    summary = build_world_models(work, config, log=console.print)
+    summary = build_world_models(work, config, out=out.expanduser() if out is not None else None, log=console.print)
     console.print({"timings_seconds": summary["timings"],
                    "object_prompt_recognised": summary["recognition"]["object_prompt_mean"],
                    "feature_prompt_recognised": summary["recognition"]["feature_prompt_mean"]})
@@ -587,7 +592,7 @@ def world_evidence_command(
     Writes reports/evidence.json; the README's evidence table comes from it.
     """
     from .config import resolve_config
-    from .evidence import gather_evidence
+    from .world.evidence import gather_evidence
 
     config = resolve_config(EvidenceConfig, {}, "evidence", {
         "tuning_classes": _split(tuning_classes), "report_classes": _split(report_classes),

@@ -24,10 +24,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ._runtime import console
-from .config import (EvaluateConfig, FinetuneConfig, FitNpcaConfig, GenerateConfig, SelectRefsConfig, require,
+from .._runtime import console
+from ..config import (EvaluateConfig, FinetuneConfig, FitNpcaConfig, GenerateConfig, SelectRefsConfig, require,
                       resolve_config, setting)
-from .workspace import Workspace, atomic_write_json, atomic_write_text
+from ..workspace import Workspace, atomic_write_json, atomic_write_text
 
 __all__ = ["EvidenceConfig", "gather_evidence", "EVIDENCE_FILE"]
 
@@ -74,15 +74,15 @@ class _Experiment:
         render_spurious_set(workspace)
 
     def select_refs(self, classes: list[str]) -> None:
-        from .select_refs import select_refs
+        from ..select_refs import select_refs
 
         select_refs(resolve_config(SelectRefsConfig, self.settings, "select-refs", {"classes": classes}), self.workspace)
 
     def fit_npca(self, classes: list[str]) -> None:
         """Fits each class's neural PCA on the world's unbiased validation images of the class."""
-        from .labels import get_label_set
-        from .sfsl import fit_npca
-        from .world.dataset import WorldConfig, build_world
+        from ..labels import get_label_set
+        from ..sfsl import fit_npca
+        from .dataset import WorldConfig, build_world
 
         world = self.workspace.root / "world-val"
         if not (world / "val").is_dir():
@@ -97,13 +97,13 @@ class _Experiment:
             fit_npca(resolve_config(FitNpcaConfig, self.settings, "fit-npca", overrides), self.workspace)
 
     def train(self, classes: list[str], run: str, preset: str, seed: int, **sfsl: Any) -> None:
-        from .finetune import finetune
+        from ..finetune import finetune
 
         overrides = {"classes": classes, "preset": preset, "run_name": run, "seed": seed, "steps": self.config.steps, **sfsl}
         finetune(resolve_config(FinetuneConfig, self.settings, "finetune", overrides), self.workspace)
 
     def generate(self, classes: list[str], runs: list[str] | None = None) -> None:
-        from .generate import generate
+        from ..generate import generate
 
         overrides = {"classes": classes, "num_images": self.config.num_images}
         overrides.update({"base": True} if runs is None else {"runs": runs})
@@ -111,7 +111,7 @@ class _Experiment:
 
     def scores(self, classes: list[str], runs: list[str]) -> dict[str, dict[str, dict[str, float]]]:
         """Per run and class: mean spurious accuracy over classifiers, and the consistently spurious rate."""
-        from .evaluate import evaluate
+        from ..evaluate import evaluate
 
         evaluation = evaluate(resolve_config(EvaluateConfig, self.settings, "evaluate",
                                              {"classes": classes, "runs": runs}), self.workspace)
