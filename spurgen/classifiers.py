@@ -1,9 +1,10 @@
-"""Classifiers: a registry of named configurations, parsing of ``NAME=ARCH@PATH``, and loading.
+"""Classifiers: named configurations, parsing of ``NAME=ARCH@PATH``, and loading.
 
-The paper's four ImageNet classifiers are registered by name (``rn50-v1``, ``rn50-v2``,
-``vit-b16``, ``robust-rn50``); users add or override entries with ``--classifier NAME=ARCH`` (a timm
-or hub id) or ``NAME=ARCH@PATH`` (a local safetensors file, timm checkpoint, torchvision state dict,
-or a timm model folder), or in the ``[classifiers]`` table of ``spurgen.toml``.
+Each label set is registered with its classifiers (:func:`spurgen.labels.register_label_set`); ImageNet's
+are the paper's four (``rn50-v1``, ``rn50-v2``, ``vit-b16``, ``robust-rn50``). Users add or override entries
+with ``--classifier NAME=ARCH`` (a timm or hub id) or ``NAME=ARCH@PATH`` (a local safetensors file, timm
+checkpoint, torchvision state dict, or a timm model folder), in the ``[classifiers]`` table of
+``spurgen.toml``, or from code with :func:`register_classifiers`.
 
 A loaded :class:`Classifier` takes images in [0, 1] at its input size and normalises them itself,
 so the same module serves batched prediction and the differentiable spurious feature loss.
@@ -22,19 +23,19 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from ._runtime import progress_bar, resolve_device
 from .config import CROP_POLICIES
 from .errors import SpurgenError
+from .labels import LabelSet, label_set_classifiers
 from .workspace import safe_name
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from .labels import LabelSet
-
 __all__ = [
     "ClassifierSpec",
     "classifier_records",
     "Classifier",
     "builtin_classifiers",
+    "imagenet_classifiers",
     "register_classifiers",
     "parse_classifier",
     "resolve_classifiers",
@@ -94,32 +95,38 @@ class ClassifierSpec:
                                    **{k: v for k, v in fields.items() if v is not None})
 
 
-_BUILTIN: dict[str, dict[str, ClassifierSpec]] = {
-    "imagenet": {
-        spec.name: spec
-        for spec in (
-            ClassifierSpec("rn50-v1", "resnet50.tv_in1k", description="ResNet-50, torchvision IMAGENET1K_V1 (76.1% top-1)"),
-            ClassifierSpec("rn50-v2", "resnet50.tv2_in1k", description="ResNet-50, torchvision IMAGENET1K_V2 (80.9% top-1)"),
-            ClassifierSpec("vit-b16", "vit_base_patch16_224.augreg_in21k_ft_in1k",
-                           description="ViT-B/16 AugReg, ImageNet-21k pre-trained, fine-tuned on ImageNet-1k"),
-            ClassifierSpec("robust-rn50", "resnet50.tv_in1k", needs_path=True,
-                           temperature=ROBUST_RN50_TEMPERATURE,
-                           description="adversarially robust ResNet-50 of Spurious ImageNet (l2_improved_3_ep.pt)"),
-        )
-    }
-}
+def imagenet_classifiers() -> tuple[ClassifierSpec, ...]:
+    """The paper's four ImageNet classifiers, registered with the ``imagenet`` label set."""
+    return (
+        ClassifierSpec("rn50-v1", "resnet50.tv_in1k",
+                       description="ResNet-50, torchvision IMAGENET1K_V1 (76.1% top-1)"),
+        ClassifierSpec("rn50-v2", "resnet50.tv2_in1k",
+                       description="ResNet-50, torchvision IMAGENET1K_V2 (80.9% top-1)"),
+        ClassifierSpec("vit-b16", "vit_base_patch16_224.augreg_in21k_ft_in1k",
+                       description="ViT-B/16 AugReg, ImageNet-21k pre-trained, fine-tuned on ImageNet-1k"),
+        ClassifierSpec("robust-rn50", "resnet50.tv_in1k", needs_path=True, 
+                       temperature=ROBUST_RN50_TEMPERATURE,
+                       description="adversarially robust ResNet-50 of Spurious ImageNet (l2_improved_3_ep.pt)"),
+    )
+
+
+# Classifiers added from code to a label set's own, by label set name (register_classifiers).
+_ADDED: dict[str, dict[str, ClassifierSpec]] = {}
 
 
 def register_classifiers(label_set: str, specs: Sequence[ClassifierSpec]) -> None:
-    """Registers the built-in classifiers of a label set (``all`` selects them by default)."""
-    _BUILTIN.setdefault(label_set, {}).update({spec.name: spec for spec in specs})
+    """Adds classifiers to a label set's built-in ones (``all`` selects them by default).
+
+    Args:
+        label_set: Name of the label set (registered or not).
+        specs: Entries that extend, or by name replace, the classifiers registered with the label set.
+    """
+    _ADDED.setdefault(label_set, {}).update({spec.name: spec for spec in specs})
 
 
 def builtin_classifiers(label_set: str) -> dict[str, ClassifierSpec]:
-    """The registered classifiers of a label set (the paper's four for ``imagenet``)."""
-    if label_set not in _BUILTIN and label_set == "world":
-        import spurgen.world  # noqa: F401  (registers the world's shipped classifiers)
-    return dict(_BUILTIN.get(label_set, {}))
+    """The classifiers of a label set (the paper's four for ``imagenet``), then those added to it."""
+    return {**{spec.name: spec for spec in label_set_classifiers(label_set)}, **_ADDED.get(label_set, {})}
 
 
 def _split_arch_path(text: str) -> tuple[str, str | None]:
@@ -481,7 +488,7 @@ def load_classifier(spec: ClassifierSpec, *, crop: str | None = None, device: "t
     return Classifier(spec, model, data_config, crop=crop).to(device)
 
 
-def load_classifiers(names: Sequence[str], flags: Sequence[str], labels: "LabelSet", settings: dict[str, Any],
+def load_classifiers(names: Sequence[str], flags: Sequence[str], labels: LabelSet, settings: dict[str, Any],
                      crop: str | None, device: str) -> list[Classifier]:
     """Resolves and loads the classifiers a command uses, with a progress bar.
 

@@ -21,9 +21,10 @@ from . import __version__
 from ._cli_options import config_options
 from .config import (EvaluateConfig, FinetuneConfig, FitNpcaConfig, GenerateConfig, RateConfig, RunConfig,
                      SelectRefsConfig, help_for, resolve_config)
-from .demo import DemoConfig
 from .errors import SpurgenError
-from .evidence import EvidenceConfig
+from .world.demo import DemoConfig
+from .world.evidence import EvidenceConfig
+from .world.models import OUT_ENV
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Flags of a command: each given option's value by config field name, None where not given (see _cli_options).
@@ -310,8 +311,8 @@ def demo_command(
     Everything is real (diffusers and timm models shipped with spurgen), only small: it runs on a laptop CPU.
     The workspace can be explored with the ordinary commands afterwards (its spurgen.toml points at the world).
     """
-    from .demo import run_demo
     from .workspace import Workspace
+    from .world.demo import run_demo
 
     config = resolve_config(DemoConfig, {}, "demo", flags)
     run_demo(config, Workspace(workspace))
@@ -373,10 +374,14 @@ app.add_typer(world_app, name="world")
 def world_build_command(
     work: Path = typer.Option("spurgen-world-build", "--work", help="Scratch folder: the rendered world and resumable checkpoints."),
     threads: int = typer.Option(1, "--threads", help="torch threads for training (1 is fastest on a busy 2-core machine)."),
+    out: Path | None = typer.Option(
+        None, "--out", envvar=OUT_ENV, show_default=False,
+        help="Where the trained models go; the demo looks there first (default: $XDG_CACHE_HOME/spurgen/world, "
+             "else ~/.cache/spurgen/world)."),
 ) -> None:
-    """Render the world and train every model spurgen ships for it, from scratch (seeded; resumable).
+    """Render the world and train the models it needs, from scratch (seeded; resumable).
 
-    Writes the classifiers and the text-to-image model into the package's world/assets folder.
+    Writes only what this installation lacks (its shipped models are read only, and kept) into --out.
     """
     from dataclasses import replace
 
@@ -386,7 +391,7 @@ def world_build_command(
     config = WorldBuildConfig()
     config.classifiers = replace(config.classifiers, threads=threads)
     config.text_to_image = replace(config.text_to_image, threads=threads)
-    summary = build_world_models(work, config, log=console.print)
+    summary = build_world_models(work, config, out=out.expanduser() if out is not None else None, log=console.print)
     console.print({"timings_seconds": summary["timings"],
                    "object_prompt_recognised": summary["recognition"]["object_prompt_mean"],
                    "feature_prompt_recognised": summary["recognition"]["feature_prompt_mean"]})
@@ -405,8 +410,8 @@ def world_evidence_command(
 
     Writes reports/evidence.json; the README's evidence table comes from it.
     """
-    from .evidence import gather_evidence
     from .workspace import Workspace
+    from .world.evidence import gather_evidence
 
     config = resolve_config(EvidenceConfig, {}, "evidence", flags)
     gather_evidence(config, Workspace(workspace))

@@ -1,11 +1,16 @@
-"""Label sets: which classes exist, what they are called, and what their spurious feature is.
+"""Label sets: which classes exist, what they are called, what their spurious feature is, and their classifiers.
 
 A :class:`LabelSet` maps class indices (the classifier's output positions) to :class:`ClassInfo`
 records and resolves what users type (``hummingbird``, ``"grey whale"``, ``grey_whale``, ``94``,
 ``n01833805``, ``all``) to classes. The default set is ImageNet-1k, whose names and WordNet ids
 come from timm's bundled metadata and whose ``all`` means the 100 Spurious ImageNet classes.
-Other sets (the synthetic world, a user's own data set) register themselves by name or load from
-a TSV file with the columns of ``spurious_imagenet_classes.tsv``.
+
+The registry names each label set's factory and its classifiers (what ``--classifiers all`` selects)
+by dotted path, ``"package.module:attribute"``, imported when first asked for: no module registers
+anything by being imported, the world's code stays unloaded until ``--labels world``, and listing a
+set's classifiers does not build its class table (ImageNet's imports timm, and with it torch).
+Users add sets with :func:`register_label_set`; a name that is not registered is read as a TSV file
+with the columns of ``spurious_imagenet_classes.tsv``.
 """
 
 from __future__ import annotations
@@ -13,19 +18,25 @@ from __future__ import annotations
 import ast
 import csv
 import difflib
+import importlib
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from .errors import SpurgenError
+
+if TYPE_CHECKING:
+    from .classifiers import ClassifierSpec
 
 __all__ = [
     "ClassInfo",
     "LabelSet",
     "get_label_set",
+    "imagenet_label_set",
+    "label_set_classifiers",
     "register_label_set",
     "list_label_sets",
     "normalize_name",
@@ -231,7 +242,8 @@ class LabelSet:
         return cls(name=name or str(path), classes=classes, default_indices=tuple(listed))
 
 
-def _imagenet_label_set() -> LabelSet:
+def imagenet_label_set() -> LabelSet:
+    """ImageNet-1k with the Spurious ImageNet classes' features; ``all`` is those 100 classes."""
     from timm.data import ImageNetInfo  # bundled metadata, no download
 
     info = ImageNetInfo()
@@ -246,23 +258,53 @@ def _imagenet_label_set() -> LabelSet:
         return LabelSet.from_tsv(tsv_path, name="imagenet", base=base)
 
 
-def _world_label_set() -> LabelSet:
-    from .world.labels import world_label_set  # on demand: the synthetic world's package pulls in numpy
-
-    return world_label_set()
+LabelSetFactory = Callable[[], LabelSet]
+ClassifiersFactory = Callable[[], Sequence["ClassifierSpec"]]
 
 
-_REGISTRY: dict[str, Callable[[], LabelSet]] = {"imagenet": _imagenet_label_set, "world": _world_label_set}
+@dataclass(frozen=True)
+class _Entry:
+    """A registered label set: its factory and its classifiers, each a callable or its dotted path."""
+
+    label_set: str | LabelSetFactory
+    classifiers: str | ClassifiersFactory | None = None
 
 
-def register_label_set(name: str, factory: Callable[[], LabelSet]) -> None:
-    """Makes a label set available by name (``labels = "NAME"`` in spurgen.toml, ``--labels NAME``)."""
-    _REGISTRY[name] = factory
+_REGISTRY: dict[str, _Entry] = {
+    "imagenet": _Entry("spurgen.labels:imagenet_label_set", "spurgen.classifiers:imagenet_classifiers"),
+    "world": _Entry("spurgen.world.labels:world_label_set", "spurgen.world.models:world_classifier_specs"),
+}
+
+
+def register_label_set(name: str, factory: str | LabelSetFactory,
+                       classifiers: str | ClassifiersFactory | None = None) -> None:
+    """Makes a label set available by name (``labels = "NAME"`` in spurgen.toml, ``--labels NAME``).
+
+    Args:
+        name: The name users type.
+        factory: A function returning the :class:`LabelSet`, or its dotted path ``"package.module:function"``,
+            imported when the set is first used.
+        classifiers: The set's own classifiers, a function returning ``ClassifierSpec`` entries or its dotted
+            path; ``None`` for a set whose classifiers are all given by ``--classifier`` or spurgen.toml.
+    """
+    _REGISTRY[name] = _Entry(factory, classifiers)
     get_label_set.cache_clear()
 
 
 def list_label_sets() -> Iterable[str]:
     return sorted(_REGISTRY)
+
+
+def _resolve(name: str, target: str | Callable[[], object]) -> Callable[[], object]:
+    """A registered callable, importing its module first if it is given by dotted path."""
+    if callable(target):
+        return target
+    module, _, attribute = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise SpurgenError(f"label set '{name}' is registered with {target!r}, which cannot be imported ({exc}); "
+                           "register it as 'package.module:function'") from None
 
 
 @lru_cache(maxsize=8)
@@ -273,10 +315,18 @@ def get_label_set(name_or_path: str = "imagenet") -> LabelSet:
         SpurgenError: neither a registered name nor a readable file.
     """
     if name_or_path in _REGISTRY:
-        return _REGISTRY[name_or_path]()
+        return _resolve(name_or_path, _REGISTRY[name_or_path].label_set)()
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return LabelSet.from_tsv(path)
     raise SpurgenError(
         f"unknown label set '{name_or_path}'; use one of {', '.join(list_label_sets())} or a TSV file path"
     )
+
+
+def label_set_classifiers(name: str) -> tuple[ClassifierSpec, ...]:
+    """The classifiers registered with a label set, without building its classes; none for a TSV file."""
+    entry = _REGISTRY.get(name)
+    if entry is None or entry.classifiers is None:
+        return ()
+    return tuple(_resolve(name, entry.classifiers)())

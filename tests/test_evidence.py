@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from spurgen.cli import app
 from spurgen.errors import SpurgenError
-from spurgen.evidence import EvidenceConfig, _paired_difference, _row
+from spurgen.world.evidence import EvidenceConfig, _paired_difference, _row
 
 
 def _scores(table: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:

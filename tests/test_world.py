@@ -131,12 +131,12 @@ def test_classifier_round_trips_through_timm_local_dir(world: Path, tmp_path: Pa
     import torch
 
     from spurgen.world.classifiers import (
-        ARCHITECTURES,
         ClassifierTrainConfig,
-        load_classifier,
+        load_world_classifier,
         save_classifier,
         train_classifier,
     )
+    from spurgen.world.models import ARCHITECTURES
 
     images, labels = load_split(world, "train")
     config = ClassifierTrainConfig(batch_size=8, max_steps=3, half=half)
@@ -150,7 +150,7 @@ def test_classifier_round_trips_through_timm_local_dir(world: Path, tmp_path: Pa
         assert config_json["pretrained_cfg"]["input_size"] == [3, 32, 32]
         assert "hf_hub_id" not in config_json["pretrained_cfg"]
         assert (tmp_path / spec.name / "model.safetensors").is_file()
-        reloaded = load_classifier(tmp_path / spec.name)
+        reloaded = load_world_classifier(tmp_path / spec.name)
         # Stored in float16, the reloaded model equals the trained one with its weights rounded.
         expected = copy.deepcopy(model).half().float() if half else model
         with torch.inference_mode():
@@ -176,9 +176,21 @@ def test_train_world_classifiers_records_metrics_and_resumes(world: Path, tmp_pa
     assert any("kept" in m for m in messages)
 
 
+def test_classifiers_trained_elsewhere_with_the_same_settings_are_kept(world: Path, tmp_path: Path) -> None:
+    from spurgen.world.classifiers import ClassifierTrainConfig, train_world_classifiers
+
+    config = ClassifierTrainConfig(batch_size=8, max_steps=1)
+    shipped = train_world_classifiers(world, tmp_path / "shipped", config, names=["resnet"], progress=lambda _: None)
+    messages: list[str] = []
+    summary = train_world_classifiers(world, tmp_path / "out", config, names=["resnet"], progress=messages.append,
+                                      kept_from=[tmp_path / "shipped"])
+    assert any("kept" in m for m in messages) and summary == shipped
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["metrics.json"]
+
+
 def test_shipped_classifiers_are_registered_for_the_world() -> None:
     from spurgen.classifiers import builtin_classifiers
-    from spurgen.world.classifiers import ARCHITECTURES, ASSETS_DIR
+    from spurgen.world.models import ARCHITECTURES, ASSETS_DIR
 
     specs = builtin_classifiers("world")
     assert set(specs) == {a.name for a in ARCHITECTURES}
@@ -187,7 +199,7 @@ def test_shipped_classifiers_are_registered_for_the_world() -> None:
 
 def test_shipped_classifiers_load_through_the_classifier_registry() -> None:
     from spurgen.classifiers import builtin_classifiers, load_classifier
-    from spurgen.world.classifiers import ASSETS_DIR
+    from spurgen.world.models import ASSETS_DIR
 
     if not (ASSETS_DIR / "metrics.json").is_file():
         pytest.skip("world classifiers not trained yet")

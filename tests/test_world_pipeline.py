@@ -16,9 +16,10 @@ import math
 
 import pytest
 
-from spurgen.demo import DemoConfig, run_demo
 from spurgen.workspace import Workspace
-from spurgen.world.build import SD_DIR, measure_text_to_image
+from spurgen.world.build import measure_text_to_image
+from spurgen.world.demo import DemoConfig, run_demo
+from spurgen.world.models import SD_DIR
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,9 @@
    recognised as the object by the world's classifiers, and "a photo of <feature>" samples as the
    feature's class?
 
-Every stage resumes: the world is kept once rendered, trained classifiers are kept, and the
+Every model goes to the output folder (``--out``, by default the user cache of :func:`.models.default_out_dir`),
+never into the installed package, whose shipped models are read only. Every stage resumes: the world is kept once
+rendered, a model already trained with the same settings (in the output folder or shipped) is kept, and the
 text-to-image training continues from its last checkpoint.
 """
 
@@ -22,15 +24,17 @@ import numpy as np
 
 from .._runtime import dtype_argument, library_progress_bars_off, progress_bar
 from ..workspace import atomic_write_json, read_json
-from .classifiers import ASSETS_DIR, ClassifierTrainConfig, shipped_classifier_specs, train_world_classifiers
+from .classifiers import ClassifierTrainConfig, train_world_classifiers
 from .dataset import MANIFEST_FILE, WorldConfig, build_world
 from .labels import world_label_set
+from .models import (ASSETS_DIR, CLASSIFIERS_FOLDER, SD_FOLDER, SD_MODEL_FILE, default_out_dir, find_built,
+                     world_classifier_specs)
 from .text_to_image import TextToImageConfig, train_text_to_image
 
-__all__ = ["WorldBuildConfig", "build_world_models", "measure_text_to_image", "SD_DIR", "RECOGNITION_FILE"]
+__all__ = ["WorldBuildConfig", "build_world_models", "measure_text_to_image", "RECOGNITION_FILE"]
 
-SD_DIR = ASSETS_DIR.parent / "sd"
 RECOGNITION_FILE = "recognition.json"
+BUILD_FILE = "build.json"
 
 
 @dataclass
@@ -44,11 +48,12 @@ class WorldBuildConfig:
 
 
 def measure_text_to_image(sd_dir: Path, samples_per_prompt: int = 24, seed: int = 0, steps: int = 25,
-                          guidance: float = 4.0) -> dict[str, Any]:
+                          guidance: float = 4.0, out: Path | None = None) -> dict[str, Any]:
     """How recognisable the model's samples are to the world's standard classifiers.
 
     For each class: the fraction of "a photo of a <object>" samples that each classifier predicts as the
-    object, and of "a photo of <feature>" samples predicted as the feature's class.
+    object, and of "a photo of <feature>" samples predicted as the feature's class. The classifiers are
+    those built in ``out`` (default: the user cache), else the shipped ones.
     """
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -56,7 +61,7 @@ def measure_text_to_image(sd_dir: Path, samples_per_prompt: int = 24, seed: int 
     from ..classifiers import load_classifier
 
     labels = world_label_set()
-    classifiers = [load_classifier(spec) for spec in shipped_classifier_specs() if "robust" not in spec.name]
+    classifiers = [load_classifier(spec) for spec in world_classifier_specs(out) if "robust" not in spec.name]
     with library_progress_bars_off():
         pipe = StableDiffusionPipeline.from_pretrained(sd_dir, **dtype_argument(torch.float32))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -83,19 +88,21 @@ def measure_text_to_image(sd_dir: Path, samples_per_prompt: int = 24, seed: int 
     return result
 
 
-def build_world_models(work: Path, config: WorldBuildConfig | None = None, *,
+def build_world_models(work: Path, config: WorldBuildConfig | None = None, *, out: Path | None = None,
                        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Builds the world in ``work/world`` and trains the shipped models into the package's assets.
+    """Builds the world in ``work/world`` and trains the models that neither ``out`` nor the installation has.
 
     Args:
         work: Scratch folder for the rendered world and resumable checkpoints.
         config: Settings of every stage.
+        out: Where the models go (``classifiers/``, ``sd/``, ``build.json``); ``None`` is the user cache.
         log: Receives one-line status messages.
 
     Returns:
-        Timings and metrics of every stage (also written to ``assets/build.json``).
+        Timings and metrics of every stage (also written to ``out/build.json``).
     """
     config = config or WorldBuildConfig()
+    out = Path(out) if out is not None else default_out_dir()
     work = Path(work)
     world = work / "world"
     timings: dict[str, float] = {}
@@ -106,22 +113,29 @@ def build_world_models(work: Path, config: WorldBuildConfig | None = None, *,
     timings["render_seconds"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    classifiers = train_world_classifiers(world, ASSETS_DIR, config.classifiers, progress=log)
+    classifiers = train_world_classifiers(world, out / CLASSIFIERS_FOLDER, config.classifiers, progress=log,
+                                          kept_from=[ASSETS_DIR])
     timings["classifiers_seconds"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    if (SD_DIR / RECOGNITION_FILE).is_file():
-        # Built and measured before (delete the folder to retrain it).
-        log(f"text-to-image model already built in {SD_DIR}, kept")
-        text_to_image = read_json(SD_DIR / "training_metrics.json")
-        recognition = read_json(SD_DIR / RECOGNITION_FILE)
+    sd_dir = out / SD_FOLDER
+    # A model trained in `out` but not yet measured is finished below rather than hidden by the shipped one,
+    # which the demo would not use (it takes `out`'s first).
+    unmeasured = (sd_dir / SD_MODEL_FILE).is_file() and not (sd_dir / RECOGNITION_FILE).is_file()
+    built = None if unmeasured else find_built(SD_FOLDER, RECOGNITION_FILE, out)
+    if built is not None:
+        # Built and measured before, here or shipped (delete the built folder to retrain it).
+        log(f"text-to-image model already built in {built}, kept")
+        text_to_image = read_json(built / "training_metrics.json")
+        recognition = read_json(built / RECOGNITION_FILE)
     else:
         log("training the text-to-image model")
-        text_to_image = train_text_to_image(world, SD_DIR, config.text_to_image, work / "text-to-image")
+        text_to_image = train_text_to_image(world, sd_dir, config.text_to_image, work / "text-to-image")
         log("measuring the text-to-image model's samples")
-        recognition = measure_text_to_image(SD_DIR, config.samples_per_prompt)
-        atomic_write_json(SD_DIR / RECOGNITION_FILE, recognition)
+        recognition = measure_text_to_image(sd_dir, config.samples_per_prompt, out=out)
+        atomic_write_json(sd_dir / RECOGNITION_FILE, recognition)
     timings["text_to_image_seconds"] = time.perf_counter() - started
-    summary = {"timings": timings, "classifiers": classifiers, "text_to_image": text_to_image, "recognition": recognition}
-    atomic_write_json(ASSETS_DIR.parent / "build.json", summary)
+    summary = {"timings": timings, "classifiers": classifiers, "text_to_image": text_to_image,
+               "recognition": recognition}
+    atomic_write_json(out / BUILD_FILE, summary)
     return summary

@@ -6,7 +6,8 @@ Hugging Face folder format (``config.json`` + ``model.safetensors``), reloaded t
 measured from the reloaded weights: accuracy on the unbiased validation split and spurious accuracy
 on the spurious set. One ResNet is trained adversarially (L2 PGD) to serve as the SFSL model.
 
-torch and timm are imported inside the functions, so importing :mod:`spurgen.world` stays light.
+The architectures and where trained models are found are in :mod:`.models`. torch and timm are imported inside
+the functions, so importing this module stays light.
 """
 
 from __future__ import annotations
@@ -14,76 +15,33 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..classifiers import ClassifierSpec
 from ..config import require, setting
 from ..workspace import atomic_directory, atomic_write_json, environment_versions, read_json
 from .dataset import MANIFEST_FILE, load_split, spurious_set
+from .models import ARCHITECTURES, METRICS_FILE, WorldArchitecture
 from .render import SHAPES
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "ARCHITECTURES",
-    "ASSETS_DIR",
     "ClassifierTrainConfig",
-    "WorldArchitecture",
     "create_classifier",
-    "load_classifier",
-    "predict",
+    "load_world_classifier",
     "save_classifier",
-    "shipped_classifier_specs",
     "train_classifier",
     "train_world_classifiers",
+    "world_predictions",
 ]
 
-ASSETS_DIR = Path(__file__).parent / "assets" / "classifiers"
-METRICS_FILE = "metrics.json"
 # The world's images are generated whole, never cropped; mean/std 0.5 maps [0, 1] to [-1, 1].
 _MEAN = _STD = (0.5, 0.5, 0.5)
-
-
-@dataclass(frozen=True)
-class WorldArchitecture:
-    """One classifier of the world.
-
-    Args:
-        name: Registry and folder name (``resnet``).
-        arch: timm architecture.
-        model_args: Arguments that shrink the architecture to the world's size.
-        epochs: Passes over the training split.
-        lr: Peak learning rate of the one-cycle schedule.
-        robust: Train against L2 PGD (the SFSL model).
-        description: One line for ``spurgen classifiers``.
-    """
-
-    name: str
-    arch: str
-    model_args: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 8
-    lr: float = 2e-3
-    robust: bool = False
-    description: str = ""
-
-
-ARCHITECTURES: tuple[WorldArchitecture, ...] = (
-    WorldArchitecture("resnet", "resnet10t", {"channels": (32, 64, 128, 256), "stem_width": 16},
-                      epochs=10, description="narrow ResNet-10-T"),
-    WorldArchitecture("convnext", "convnext_atto", {"dims": (24, 48, 96, 192), "depths": (2, 2, 4, 2)},
-                      epochs=8, description="narrow ConvNeXt-atto"),
-    WorldArchitecture("regnet", "regnetx_002", epochs=8, description="RegNetX-200MF"),
-    WorldArchitecture("vit", "vit_tiny_patch16_224",
-                      {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
-                      epochs=6, lr=1e-3, description="ViT, patch 4, width 96, depth 4"),
-    WorldArchitecture("robust-resnet", "resnet18", {"channels": (24, 48, 96, 192), "stem_width": 24},
-                      epochs=5, robust=True, description="narrow ResNet-18, L2 PGD adversarial training (SFSL model)"),
-)
 
 
 @dataclass
@@ -229,14 +187,18 @@ def save_classifier(model: torch.nn.Module, folder: Path, half: bool = True) -> 
             path.chmod(0o644)
 
 
-def load_classifier(folder: Path) -> torch.nn.Module:
-    """Loads a saved world classifier through timm's ``local-dir:`` source, in float32 eval mode."""
+def load_world_classifier(folder: Path) -> torch.nn.Module:
+    """Loads a saved world classifier as a bare timm model (``local-dir:`` source), in float32 eval mode.
+
+    Training and measuring use the bare model on the world's arrays; the commands load the same folder as a
+    :class:`spurgen.classifiers.Classifier` instead.
+    """
     import timm
 
     return timm.create_model(f"local-dir:{folder}", pretrained=True).float().eval()
 
 
-def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def world_predictions(model: torch.nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Class predictions for ``uint8`` images ``(N, H, W, 3)``."""
     import torch
 
@@ -272,13 +234,13 @@ def _same_training(recorded: Any, training: dict[str, Any]) -> bool:
     return comparable(recorded) == comparable(training)
 
 
-def train_world_classifiers(world: Path, out_dir: Path = ASSETS_DIR, config: ClassifierTrainConfig | None = None,
-                            names: Sequence[str] | None = None,
-                            progress: Callable[[str], None] = print) -> dict[str, Any]:
+def train_world_classifiers(world: Path, out_dir: Path, config: ClassifierTrainConfig | None = None,
+                            names: Sequence[str] | None = None, progress: Callable[[str], None] = print,
+                            kept_from: Sequence[Path] = ()) -> dict[str, Any]:
     """Trains the world's classifiers into ``out_dir/<name>/`` and measures them.
 
-    A model whose folder already holds metrics of the same training settings is kept, so an
-    interrupted build resumes with the next model.
+    A model whose folder (in ``out_dir``, else in ``kept_from``) already holds metrics of the same training
+    settings is kept, so an interrupted build resumes with the next model and shipped models are not retrained.
 
     Args:
         world: A world folder written by :func:`spurgen.world.dataset.build_world`.
@@ -286,6 +248,7 @@ def train_world_classifiers(world: Path, out_dir: Path = ASSETS_DIR, config: Cla
         config: Training settings.
         names: Architectures to train (default: all of :data:`ARCHITECTURES`).
         progress: Receives one-line status messages.
+        kept_from: Further folders of classifier folders, read only (the shipped assets).
 
     Returns:
         The summary written to ``out_dir/metrics.json``.
@@ -307,10 +270,12 @@ def train_world_classifiers(world: Path, out_dir: Path = ASSETS_DIR, config: Cla
     for spec in chosen:
         folder = Path(out_dir) / spec.name
         training = {"architecture": asdict(spec), "config": asdict(config), "world": world_config}
-        previous = folder / METRICS_FILE
-        if previous.is_file() and _same_training(read_json(previous).get("training"), training):
-            progress(f"{spec.name}: already trained with these settings, kept")
-            metrics = read_json(previous)
+        previous = [Path(root) / spec.name / METRICS_FILE for root in (out_dir, *kept_from)]
+        trained = next((path for path in previous
+                        if path.is_file() and _same_training(read_json(path).get("training"), training)), None)
+        if trained is not None:
+            progress(f"{spec.name}: already trained with these settings in {trained.parent}, kept")
+            metrics = read_json(trained)
         else:
             progress(f"{spec.name}: training {spec.arch} ({'L2 PGD' if spec.robust else 'standard'})")
             started = time.perf_counter()
@@ -319,7 +284,7 @@ def train_world_classifiers(world: Path, out_dir: Path = ASSETS_DIR, config: Cla
             save_classifier(model, folder, config.half)
             metrics = _measure(spec, folder, val_images, val_labels, spurious_images, spurious_labels, config)
             metrics.update(train_seconds=round(seconds, 1), training=training, versions=environment_versions())
-            atomic_write_json(previous, metrics)
+            atomic_write_json(folder / METRICS_FILE, metrics)
         spurious_hits[spec.name] = np.array(metrics["spurious_predictions"]) == spurious_labels
         summary["models"][spec.name] = {k: metrics[k] for k in ("arch", "robust", "params", "train_seconds", "val_acc",
                                                                "val_acc_under_pgd", "spurious_acc", "size_bytes")}
@@ -334,15 +299,15 @@ def train_world_classifiers(world: Path, out_dir: Path = ASSETS_DIR, config: Cla
 def _measure(spec: WorldArchitecture, folder: Path, val_images: np.ndarray, val_labels: np.ndarray,
              spurious_images: np.ndarray, spurious_labels: np.ndarray, config: ClassifierTrainConfig) -> dict[str, Any]:
     """Metrics of a saved classifier, reloaded as users load it: accuracies, size, robust accuracy."""
-    model = load_classifier(folder)
-    spurious = predict(model, spurious_images)
+    model = load_world_classifier(folder)
+    spurious = world_predictions(model, spurious_images)
     hits = spurious == spurious_labels
     metrics: dict[str, Any] = {
         "arch": spec.arch,
         "robust": spec.robust,
         "params": sum(p.numel() for p in model.parameters()),
         "size_bytes": (folder / "model.safetensors").stat().st_size,
-        "val_acc": float((predict(model, val_images) == val_labels).mean()),
+        "val_acc": float((world_predictions(model, val_images) == val_labels).mean()),
         "spurious_acc": float(hits.mean()),
         "spurious_acc_per_class": {SHAPES[c]: float(hits[spurious_labels == c].mean()) for c in range(len(SHAPES))},
         "spurious_predictions": spurious.tolist(),
@@ -351,8 +316,3 @@ def _measure(spec: WorldArchitecture, folder: Path, val_images: np.ndarray, val_
     metrics["val_acc_under_pgd"] = _robust_accuracy(model, val_images[:300], val_labels[:300], config)
     return metrics
 
-
-def shipped_classifier_specs(folder: Path = ASSETS_DIR) -> list[ClassifierSpec]:
-    """The world's classifiers as registry entries pointing at their folders under ``folder``."""
-    return [ClassifierSpec(name=a.name, arch=a.arch, path=str(folder / a.name),
-                           description=f"world: {a.description}") for a in ARCHITECTURES]

@@ -24,11 +24,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from .config import (EvaluateConfig, FinetuneConfig, FitNpcaConfig, GenerateConfig, SelectRefsConfig, require,
+from ..config import (EvaluateConfig, FinetuneConfig, FitNpcaConfig, GenerateConfig, SelectRefsConfig, require,
                       resolve_config, setting)
 
 if TYPE_CHECKING:  # --help imports EvidenceConfig; it must not load the workspace and progress modules
-    from .workspace import Workspace
+    from ..workspace import Workspace
 
 __all__ = ["EvidenceConfig", "gather_evidence", "EVIDENCE_FILE"]
 
@@ -64,7 +64,7 @@ class _Experiment:
 
     def __init__(self, workspace: Workspace, config: EvidenceConfig) -> None:
         from .demo import DemoConfig, demo_settings, render_spurious_set
-        from .workspace import atomic_write_text
+        from ..workspace import atomic_write_text
 
         self.workspace = workspace
         self.config = config
@@ -76,15 +76,15 @@ class _Experiment:
         render_spurious_set(workspace)
 
     def select_refs(self, classes: list[str]) -> None:
-        from .select_refs import select_refs
+        from ..select_refs import select_refs
 
         select_refs(resolve_config(SelectRefsConfig, self.settings, "select-refs", {"classes": classes}), self.workspace)
 
     def fit_npca(self, classes: list[str]) -> None:
         """Fits each class's neural PCA on the world's unbiased validation images of the class."""
-        from .labels import get_label_set
-        from .finetune.sfsl import fit_npca
-        from .world.dataset import WorldConfig, build_world
+        from ..finetune.sfsl import fit_npca
+        from ..labels import get_label_set
+        from .dataset import WorldConfig, build_world
 
         world = self.workspace.root / "world-val"
         if not (world / "val").is_dir():
@@ -99,13 +99,13 @@ class _Experiment:
             fit_npca(resolve_config(FitNpcaConfig, self.settings, "fit-npca", overrides), self.workspace)
 
     def train(self, classes: list[str], run: str, preset: str, seed: int, **sfsl: Any) -> None:
-        from .finetune import finetune
+        from ..finetune import finetune
 
         overrides = {"classes": classes, "preset": preset, "run_name": run, "seed": seed, "steps": self.config.steps, **sfsl}
         finetune(resolve_config(FinetuneConfig, self.settings, "finetune", overrides), self.workspace)
 
     def generate(self, classes: list[str], runs: list[str] | None = None) -> None:
-        from .generate import generate
+        from ..generate import generate
 
         overrides = {"classes": classes, "num_images": self.config.num_images}
         overrides.update({"base": True} if runs is None else {"runs": runs})
@@ -113,7 +113,7 @@ class _Experiment:
 
     def scores(self, classes: list[str], runs: list[str]) -> dict[str, dict[str, dict[str, float]]]:
         """Per run and class: mean spurious accuracy over classifiers, and the consistently spurious rate."""
-        from .evaluate import evaluate
+        from ..evaluate import evaluate
 
         evaluation = evaluate(resolve_config(EvaluateConfig, self.settings, "evaluate",
                                              {"classes": classes, "runs": runs}), self.workspace)
@@ -219,8 +219,8 @@ def gather_evidence(config: EvidenceConfig, workspace: Workspace) -> dict[str, A
         The tuning runs' scores, the chosen setting, the report's Table 2 and the SFSL - DreamBooth + text
         encoder difference with its standard error.
     """
-    from ._runtime import console
-    from .workspace import atomic_write_json
+    from .._runtime import console
+    from ..workspace import atomic_write_json
 
     config.validate()
     started = time.perf_counter()
@@ -240,7 +240,7 @@ def print_evidence(evidence: dict[str, Any]) -> None:
     """The tuning grid and the reported Table 2 as rich tables."""
     from rich.table import Table
 
-    from ._runtime import console
+    from .._runtime import console
 
     tuning = Table(title=f"tuning classes: {', '.join(evidence['settings']['tuning_classes'])}")
     for column in ("run", "spurious acc.", "consistent"):

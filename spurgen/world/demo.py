@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .config import (EvaluateConfig, FinetuneConfig, GenerateConfig, SelectRefsConfig, require, resolve_config,
-                     setting)
-from .errors import SpurgenError
+from ..config import (EvaluateConfig, FinetuneConfig, GenerateConfig, SelectRefsConfig, require, resolve_config,
+                      setting)
+from .models import text_to_image_dir
 
 if TYPE_CHECKING:  # --help imports DemoConfig; it must not load the workspace and progress modules
-    from .workspace import Workspace
+    from ..workspace import Workspace
 
 __all__ = ["DemoConfig", "run_demo", "demo_settings"]
 
@@ -40,13 +40,15 @@ class DemoConfig:
 
 
 def demo_settings(workspace: Workspace, config: DemoConfig) -> str:
-    """The spurgen.toml of a demo workspace: the world's label set, models and data, small settings."""
-    from .world.build import SD_DIR
+    """The spurgen.toml of a demo workspace: the world's label set, models and data, small settings.
 
+    Raises:
+        SpurgenError: the world's text-to-image model is neither built nor shipped.
+    """
     dataset = workspace.root / "world" / "spurious" / "images"
     return f"""# Written by `spurgen demo`: the synthetic world's label set, models and spurious set.
 labels = "world"
-model = "{SD_DIR.as_posix()}"
+model = "{text_to_image_dir().as_posix()}"
 
 [select-refs]
 dataset = "{dataset.as_posix()}"
@@ -80,7 +82,7 @@ report-images = 12
 
 
 def render_spurious_set(workspace: Workspace) -> None:
-    from .world.dataset import WorldConfig, build_world
+    from .dataset import WorldConfig, build_world
 
     # Each split draws from its own seeded stream: rendering only the spurious set gives the same images
     # as the full world that the classifiers were measured on.
@@ -91,19 +93,15 @@ def render_spurious_set(workspace: Workspace) -> None:
 
 def run_demo(config: DemoConfig, workspace: Workspace) -> dict[str, Any]:
     """Runs the four stages on the world and returns the evaluation plus the time each stage took."""
-    from ._runtime import console
-    from .evaluate import evaluate, print_evaluation_tables
-    from .finetune import finetune
-    from .generate import generate
-    from .select_refs import print_selection_table, select_refs
-    from .workspace import atomic_write_json, atomic_write_text
-
-    from .world.build import SD_DIR
+    from .._runtime import console
+    from ..evaluate import evaluate, print_evaluation_tables
+    from ..finetune import finetune
+    from ..generate import generate
+    from ..select_refs import print_selection_table, select_refs
+    from ..workspace import atomic_write_json, atomic_write_text
 
     config.validate()
-    if not (SD_DIR / "model_index.json").is_file():
-        raise SpurgenError(f"the world's text-to-image model is not in this installation ({SD_DIR}); build it first "
-                           "with `spurgen world build` (resumable; about an hour on 2 CPU cores)")
+    text_to_image_dir()  # fails before anything is written when the model is neither built nor shipped
     workspace.ensure_writable()
     if not workspace.settings_path.is_file():
         atomic_write_text(workspace.settings_path, demo_settings(workspace, config))

@@ -1,0 +1,140 @@
+"""The world's models: the classifiers it trains, and where a built model is found.
+
+spurgen ships every model of the world under ``assets/``, and those files are read-only: an installation may be
+shared, or a read-only site-packages. ``spurgen world build`` writes what it trains into an output folder, by
+default the user cache (:func:`default_out_dir`), and every user of a model looks there first, then in the
+shipped assets.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..classifiers import ClassifierSpec
+from ..errors import SpurgenError
+
+__all__ = [
+    "ARCHITECTURES",
+    "ASSETS_DIR",
+    "CLASSIFIERS_FOLDER",
+    "METRICS_FILE",
+    "OUT_ENV",
+    "SD_DIR",
+    "SD_FOLDER",
+    "SD_MODEL_FILE",
+    "SHIPPED_DIR",
+    "WorldArchitecture",
+    "default_out_dir",
+    "find_built",
+    "text_to_image_dir",
+    "world_classifier_specs",
+]
+
+SHIPPED_DIR = Path(__file__).parent / "assets"
+CLASSIFIERS_FOLDER = "classifiers"
+SD_FOLDER = "sd"
+# The shipped models; `spurgen world build --out DIR` writes the same layout under DIR.
+ASSETS_DIR = SHIPPED_DIR / CLASSIFIERS_FOLDER
+SD_DIR = SHIPPED_DIR / SD_FOLDER
+# A classifier's folder holds it once it has been trained and measured; a text-to-image folder once trained.
+METRICS_FILE = "metrics.json"
+SD_MODEL_FILE = "model_index.json"
+OUT_ENV = "SPURGEN_WORLD_DIR"
+
+
+@dataclass(frozen=True)
+class WorldArchitecture:
+    """One classifier of the world.
+
+    Args:
+        name: Registry and folder name (``resnet``).
+        arch: timm architecture.
+        model_args: Arguments that shrink the architecture to the world's size.
+        epochs: Passes over the training split.
+        lr: Peak learning rate of the one-cycle schedule.
+        robust: Train against L2 PGD (the SFSL model).
+        description: One line for ``spurgen classifiers``.
+    """
+
+    name: str
+    arch: str
+    model_args: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 8
+    lr: float = 2e-3
+    robust: bool = False
+    description: str = ""
+
+
+ARCHITECTURES: tuple[WorldArchitecture, ...] = (
+    WorldArchitecture("resnet", "resnet10t", {"channels": (32, 64, 128, 256), "stem_width": 16},
+                      epochs=10, description="narrow ResNet-10-T"),
+    WorldArchitecture("convnext", "convnext_atto", {"dims": (24, 48, 96, 192), "depths": (2, 2, 4, 2)},
+                      epochs=8, description="narrow ConvNeXt-atto"),
+    WorldArchitecture("regnet", "regnetx_002", epochs=8, description="RegNetX-200MF"),
+    WorldArchitecture("vit", "vit_tiny_patch16_224",
+                      {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
+                      epochs=6, lr=1e-3, description="ViT, patch 4, width 96, depth 4"),
+    WorldArchitecture("robust-resnet", "resnet18", {"channels": (24, 48, 96, 192), "stem_width": 24},
+                      epochs=5, robust=True, description="narrow ResNet-18, L2 PGD adversarial training (SFSL model)"),
+)
+
+
+def default_out_dir() -> Path:
+    """Where ``spurgen world build`` writes and the world's users look first.
+
+    ``$SPURGEN_WORLD_DIR`` if set, else ``spurgen/world`` in the user cache (``$XDG_CACHE_HOME``, by default
+    ``~/.cache``, the convention huggingface_hub follows for its own cache).
+    """
+    if os.environ.get(OUT_ENV):
+        return Path(os.environ[OUT_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "spurgen" / "world"
+
+
+def find_built(relative: str, marker: str, out: Path | None = None) -> Path | None:
+    """The folder ``relative`` that holds ``marker``: under ``out`` first, then in the shipped assets.
+
+    Args:
+        relative: The model's folder inside the layout (``sd``, ``classifiers/resnet``).
+        marker: The file that a finished model's folder holds (``model_index.json``, ``metrics.json``).
+        out: The build's output folder; ``None`` is :func:`default_out_dir`.
+
+    Returns:
+        The folder, or ``None`` when neither place has the model.
+    """
+    for root in (out if out is not None else default_out_dir(), SHIPPED_DIR):
+        if (root / relative / marker).is_file():
+            return root / relative
+    return None
+
+
+def world_classifier_specs(out: Path | None = None) -> tuple[ClassifierSpec, ...]:
+    """The world's classifiers, each pointing at its built folder (``out`` first, then shipped).
+
+    Registered with the ``world`` label set. A classifier built nowhere points at its shipped folder, so
+    loading it names the path that is missing.
+    """
+    specs = []
+    for architecture in ARCHITECTURES:
+        relative = f"{CLASSIFIERS_FOLDER}/{architecture.name}"
+        folder = find_built(relative, METRICS_FILE, out) or SHIPPED_DIR / relative
+        specs.append(ClassifierSpec(name=architecture.name, arch=architecture.arch, path=str(folder),
+                                    description=f"world: {architecture.description}"))
+    return tuple(specs)
+
+
+def text_to_image_dir(out: Path | None = None) -> Path:
+    """The world's text-to-image model: built (under ``out``, by default the user cache) first, then shipped.
+
+    Raises:
+        SpurgenError: neither place has it.
+    """
+    folder = find_built(SD_FOLDER, SD_MODEL_FILE, out)
+    if folder is None:
+        where = out if out is not None else default_out_dir()
+        raise SpurgenError(f"the world's text-to-image model is neither built ({where / SD_FOLDER}) nor in this "
+                           f"installation ({SD_DIR}); build it first with `spurgen world build` (resumable; about an "
+                           "hour on 2 CPU cores)")
+    return folder
