@@ -13,7 +13,7 @@ import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
@@ -26,7 +26,11 @@ from .world.demo import DemoConfig
 from .world.evidence import EvidenceConfig
 from .world.models import OUT_ENV
 
+if TYPE_CHECKING:
+    from .workspace import Workspace
+
 F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C")
 # Flags of a command: each given option's value by config field name, None where not given (see _cli_options).
 Flags = dict[str, Any]
 # The workspace without --workspace or SPURGEN_WORKSPACE; kept here, as --help must not import workspace.py.
@@ -98,6 +102,21 @@ def main(
     """spurgen command line."""
 
 
+def _stage(config_cls: type[C], section: str, flags: Flags, workspace: Path) -> tuple[Workspace, C]:
+    """The workspace and a stage's settings: defaults < spurgen.toml < the flags given.
+
+    Args:
+        config_cls: The stage's config dataclass.
+        section: Its table in ``spurgen.toml``, e.g. ``"select-refs"``.
+        flags: The generated options' values (``None`` where not given).
+        workspace: The ``--workspace`` folder.
+    """
+    from .workspace import Workspace
+
+    ws = Workspace(workspace)
+    return ws, resolve_config(config_cls, ws.settings(), section, flags)
+
+
 @app.command("select-refs")
 @_user_errors
 @config_options(SelectRefsConfig, after={"classifier": "classifiers"})
@@ -112,10 +131,8 @@ def select_refs_command(
     selection.json. Exit code 1 when some class has no consistently spurious image.
     """
     from .select_refs import print_selection_table, select_refs
-    from .workspace import Workspace
 
-    ws = Workspace(workspace)
-    config = resolve_config(SelectRefsConfig, ws.settings(), "select-refs", flags)
+    ws, config = _stage(SelectRefsConfig, "select-refs", flags, workspace)
     results = select_refs(config, ws, classifier_flags=classifier or [])
     names = list(results[0].spurious_per_classifier) if results else []
     print_selection_table(results, names)
@@ -142,10 +159,8 @@ def finetune_command(
     """
     from ._runtime import console
     from .finetune import finetune, print_finetune_table
-    from .workspace import Workspace
 
-    ws = Workspace(workspace)
-    config = resolve_config(FinetuneConfig, ws.settings(), "finetune", flags)
+    ws, config = _stage(FinetuneConfig, "finetune", flags, workspace)
     results = finetune(config, ws, classifier_flags=classifier or [])
     print_finetune_table(results)
     console.print(f"models written under {ws.root / 'models'}", highlight=False, soft_wrap=True)
@@ -165,10 +180,8 @@ def fit_npca_command(
     w_k * phi(x). Writes npca/<sfsl-model>/<index>-<name>.safetensors in the workspace.
     """
     from .finetune.sfsl import fit_npca
-    from .workspace import Workspace
 
-    ws = Workspace(workspace)
-    config = resolve_config(FitNpcaConfig, ws.settings(), "fit-npca", flags)
+    ws, config = _stage(FitNpcaConfig, "fit-npca", flags, workspace)
     fit = fit_npca(config, ws, classifier_flags=classifier or [])
     typer.echo(f"{fit.cls}: neural PCA of {fit.dimensions} '{fit.classifier}' features fitted on {fit.num_images} "
                f"images (variance share of the first components: {', '.join(map(str, fit.top_variance))}); "
@@ -189,10 +202,8 @@ def generate_command(
     images do not depend on --batch-size, and running the same command again makes only the missing ones.
     """
     from .generate import generate, print_generation_table
-    from .workspace import Workspace
 
-    ws = Workspace(workspace)
-    config = resolve_config(GenerateConfig, ws.settings(), "generate", flags)
+    ws, config = _stage(GenerateConfig, "generate", flags, workspace)
     results = generate(config, ws, classifier_flags=classifier or [])
     print_generation_table(results)
     typer.echo(f"{sum(r.made for r in results)} new images, {sum(r.existing for r in results)} already there, "
@@ -218,10 +229,8 @@ def evaluate_command(
     report.html; prints Table 1 (and Table 2 when several runs exist).
     """
     from .evaluate import evaluate, print_evaluation_tables
-    from .workspace import Workspace
 
-    ws = Workspace(workspace)
-    config = resolve_config(EvaluateConfig, ws.settings(), "evaluate", flags)
+    ws, config = _stage(EvaluateConfig, "evaluate", flags, workspace)
     evaluation = evaluate(config, ws, classifier_flags=classifier or [])
     print_evaluation_tables(evaluation)
     images = sum(len(r.files) for r in evaluation.results)
@@ -250,10 +259,8 @@ def run_command(
     """
     from .evaluate import print_evaluation_tables
     from .run import plan_run, print_plan, run_all
-    from .workspace import Workspace
 
-    ws = Workspace(workspace)
-    config = resolve_config(RunConfig, ws.settings(), "run", flags)
+    ws, config = _stage(RunConfig, "run", flags, workspace)
     if dry_run:
         print_plan(*plan_run(config, ws))
         return
