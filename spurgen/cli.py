@@ -24,7 +24,7 @@ from .config import (EvaluateConfig, FinetuneConfig, FitNpcaConfig, GenerateConf
 from .errors import SpurgenError
 from .world.demo import DemoConfig
 from .world.evidence import EvidenceConfig
-from .world.models import OUT_ENV
+from .world.models import OUT_ENV, TEXT_TO_IMAGE_MODELS, text_to_image_model
 
 if TYPE_CHECKING:
     from .workspace import Workspace
@@ -381,6 +381,10 @@ app.add_typer(world_app, name="world")
 def world_build_command(
     work: Path = typer.Option("spurgen-world-build", "--work", help="Scratch folder: the rendered world and resumable checkpoints."),
     threads: int = typer.Option(1, "--threads", help="torch threads for training (1 is fastest on a busy 2-core machine)."),
+    text_to_image: str = typer.Option(
+        ",".join(TEXT_TO_IMAGE_MODELS), "--text-to-image",
+        help="Text-to-image models to build, comma-separated (v: v-prediction; epsilon: SD's epsilon and "
+             "scaled_linear schedule, started from v). A model built in --out or shipped is kept."),
     out: Path | None = typer.Option(
         None, "--out", envvar=OUT_ENV, show_default=False,
         help="Where the trained models go; the demo looks there first (default: $XDG_CACHE_HOME/spurgen/world, "
@@ -395,13 +399,18 @@ def world_build_command(
     from ._runtime import console
     from .world.build import WorldBuildConfig, build_world_models
 
+    names = [name.strip() for name in text_to_image.split(",") if name.strip()]
+    for name in names:
+        text_to_image_model(name)  # an unknown name fails before anything is built
     config = WorldBuildConfig()
     config.classifiers = replace(config.classifiers, threads=threads)
-    config.text_to_image = replace(config.text_to_image, threads=threads)
+    config.text_to_image = {name: replace(settings, threads=threads) for name, settings in config.text_to_image.items()}
+    # In the table's order: a model is built after the base it starts from.
+    config.text_to_image_models = [name for name in TEXT_TO_IMAGE_MODELS if name in names]
     summary = build_world_models(work, config, out=out.expanduser() if out is not None else None, log=console.print)
     console.print({"timings_seconds": summary["timings"],
-                   "object_prompt_recognised": summary["recognition"]["object_prompt_mean"],
-                   "feature_prompt_recognised": summary["recognition"]["feature_prompt_mean"]})
+                   **{f"{name}: {kind}_recognised": rates[f"{kind}_prompt_mean"]
+                      for name, rates in summary["recognition"].items() for kind in ("object", "feature")}})
 
 
 @world_app.command("evidence")

@@ -2,8 +2,9 @@
 
 1. render the world (:mod:`.dataset`), a few seconds;
 2. train its classifiers, four standard ones and one adversarially robust (:mod:`.classifiers`);
-3. train its text-to-image model (:mod:`.text_to_image`);
-4. measure the text-to-image model the way the demo uses it: are "a photo of a <object>" samples
+3. train its text-to-image models (:mod:`.text_to_image`; ``--text-to-image`` chooses which): the v-prediction
+   model, then the epsilon one, which starts from it;
+4. measure each text-to-image model the way the demo uses it: are "a photo of a <object>" samples
    recognised as the object by the world's classifiers, and "a photo of <feature>" samples as the
    feature's class?
 
@@ -27,9 +28,9 @@ from ..workspace import atomic_write_json, read_json
 from .classifiers import ClassifierTrainConfig, train_world_classifiers
 from .dataset import MANIFEST_FILE, WorldConfig, build_world
 from .labels import world_label_set
-from .models import (ASSETS_DIR, CLASSIFIERS_FOLDER, SD_FOLDER, SD_MODEL_FILE, default_out_dir, find_built,
-                     world_classifier_specs)
-from .text_to_image import TextToImageConfig, train_text_to_image
+from .models import (ASSETS_DIR, CLASSIFIERS_FOLDER, SD_MODEL_FILE, TEXT_TO_IMAGE_MODELS, default_out_dir,
+                     find_built, text_to_image_dir, text_to_image_model, world_classifier_specs)
+from .text_to_image import DEFAULT_CONFIGS, TextToImageConfig, train_text_to_image
 
 __all__ = ["WorldBuildConfig", "build_world_models", "measure_text_to_image", "RECOGNITION_FILE"]
 
@@ -43,7 +44,8 @@ class WorldBuildConfig:
 
     world: WorldConfig = field(default_factory=WorldConfig)
     classifiers: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
-    text_to_image: TextToImageConfig = field(default_factory=TextToImageConfig)
+    text_to_image: dict[str, TextToImageConfig] = field(default_factory=lambda: dict(DEFAULT_CONFIGS))
+    text_to_image_models: list[str] = field(default_factory=lambda: list(TEXT_TO_IMAGE_MODELS))
     samples_per_prompt: int = 24
 
 
@@ -88,6 +90,34 @@ def measure_text_to_image(sd_dir: Path, samples_per_prompt: int = 24, seed: int 
     return result
 
 
+def _build_text_to_image(name: str, world: Path, work: Path, config: WorldBuildConfig, out: Path,
+                         log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Trains and measures one text-to-image model unless it is built and measured (in ``out`` or shipped).
+
+    Returns:
+        Its training metrics and its recognition rates.
+    """
+    model = text_to_image_model(name)
+    sd_dir = out / model.folder
+    # A model trained in `out` but not yet measured is measured below rather than hidden by the shipped one,
+    # which the demo would not use (it takes `out`'s first).
+    unmeasured = (sd_dir / SD_MODEL_FILE).is_file() and not (sd_dir / RECOGNITION_FILE).is_file()
+    built = None if unmeasured else find_built(model.folder, RECOGNITION_FILE, out)
+    if built is not None:
+        # Built and measured before, here or shipped (delete the built folder to retrain it).
+        log(f"{name} text-to-image model already built in {built}, kept")
+        return read_json(built / "training_metrics.json"), read_json(built / RECOGNITION_FILE)
+    if not unmeasured:
+        base_dir = text_to_image_dir(out, model.base) if model.base else None
+        log(f"training the {name} text-to-image model" + (f" from the {model.base} model" if model.base else ""))
+        train_text_to_image(world, sd_dir, config.text_to_image[name], work / f"text-to-image-{name}", name,
+                            base_dir)
+    log(f"measuring the {name} text-to-image model's samples")
+    recognition = measure_text_to_image(sd_dir, config.samples_per_prompt, out=out)
+    atomic_write_json(sd_dir / RECOGNITION_FILE, recognition)
+    return read_json(sd_dir / "training_metrics.json"), recognition
+
+
 def build_world_models(work: Path, config: WorldBuildConfig | None = None, *, out: Path | None = None,
                        log: Callable[[str], None] = print) -> dict[str, Any]:
     """Builds the world in ``work/world`` and trains the models that neither ``out`` nor the installation has.
@@ -95,7 +125,8 @@ def build_world_models(work: Path, config: WorldBuildConfig | None = None, *, ou
     Args:
         work: Scratch folder for the rendered world and resumable checkpoints.
         config: Settings of every stage.
-        out: Where the models go (``classifiers/``, ``sd/``, ``build.json``); ``None`` is the user cache.
+        out: Where the models go (``classifiers/``, ``sd/``, ``sd-epsilon/``, ``build.json``); ``None`` is the user
+            cache.
         log: Receives one-line status messages.
 
     Returns:
@@ -117,24 +148,12 @@ def build_world_models(work: Path, config: WorldBuildConfig | None = None, *, ou
                                           kept_from=[ASSETS_DIR])
     timings["classifiers_seconds"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    sd_dir = out / SD_FOLDER
-    # A model trained in `out` but not yet measured is finished below rather than hidden by the shipped one,
-    # which the demo would not use (it takes `out`'s first).
-    unmeasured = (sd_dir / SD_MODEL_FILE).is_file() and not (sd_dir / RECOGNITION_FILE).is_file()
-    built = None if unmeasured else find_built(SD_FOLDER, RECOGNITION_FILE, out)
-    if built is not None:
-        # Built and measured before, here or shipped (delete the built folder to retrain it).
-        log(f"text-to-image model already built in {built}, kept")
-        text_to_image = read_json(built / "training_metrics.json")
-        recognition = read_json(built / RECOGNITION_FILE)
-    else:
-        log("training the text-to-image model")
-        text_to_image = train_text_to_image(world, sd_dir, config.text_to_image, work / "text-to-image")
-        log("measuring the text-to-image model's samples")
-        recognition = measure_text_to_image(sd_dir, config.samples_per_prompt, out=out)
-        atomic_write_json(sd_dir / RECOGNITION_FILE, recognition)
-    timings["text_to_image_seconds"] = time.perf_counter() - started
+    text_to_image: dict[str, Any] = {}
+    recognition: dict[str, Any] = {}
+    for name in config.text_to_image_models:
+        started = time.perf_counter()
+        text_to_image[name], recognition[name] = _build_text_to_image(name, world, work, config, out, log)
+        timings[f"text_to_image_{name}_seconds"] = time.perf_counter() - started
     summary = {"timings": timings, "classifiers": classifiers, "text_to_image": text_to_image,
                "recognition": recognition}
     atomic_write_json(out / BUILD_FILE, summary)

@@ -39,8 +39,13 @@ class DemoConfig:
         require(self.num_images >= 1, f"-n must be at least 1, got {self.num_images}")
 
 
-def demo_settings(workspace: Workspace, config: DemoConfig) -> str:
+def demo_settings(workspace: Workspace, config: DemoConfig, model: str = "v") -> str:
     """The spurgen.toml of a demo workspace: the world's label set, models and data, small settings.
+
+    Args:
+        workspace: The workspace the settings are for.
+        config: The demo's sizes.
+        model: Which world text-to-image model the workspace fine-tunes (:data:`.models.TEXT_TO_IMAGE_MODELS`).
 
     Raises:
         SpurgenError: the world's text-to-image model is neither built nor shipped.
@@ -48,7 +53,7 @@ def demo_settings(workspace: Workspace, config: DemoConfig) -> str:
     dataset = workspace.root / "world" / "spurious" / "images"
     return f"""# Written by `spurgen demo`: the synthetic world's label set, models and spurious set.
 labels = "world"
-model = "{text_to_image_dir().as_posix()}"
+model = "{text_to_image_dir(model=model).as_posix()}"
 
 [select-refs]
 dataset = "{dataset.as_posix()}"

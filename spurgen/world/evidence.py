@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import (EvaluateConfig, FinetuneConfig, FitNpcaConfig, GenerateConfig, SelectRefsConfig, require,
                       resolve_config, setting)
+from ..errors import SpurgenError
+from .models import TEXT_TO_IMAGE_MODELS, text_to_image_dir
 
 if TYPE_CHECKING:  # --help imports EvidenceConfig; it must not load the workspace and progress modules
     from ..workspace import Workspace
@@ -46,8 +48,13 @@ class EvidenceConfig:
     seeds: list[int] = setting([0, 1], "Fine-tuning seeds of every reported run (their spread is the noise).")
     steps: int = setting(150, "Fine-tuning steps of every run.")
     num_images: int = setting(75, "Images generated per run.", flags=("-n",))
+    model: str = setting("v", "World text-to-image model every run fine-tunes: v (v-prediction, linear schedule) or "
+                              "epsilon (SD's epsilon prediction and scaled_linear schedule).", metavar="v|epsilon")
+    every4: bool = setting(True, "Also report SFSL with --sfsl-every 4 against every step.", off="--no-every4")
 
     def validate(self) -> None:
+        require(self.model in TEXT_TO_IMAGE_MODELS,
+                f"--model must be one of {', '.join(TEXT_TO_IMAGE_MODELS)}, got {self.model!r}")
         require(not set(self.tuning_classes) & set(self.report_classes),
                 "tuning and report classes overlap; a class used to choose the defaults cannot report them")
         require(bool(self.kappas) and bool(self.bounds) and bool(self.seeds), "kappas, bounds and seeds need a value each")
@@ -71,8 +78,13 @@ class _Experiment:
         workspace.ensure_writable()
         if not workspace.settings_path.is_file():
             demo = DemoConfig(steps=config.steps, num_images=config.num_images)
-            atomic_write_text(workspace.settings_path, demo_settings(workspace, demo))
+            atomic_write_text(workspace.settings_path, demo_settings(workspace, demo, config.model))
         self.settings = workspace.settings()
+        # Runs of one model must not be mixed with another's: finished runs are kept and would be reported.
+        wanted = text_to_image_dir(model=config.model).as_posix()
+        if self.settings.get("model") != wanted:
+            raise SpurgenError(f"{workspace.settings_path} fine-tunes {self.settings.get('model')}, not the "
+                               f"{config.model} model ({wanted}); give this model its own --workspace")
         render_spurious_set(workspace)
 
     def select_refs(self, classes: list[str]) -> None:
@@ -180,6 +192,8 @@ def _report(experiment: _Experiment, chosen: dict[str, Any]) -> dict[str, Any]:
         experiment.fit_npca(classes)
     variants = {"sfsl": ("sfsl", sfsl), "sfsl-every4": ("sfsl", {**sfsl, "sfsl_every": 4}),
                 "dreambooth": ("dreambooth", {}), "dreambooth-te": ("dreambooth-te", {})}
+    if not config.every4:
+        del variants["sfsl-every4"]
     runs = {name: [f"{name}-s{seed}" for seed in config.seeds] for name in variants}
     # SFSL first: the baselines do not depend on the choice, so they may already have been trained meanwhile.
     for name, (preset, settings) in variants.items():
@@ -190,14 +204,16 @@ def _report(experiment: _Experiment, chosen: dict[str, Any]) -> dict[str, Any]:
     experiment.generate(classes)  # the untouched model, feature prompt
     scores = experiment.scores(classes, ["base", *every_run])
     table = {"base": _row(scores, ["base"])}
-    table.update({name: _row(scores, runs[name]) for name in ("dreambooth", "dreambooth-te", "sfsl", "sfsl-every4")})
-    return {"classes": classes, "table2": table, "scores": scores,
-            "sfsl_minus_dreambooth_te": _paired_difference(scores, "sfsl", "dreambooth-te", config.seeds),
-            "sfsl_minus_dreambooth_te_consistent": _paired_difference(scores, "sfsl", "dreambooth-te", config.seeds,
-                                                                      "consistent"),
-            "sfsl_every4_minus_sfsl": _paired_difference(scores, "sfsl-every4", "sfsl", config.seeds),
-            "sfsl_every4_minus_sfsl_consistent": _paired_difference(scores, "sfsl-every4", "sfsl", config.seeds,
-                                                                    "consistent")}
+    table.update({name: _row(scores, runs[name]) for name in ("dreambooth", "dreambooth-te", "sfsl", "sfsl-every4")
+                  if name in runs})
+    report: dict[str, Any] = {"classes": classes, "table2": table, "scores": scores}
+    comparisons = [("sfsl_minus_dreambooth_te", "sfsl", "dreambooth-te")]
+    if config.every4:
+        comparisons.append(("sfsl_every4_minus_sfsl", "sfsl-every4", "sfsl"))
+    for key, run, baseline in comparisons:
+        report[key] = _paired_difference(scores, run, baseline, config.seeds)
+        report[f"{key}_consistent"] = _paired_difference(scores, run, baseline, config.seeds, "consistent")
+    return report
 
 
 def _row(scores: dict[str, dict[str, dict[str, float]]], runs: list[str]) -> dict[str, float]:
@@ -257,6 +273,8 @@ def print_evidence(evidence: dict[str, Any]) -> None:
     console.print(table)
     for label, key in (("SFSL - DreamBooth + text encoder", "sfsl_minus_dreambooth_te"),
                        ("SFSL every 4 steps - SFSL every step", "sfsl_every4_minus_sfsl")):
+        if key not in report:  # --no-every4
+            continue
         accuracy, consistent = report[key], report[f"{key}_consistent"]
         console.print(f"{label}: spurious acc. {accuracy['mean']:+.1%} ± {accuracy['standard_error']:.1%}, consistently "
                       f"spurious {consistent['mean']:+.1%} ± {consistent['standard_error']:.1%} (standard errors over "

@@ -26,10 +26,13 @@ __all__ = [
     "SD_FOLDER",
     "SD_MODEL_FILE",
     "SHIPPED_DIR",
+    "TEXT_TO_IMAGE_MODELS",
+    "TextToImageModel",
     "WorldArchitecture",
     "default_out_dir",
     "find_built",
     "text_to_image_dir",
+    "text_to_image_model",
     "world_classifier_specs",
 ]
 
@@ -82,6 +85,34 @@ ARCHITECTURES: tuple[WorldArchitecture, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class TextToImageModel:
+    """One text-to-image model of the world.
+
+    Args:
+        name: The name ``--model`` and ``--text-to-image`` take (``v``, ``epsilon``).
+        folder: Its folder inside the layout (``sd``).
+        prediction_type: What its UNet predicts (the scheduler's ``prediction_type``).
+        base: The model whose autoencoder and text encoder it reuses and whose UNet it starts from; empty when
+            trained from scratch.
+        description: One line for the docs and errors.
+    """
+
+    name: str
+    folder: str
+    prediction_type: str
+    base: str = ""
+    description: str = ""
+
+
+# The v model is the world's first; the epsilon one is what SD 1.x users fine-tune (SD's scaled_linear schedule).
+TEXT_TO_IMAGE_MODELS: dict[str, TextToImageModel] = {model.name: model for model in (
+    TextToImageModel("v", SD_FOLDER, "v_prediction", description="v-prediction, DDPM linear schedule"),
+    TextToImageModel("epsilon", "sd-epsilon", "epsilon", base="v",
+                     description="epsilon prediction, SD's scaled_linear schedule, offset noise"),
+)}
+
+
 def default_out_dir() -> Path:
     """Where ``spurgen world build`` writes and the world's users look first.
 
@@ -125,16 +156,32 @@ def world_classifier_specs(out: Path | None = None) -> tuple[ClassifierSpec, ...
     return tuple(specs)
 
 
-def text_to_image_dir(out: Path | None = None) -> Path:
-    """The world's text-to-image model: built (under ``out``, by default the user cache) first, then shipped.
+def text_to_image_model(name: str) -> TextToImageModel:
+    """The entry of :data:`TEXT_TO_IMAGE_MODELS` called ``name``.
 
     Raises:
-        SpurgenError: neither place has it.
+        SpurgenError: no such model.
     """
-    folder = find_built(SD_FOLDER, SD_MODEL_FILE, out)
+    if name not in TEXT_TO_IMAGE_MODELS:
+        raise SpurgenError(f"unknown world text-to-image model {name!r}; choose from {', '.join(TEXT_TO_IMAGE_MODELS)}")
+    return TEXT_TO_IMAGE_MODELS[name]
+
+
+def text_to_image_dir(out: Path | None = None, model: str = "v") -> Path:
+    """A world text-to-image model: built (under ``out``, by default the user cache) first, then shipped.
+
+    Args:
+        out: The build's output folder; ``None`` is :func:`default_out_dir`.
+        model: A name of :data:`TEXT_TO_IMAGE_MODELS`.
+
+    Raises:
+        SpurgenError: unknown model, or neither place has it.
+    """
+    folder_name = text_to_image_model(model).folder
+    folder = find_built(folder_name, SD_MODEL_FILE, out)
     if folder is None:
         where = out if out is not None else default_out_dir()
-        raise SpurgenError(f"the world's text-to-image model is neither built ({where / SD_FOLDER}) nor in this "
-                           f"installation ({SD_DIR}); build it first with `spurgen world build` (resumable; about an "
-                           "hour on 2 CPU cores)")
+        raise SpurgenError(f"the world's {model} text-to-image model is neither built ({where / folder_name}) nor in "
+                           f"this installation ({SHIPPED_DIR / folder_name}); build it first with `spurgen world "
+                           f"build --text-to-image {model}` (resumable; up to an hour on 2 CPU cores)")
     return folder

@@ -8,6 +8,10 @@ Same parts and code paths as Stable Diffusion 1.x — ``AutoencoderKL``, ``UNet2
 2. the UNet and the text encoder learn to denoise those latents given the images' captions, with
    the caption dropped 10% of the time so that classifier-free guidance works.
 
+A model with a ``base`` (the epsilon model, :data:`.models.TEXT_TO_IMAGE_MODELS`) skips stage 1 and the text
+encoder: it reuses the base model's autoencoder and text encoder, frozen, and trains only the UNet, starting
+from the base's, with its own schedule and objective.
+
 Both stages checkpoint every few hundred steps and resume from the last checkpoint.
 """
 
@@ -17,7 +21,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +35,8 @@ from ..testing.stable_diffusion import CLIP_TEXT_IDS, SDArchitecture, stable_dif
 from ..workspace import atomic_directory, atomic_write_json
 from .dataset import CAPTIONS_FILE
 
-__all__ = ["WORLD_SD", "TextToImageConfig", "train_text_to_image"]
+__all__ = ["DEFAULT_CONFIGS", "WORLD_ARCHITECTURES", "WORLD_SD", "WORLD_SD_EPSILON", "TextToImageConfig",
+           "train_text_to_image"]
 
 
 @dataclass
@@ -47,11 +52,13 @@ class TextToImageConfig:
     batch_size: int = setting(64, "Images per step.")
     caption_dropout: float = setting(0.1, "Fraction of captions replaced by the empty prompt (classifier-free guidance).")
     short_caption_prob: float = setting(0.5, "Fraction of 'a <object> on <feature>' captions shortened to 'a <object>'.")
+    offset_noise: float = setting(0.0, "Std of a per-image, per-channel constant added to the training noise.")
     checkpoint_every: int = setting(250, "Steps between resumable checkpoints.")
     threads: int = setting(0, "torch threads (0 = torch's default).")
 
     def validate(self) -> None:
         require(min(self.vae_steps, self.steps) >= 1 and self.batch_size >= 1, "steps and batch size must be positive")
+        require(self.offset_noise >= 0, "offset noise must be non-negative")
 
 
 # The miniature pipeline's architecture, built by the same builder as the test pipelines (spurgen.testing).
@@ -86,6 +93,22 @@ WORLD_SD = SDArchitecture(
                "clip_sample": False, "steps_offset": 1},
     prediction_type="v_prediction",
 )
+
+# What SD 1.x users fine-tune: epsilon on SD's own scaled_linear schedule (0.00085..0.012). Its 6.8% of signal
+# left at t = 999 let a first epsilon model read each sample's colour from the start noise (above); offset noise
+# (Guttenberg 2023, common in SD fine-tunes) adds a random per-channel constant to the training noise, ten times
+# the leak's size on the image mean, so the mean of x_T no longer tells the colour and the prompt has to.
+WORLD_SD_EPSILON = replace(
+    WORLD_SD, name="world-epsilon", prediction_type="epsilon",
+    scheduler={"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+               "beta_schedule": "scaled_linear", "clip_sample": False, "steps_offset": 1})
+
+WORLD_ARCHITECTURES = {"v": WORLD_SD, "epsilon": WORLD_SD_EPSILON}
+
+# Each model's training. The epsilon model starts from the v model's UNet (same architecture) and trains only it;
+# a warm start needs fewer steps and a lower peak rate than training from scratch.
+DEFAULT_CONFIGS = {"v": TextToImageConfig(),
+                   "epsilon": TextToImageConfig(steps=400, lr=3e-4, batch_size=16, offset_noise=0.1, checkpoint_every=50)}
 
 
 def _load_training_images(world: Path) -> tuple[torch.Tensor, list[dict[str, Any]]]:
@@ -183,14 +206,31 @@ def _latent_scale(vae: torch.nn.Module, images: torch.Tensor) -> float:
     return float(1.0 / latents.std())
 
 
-def train_text_to_image(world: Path, output: Path, config: TextToImageConfig, work: Path) -> dict[str, Any]:
-    """Trains the miniature Stable Diffusion on a built world and saves it as a diffusers folder.
+def _load_base(components: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Loads a built model's weights into ``components``; returns its training metrics."""
+    from safetensors.torch import load_file
+
+    for name, weights in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                          ("text_encoder", "model")):
+        state = load_file(base_dir / name / f"{weights}.safetensors")
+        components[name].load_state_dict({key: value.float() for key, value in state.items()}, strict=True)
+    scale = json.loads((base_dir / "vae" / "config.json").read_text(encoding="utf-8"))["scaling_factor"]
+    components["vae"].register_to_config(scaling_factor=scale)
+    return json.loads((base_dir / "training_metrics.json").read_text(encoding="utf-8"))
+
+
+def train_text_to_image(world: Path, output: Path, config: TextToImageConfig, work: Path, model: str = "v",
+                        base_dir: Path | None = None) -> dict[str, Any]:
+    """Trains a miniature Stable Diffusion on a built world and saves it as a diffusers folder.
 
     Args:
         world: A folder written by :func:`spurgen.world.dataset.build_world`.
         output: Where the pipeline folder goes (replaced atomically when done), stored in fp16.
         config: Training settings.
         work: Folder for resumable checkpoints (kept until the pipeline is saved).
+        model: A key of :data:`WORLD_ARCHITECTURES`: the schedule and what the UNet predicts.
+        base_dir: A built model of the same architecture. Given, its autoencoder and text encoder are reused
+            frozen and only the UNet is trained, starting from the base's; else everything is trained from scratch.
 
     Returns:
         Training metrics: steps, times, final losses, autoencoder PSNR, latent scaling factor.
@@ -200,23 +240,31 @@ def train_text_to_image(world: Path, output: Path, config: TextToImageConfig, wo
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    components = stable_diffusion_components(WORLD_SD, seed=config.seed)
+    components = stable_diffusion_components(WORLD_ARCHITECTURES[model], seed=config.seed)
     torch.manual_seed(config.seed)  # the builder leaves the global RNG alone; training's noise draws from it
     vae, unet, text_encoder = components["vae"], components["unet"], components["text_encoder"]
     tokenizer, scheduler = components["tokenizer"], components["scheduler"]
     images, rows = _load_training_images(world)
 
     started = time.perf_counter()
-    psnr = _train_vae(vae, images, config, work)
+    if base_dir is None:
+        psnr = _train_vae(vae, images, config, work)
+        scale = _latent_scale(vae, images)
+        vae.register_to_config(scaling_factor=scale)
+        trained: list[torch.nn.Module] = [unet, text_encoder]
+    else:
+        base_metrics = _load_base(components, base_dir)
+        psnr, scale = base_metrics["autoencoder_psnr_db"], base_metrics["latent_scaling_factor"]
+        # The base's text encoder already tells the captions apart; training only the UNet halves the work.
+        text_encoder.requires_grad_(False)
+        trained = [unet]
     vae_seconds = time.perf_counter() - started
     vae.requires_grad_(False)
-    scale = _latent_scale(vae, images)
-    vae.register_to_config(scaling_factor=scale)
 
     # Latents of the whole data set once: the autoencoder is frozen from here on.
     with torch.no_grad():
         latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mode() for i in range(0, len(images), 256)]) * scale
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    parameters = [p for module in trained for p in module.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=1e-2)
     warmup = min(200, config.steps // 10)
 
@@ -225,8 +273,8 @@ def train_text_to_image(world: Path, output: Path, config: TextToImageConfig, wo
             return config.lr * (step + 1) / warmup
         return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
 
-    unet.train()
-    text_encoder.train()
+    for module in trained:
+        module.train()
 
     def step(index: int, rng: np.random.Generator) -> float:
         for group in optimizer.param_groups:
@@ -237,10 +285,15 @@ def train_text_to_image(world: Path, output: Path, config: TextToImageConfig, wo
                         return_tensors="pt").input_ids
         clean = latents[torch.from_numpy(rows_idx)]
         noise = torch.randn_like(clean)
+        if config.offset_noise:
+            noise = noise + config.offset_noise * torch.randn(*clean.shape[:2], 1, 1)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),))
         noisy = scheduler.add_noise(clean, noise, timesteps)
-        prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(prediction, scheduler.get_velocity(clean, noise, timesteps))
+        with torch.set_grad_enabled(text_encoder in trained):
+            context = text_encoder(ids)[0]
+        prediction = unet(noisy, timesteps, context).sample
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(clean, noise, timesteps)
+        loss = F.mse_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -249,14 +302,15 @@ def train_text_to_image(world: Path, output: Path, config: TextToImageConfig, wo
 
     started = time.perf_counter()
     losses = _train_loop("text-to-image", config.steps, _Checkpoints(work / "unet"),
-                         {"unet": unet, "text_encoder": text_encoder}, optimizer, config.seed + 1,
-                         config.checkpoint_every, step)
+                         {module_name: module for module_name, module in (("unet", unet), ("text_encoder", text_encoder))
+                          if module in trained}, optimizer, config.seed + 1, config.checkpoint_every, step)
     unet_seconds = time.perf_counter() - started
 
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-    metrics = {"config": asdict(config), "autoencoder_psnr_db": psnr, "latent_scaling_factor": scale,
+    metrics = {"config": asdict(config), "model": model, "base": base_dir.name if base_dir is not None else None,
+               "autoencoder_psnr_db": psnr, "latent_scaling_factor": scale,
                "autoencoder_seconds": vae_seconds, "text_to_image_seconds": unet_seconds,
                "final_loss": float(np.mean(losses[-100:])) if losses else None,
                "parameters": {name: sum(p.numel() for p in module.parameters())
