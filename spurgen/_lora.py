@@ -31,11 +31,17 @@ def add_lora(model: "torch.nn.Module", targets: tuple[str, ...], rank: int, alph
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)))
 
 
-def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Module | None") -> Path:
+def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Module | None", base_model: str) -> Path:
     """Writes ``pytorch_lora_weights.safetensors`` for ``StableDiffusionPipeline.load_lora_weights``.
 
     The adapter metadata (rank, alpha, targets) goes into the file: without it a loader assumes
     alpha = rank and silently scales the update differently (method.md §5).
+
+    Args:
+        folder: Where the file goes.
+        unet, text_encoder: The adapted models (no text encoder for a UNet-only run).
+        base_model: The base model as a shared file may name it (``_base_model.shared_name``): peft would record
+            the folder the weights were loaded from, a path on the trainer's machine.
 
     Returns:
         The written file.
@@ -52,19 +58,20 @@ def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Mod
         folder,
         unet_lora_layers=layers(unet),
         text_encoder_lora_layers=layers(text_encoder) if text_encoder is not None else None,
-        unet_lora_adapter_metadata=_adapter_metadata(unet),
-        text_encoder_lora_adapter_metadata=_adapter_metadata(text_encoder) if text_encoder is not None else None,
+        unet_lora_adapter_metadata=_adapter_metadata(unet, base_model),
+        text_encoder_lora_adapter_metadata=(_adapter_metadata(text_encoder, base_model) if text_encoder is not None
+                                            else None),
         safe_serialization=True,
     )
     _sort_header(Path(folder) / LORA_WEIGHTS_NAME)
     return Path(folder) / LORA_WEIGHTS_NAME
 
 
-def _adapter_metadata(model: "torch.nn.Module") -> dict:
+def _adapter_metadata(model: "torch.nn.Module", base_model: str) -> dict:
     """The adapter's peft config; its target modules, a set in peft, sorted so that the file is the same in every
-    process (a set's order follows the process's string hash seed)."""
+    process (a set's order follows the process's string hash seed), and ``base_model`` for peft's local path."""
     config = model.peft_config["default"].to_dict()
-    return {**config, "target_modules": sorted(config["target_modules"])}
+    return {**config, "target_modules": sorted(config["target_modules"]), "base_model_name_or_path": base_model}
 
 
 def _sort_header(path: Path) -> None:
