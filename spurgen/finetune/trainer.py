@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .._base_model import BaseModel, Components, image_generator, load_components, sampling_pipeline
+from .._base_model import BaseModel, Components, image_generator, load_components, sampling_pipeline, shared_name
 from .._lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
 from ..config import FinetuneConfig
 from ..errors import SpurgenError
@@ -428,6 +428,8 @@ class Trainer:
         self.accelerator.save_state(str(staging))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            if self.config.lora:  # the checkpoint as a model too (generate --checkpoint, export-lora --checkpoint)
+                self._save_lora(staging)
             atomic_write_json(staging / CHECKPOINT_STATE, {"step": step, "key": key, "log": log})
             remove_tree(final)
             os.replace(staging, final)
@@ -478,10 +480,10 @@ class Trainer:
         A full pipeline takes its frozen parts from the base model's files, not from memory, where they may
         have been cast to half precision.
         """
-        text_encoder = self.text_encoder if self.train_text_encoder else None
         if self.config.lora:
-            save_lora(folder, self.unet, text_encoder)
+            self._save_lora(folder)
             return
+        text_encoder = self.text_encoder if self.train_text_encoder else None
         from diffusers import AutoencoderKL, StableDiffusionPipeline
         from transformers import CLIPTextModel
 
@@ -491,6 +493,11 @@ class Trainer:
             tokenizer=self.parts.tokenizer, unet=self.unet, scheduler=self.parts.sampler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipeline.save_pretrained(folder, safe_serialization=True)
+
+    def _save_lora(self, folder: Path) -> None:
+        """Writes the adapters as ``pytorch_lora_weights.safetensors`` (the text encoder's only when trained)."""
+        text_encoder = self.text_encoder if self.train_text_encoder else None
+        save_lora(folder, self.unet, text_encoder, shared_name(self.base.name))
 
     def close(self) -> None:
         """Lets go of the accelerator's references, so the next class starts from a clean accelerator."""
