@@ -247,7 +247,7 @@ def test_kohya_export_names_keys_as_kohya_and_loads_back_to_the_same_images(trai
             ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0",
              "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.lora"),
             ("lora_te_text_model_encoder_layers_0_self_attn_k_proj",
-             "text_encoder.encoder.layers.0.self_attn.k_proj.lora_linear_layer")):
+             "text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_linear_layer")):
         assert torch.equal(kohya[f"{kohya_module}.lora_down.weight"], source[f"{diffusers_module}.down.weight"])
         assert torch.equal(kohya[f"{kohya_module}.lora_up.weight"], source[f"{diffusers_module}.up.weight"])
     assert sorted(torch.cat([v.flatten() for k, v in kohya.items() if not k.endswith("alpha")]).tolist()) == \
