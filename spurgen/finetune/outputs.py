@@ -22,12 +22,16 @@ from ..images import file_sha256
 from ..labels import ClassInfo
 from ..workspace import (LOSSES_FILE, TRAINING_FILE, atomic_write_bytes, atomic_write_json, atomic_write_text,
                          environment_versions, utc_now)
+from .diffusion import ROW_WEIGHT_FORMULAS
 from .plan import ClassPlan
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
 __all__ = ["save_validation", "loss_summary", "progress_text", "training_manifest", "write_final_outputs"]
+
+# The loss terms of the log; its other columns are SFSL's rows and quarters of t, the gradient's diagnostics and lr.
+LOSS_TERMS = ("loss", "inst", "prior", "sfsl")
 
 
 def save_validation(trainer: Trainer, folder: Path, step: int) -> None:
@@ -38,34 +42,58 @@ def save_validation(trainer: Trainer, folder: Path, step: int) -> None:
         atomic_write_bytes(folder / "validation" / f"step-{step:06d}" / f"{i:02d}.png", buffer.getvalue())
 
 
+def _summarised(log: list[dict[str, Any]]) -> list[str]:
+    """The log's numeric columns that get a summary: the loss terms, SFSL by t, and the gradient's diagnostics."""
+    columns = list(dict.fromkeys(name for row in log for name in row))
+    return [name for name in columns if name not in ("step", "sfsl_rows", "clipped", "lr")]
+
+
 def loss_summary(log: list[dict[str, Any]]) -> dict[str, Any]:
-    """First, last, mean, min and max of each loss term over the steps that have it."""
+    """First, last, mean, min and max of each logged term over the steps that have it (``last`` lists the loss
+    terms' last values); SFSL's rows, and the fraction of steps whose gradient was clipped."""
     summary: dict[str, Any] = {"steps_logged": len(log), "last": {}}
-    for term in ("loss", "inst", "prior", "sfsl"):
+    for term in _summarised(log):
         values = [row[term] for row in log if row.get(term) is not None]
         if values:
             summary[term] = {"first": values[0], "last": values[-1], "mean": sum(values) / len(values),
                              "min": min(values), "max": max(values)}
-            summary["last"][term] = values[-1]
+            if term in LOSS_TERMS:
+                summary["last"][term] = values[-1]
     summary["sfsl_rows"] = sum(row.get("sfsl_rows", 0) for row in log)
+    summary["clipped_fraction"] = _clipped_fraction(log)
     return summary
 
 
+def _clipped_fraction(log: list[dict[str, Any]]) -> float | None:
+    """The fraction of logged steps whose gradient norm exceeded --max-grad-norm (``None`` before any)."""
+    flags = [row["clipped"] for row in log if row.get("clipped") is not None]
+    return sum(flags) / len(flags) if flags else None
+
+
 def _losses_csv(log: list[dict[str, Any]]) -> str:
-    """``losses.csv``: one row per step."""
+    """``losses.csv``: one row per step; the columns of every row, in order (a run resumed from an older
+    checkpoint leaves its first rows' newer columns empty)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["step", "loss", "inst", "prior", "sfsl", "sfsl_rows", "lr"])
+    columns = list(dict.fromkeys(name for row in log for name in row))
+    writer = csv.DictWriter(buffer, fieldnames=columns or ["step", "loss", "inst", "prior", "sfsl", "sfsl_rows", "lr"])
     writer.writeheader()
     writer.writerows(log)
     return buffer.getvalue()
 
 
-def progress_text(cls: ClassInfo, row: dict[str, Any]) -> str:
-    """The progress bar's description after a step: the loss and its terms."""
+def progress_text(cls: ClassInfo, log: list[dict[str, Any]]) -> str:
+    """The progress bar's description: the last step's loss and its terms, its gradient norm before clipping
+    (with SFSL's share of the gradient at the UNet's output), and the fraction of steps clipped so far."""
     from rich.markup import escape
 
-    terms = " ".join(f"{name} {row[name]:.4f}" for name in ("inst", "prior", "sfsl") if row.get(name) is not None)
-    return f"{escape(cls.name)}: loss {row['loss']:.4f} ({terms})"
+    row = log[-1]
+    terms = " ".join(f"{name} {row[name]:.4f}" for name in LOSS_TERMS[1:] if row.get(name) is not None)
+    text = f"{escape(cls.name)}: loss {row['loss']:.4f} ({terms})"
+    if row.get("grad_norm") is not None:
+        share = row.get("sfsl_grad_share")
+        text += f", |grad| {row['grad_norm']:.3g}" + (f" ({share:.0%} sfsl)" if share is not None else "")
+        text += f", clipped {_clipped_fraction(log):.0%}"
+    return text
 
 
 def training_manifest(plan: ClassPlan, config: FinetuneConfig, trainer: Trainer, status: str, step: int,
@@ -107,6 +135,8 @@ def training_manifest(plan: ClassPlan, config: FinetuneConfig, trainer: Trainer,
         "sfsl": {"weight": plan.sfsl_weight, "model": classifier.name, "fingerprint": classifier.fingerprint(),
                  "feature": config.sfsl_feature, "npca_components": config.sfsl_npca_components,
                  "max_timestep": config.sfsl_max_timestep, "every": config.sfsl_every,
+                 "row_weighting": config.sfsl_row_weighting,
+                 "row_weight": ROW_WEIGHT_FORMULAS[config.sfsl_row_weighting][base.prediction_type],
                  "decoder": config.sfsl_decoder or "vae"} if classifier else None,
         "validation": {"prompt": plan.instance_prompt,
                        "seeds": [config.seed + i for i in range(config.num_validation_images)],
@@ -152,7 +182,8 @@ def _model_card(plan: ClassPlan, config: FinetuneConfig, manifest: dict[str, Any
         f"- Prior preservation: class prompt `{plan.class_prompt}`, lambda {prior['weight']}, "
         f"{prior['num_class_images']} class images" if prior else "- Prior preservation: off",
         f"- Spurious feature similarity loss: kappa {sfsl['weight']}, classifier `{sfsl['model']}`, feature "
-        f"`{sfsl['feature']}`, timesteps <= {sfsl['max_timestep']}"
+        f"`{sfsl['feature']}`, timesteps <= {sfsl['max_timestep']}, row weight {sfsl['row_weight']}, every "
+        f"{sfsl['every']} step(s)"
         if sfsl else "- Spurious feature similarity loss: off",
         f"- {manifest['steps']} steps, batch size {config.batch_size} x {manifest['distributed']['processes']} "
         f"process(es) x {config.gradient_accumulation_steps} accumulation, resolution {manifest['resolution']}, "
