@@ -413,6 +413,7 @@ FINETUNE_PRESETS: dict[str, dict[str, bool]] = {
 }
 SFSL_FEATURES = ("contrib", "npca")
 NPCA_COMPONENTS = ("all", "spurious")
+SFSL_ROW_WEIGHTINGS = ("v-profile", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("sdpa", "eager")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -489,7 +490,8 @@ class FinetuneConfig:
     sfsl_feature: str = setting("contrib", "SFSL feature: 'contrib' (w_k * phi(x), the per-feature contributions to the class logit) or 'npca' (the class's neural PCA coordinates; run spurgen fit-npca first).")
     sfsl_npca_components: str = setting("all", "With --sfsl-feature npca: 'all' components or only the class's 'spurious' ones (from the label set).")
     sfsl_max_timestep: int = setting(999, "SFSL applies only to rows whose timestep is at most this (the one-step image estimate is poorer at large t). Default 999, every timestep: the synthetic world's evidence preferred it to 400 at every kappa tried.")
-    sfsl_every: int = setting(4, "Apply SFSL on every N-th optimizer step only (steps 1, N+1, 2N+1, ...) with weight kappa * N, so that its expected gradient is unchanged; cuts SFSL's cost by N. Default 4: SFSL's overhead within 1.3x of a step, and the world's evidence found no difference from every step; 1: every step, as the paper.")
+    sfsl_every: int = setting(1, "Apply SFSL on every N-th optimizer step only (steps 1, N+1, 2N+1, ...) with weight kappa * N, so that its expected gradient is unchanged; cuts SFSL's cost by N, but Adam and gradient clipping then see a larger, rarer term. Default 1, every step, as the paper: the synthetic world could not tell 4 from 1 on its v-prediction model, and no epsilon model has been measured yet.")
+    sfsl_row_weighting: str = setting("v-profile", "Per-row weight of SFSL by timestep. The one-step estimate passes SFSL's gradient to the UNet's output scaled by sqrt((1-abar_t)/abar_t) for epsilon models (0.03 at t=0, 14.6 at t=999 on SD 1.5), so the noisiest rows, whose estimate is a blur, dominate, against sqrt(1-abar_t) <= 1 for v-prediction. 'v-profile' weights rows so that every kind of model gets v-prediction's profile (epsilon: sqrt(abar_t); v-prediction: 1, no change; sample: sqrt(1-abar_t)), the profile the defaults were chosen on; 'none' is the paper's Eq. 6 as written.")
     sfsl_decoder: str | None = setting(None, "Decoder of SFSL's images only: a diffusers AutoencoderTiny (TAESD) folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x; far cheaper to differentiate through than the VAE decoder. Default: the base model's VAE.")
     checkpointing_steps: int = setting(200, "Save a resumable checkpoint every N steps (0: never).")
     checkpoints_total_limit: int = setting(2, "Checkpoints kept per run; older ones are deleted.")
@@ -524,6 +526,8 @@ class FinetuneConfig:
         require(self.sfsl_feature in SFSL_FEATURES, f"--sfsl-feature must be 'contrib' or 'npca', got {self.sfsl_feature!r}")
         require(self.sfsl_decoder is None or bool(self.sfsl_decoder.strip()),
                 "--sfsl-decoder is empty; pass an AutoencoderTiny folder or hub id (e.g. madebyollin/taesd), or drop the flag")
+        require(self.sfsl_row_weighting in SFSL_ROW_WEIGHTINGS,
+                f"--sfsl-row-weighting must be 'v-profile' or 'none', got {self.sfsl_row_weighting!r}")
         require(self.sfsl_npca_components in NPCA_COMPONENTS, f"--sfsl-npca-components must be 'all' or 'spurious', got {self.sfsl_npca_components!r}")
         require(bool(self.identifier.strip()), "--identifier is empty; pass a rare token such as sks")
         for name in ("instance_prompt", "class_prompt"):
