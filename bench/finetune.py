@@ -8,7 +8,7 @@ text encoder, the 2b prompt rows too, as the diffusers script does; ours samples
 and encodes the two prompts once per step. Presets: ``dreambooth`` (UNet; reference without
 --train_text_encoder), ``dreambooth-te`` (UNet + text encoder) and ``sfsl`` (dreambooth-te + the spurious
 feature similarity loss through a ResNet-50 with random weights, at the default timestep bound and
---sfsl-every, so SFSL is computed on every 4th step; diffusers has no counterpart, so its row shows SFSL's cost
+--sfsl-every, so SFSL is computed on every step; diffusers has no counterpart, so its row shows SFSL's cost
 over the reference). Target: ours at most 0.9x the reference's time per step (rate ratio >= 1/0.9 = 1.11), with
 no more peak memory. Peak memory is each side's growth over the step (torch's allocator on a GPU, the resident
 set on a CPU), so that the other side's weights in the same process do not count.
@@ -207,6 +207,17 @@ def _steps(fn: Callable[[int], Any], steps: int) -> Callable[[], None]:
     return run
 
 
+def trainer_steps(trainer: Any, steps: int) -> Callable[[], None]:
+    """Takes ``steps`` of the trainer's steps per call and reads their statistics as finetune's loop does (every
+    ``trainer.read_every`` steps), so that the reads' waits are in the time."""
+    def step(index: int) -> None:
+        trainer.train_step(index)
+        if (index + 1) % trainer.read_every == 0:
+            trainer.read_rows()
+
+    return _steps(step, steps)
+
+
 def release(*trainers: Any) -> None:
     """Lets go of trainers' models, so that a full-size benchmark holds one model (and its reference) at a time."""
     import torch
@@ -242,7 +253,7 @@ def _preset(setup: Bench, preset: str, steps: int, repeats: int) -> dict[str, An
     """One preset's record; its trainer and reference are freed on return (one full-size pair at a time)."""
     ours, config = setup.trainer(preset)
     where = ours.accelerator.device.type
-    times = measure_interleaved({"ours": _steps(ours.train_step, steps),
+    times = measure_interleaved({"ours": trainer_steps(ours, steps),
                                  "reference": _steps(_reference_step(ours, config), steps)},
                                 repeats=repeats, device=where, relative_memory=True)
     label = (f"finetune {preset} step ({setup.arch}, {where}, {ours.accelerator.mixed_precision}, batch "

@@ -31,7 +31,7 @@ import argparse
 from typing import Any, Callable
 
 from ._common import add_common_arguments, add_training_arguments, apply_threads, measure_interleaved, save_run
-from .finetune import RANK, Bench, _steps, release
+from .finetune import RANK, Bench, release, trainer_steps
 
 # run()'s arguments per --size.
 SIZES: dict[str, dict[str, Any]] = {
@@ -130,7 +130,7 @@ def run(arch: str = "tiny", steps: int = 5, repeats: int = 3, batch_size: int = 
 
     def variant(on: bool, checkpointing: bool, channels_last: bool, tiny_decoder: bool) -> Callable[[], None]:
         """Switches the trainer's SFSL to one variant (the same models, switched between steps), then steps."""
-        take = _steps(trainer.train_step, steps)
+        take = trainer_steps(trainer, steps)
         return lambda: (trainer.set_sfsl(on, taesd if tiny_decoder else None, decoder_checkpointing=checkpointing,
                                          channels_last=channels_last), take())
 

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
     from transformers import CLIPTextModel, CLIPTokenizer
 
-__all__ = ["BaseModel", "Components", "resolve_base_model", "base_model_license", "load_components",
-           "sampling_pipeline", "image_generator"]
+__all__ = ["BaseModel", "Components", "resolve_base_model", "base_model_license", "shared_name",
+           "load_components", "sampling_pipeline", "image_generator"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
@@ -167,6 +167,21 @@ def resolve_base_model(name: str) -> BaseModel:
         resolution=sample_size * vae_scale,
         size_multiple=vae_scale * 2 ** (len(unet["block_out_channels"]) - 1),
     )
+
+
+def shared_name(name_or_path: str) -> str:
+    """A base model's name for files that leave this machine (LoRA metadata): never a local path.
+
+    A hub id as it is; a folder inside the Hugging Face cache (``models--org--name/snapshots/<commit>``) by the hub
+    id it is a snapshot of; any other folder by its own name only.
+    """
+    path = Path(name_or_path).expanduser()
+    if not (path.is_absolute() or path.exists()):
+        return name_or_path
+    path = path.resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return path.name
 
 
 @dataclass

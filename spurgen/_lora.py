@@ -32,11 +32,17 @@ def add_lora(model: "torch.nn.Module", targets: tuple[str, ...], rank: int, alph
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)))
 
 
-def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Module | None") -> Path:
+def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Module | None", base_model: str) -> Path:
     """Writes ``pytorch_lora_weights.safetensors`` for ``StableDiffusionPipeline.load_lora_weights``.
 
     The adapter metadata (rank, alpha, targets) goes into the file: without it a loader assumes
     alpha = rank and silently scales the update differently (method.md §5).
+
+    Args:
+        folder: Where the file goes.
+        unet, text_encoder: The adapted models (no text encoder for a UNet-only run).
+        base_model: The base model as a shared file may name it (``_base_model.shared_name``): peft would record
+            the folder the weights were loaded from, a path on the trainer's machine.
 
     Returns:
         The written file.
@@ -53,8 +59,9 @@ def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Mod
         folder,
         unet_lora_layers=layers(unet),
         text_encoder_lora_layers=_classic_text_encoder_keys(layers(text_encoder)) if text_encoder is not None else None,
-        unet_lora_adapter_metadata=_adapter_metadata(unet),
-        text_encoder_lora_adapter_metadata=_adapter_metadata(text_encoder) if text_encoder is not None else None,
+        unet_lora_adapter_metadata=_adapter_metadata(unet, base_model),
+        text_encoder_lora_adapter_metadata=(_adapter_metadata(text_encoder, base_model) if text_encoder is not None
+                                            else None),
         safe_serialization=True,
     )
     _sort_header(Path(folder) / LORA_WEIGHTS_NAME)
@@ -66,7 +73,8 @@ def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Mod
 # (pyproject.toml) go into the file; every other field keeps its default, as it does when we train. Writing the
 # whole to_dict() made a LoRA saved under peft 0.21 fail to load under the floor, 0.15 (tests/floors/ checks it).
 ADAPTER_METADATA_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "init_lora_weights",
-                           "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
+                           "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
+                           "base_model_name_or_path")
 
 
 def _classic_text_encoder_keys(layers: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
@@ -80,12 +88,13 @@ def _classic_text_encoder_keys(layers: dict[str, "torch.Tensor"]) -> dict[str, "
     return {key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in layers.items()}
 
 
-def _adapter_metadata(model: "torch.nn.Module") -> dict:
+def _adapter_metadata(model: "torch.nn.Module", base_model: str) -> dict:
     """The adapter's peft config, restricted to ADAPTER_METADATA_FIELDS; its target modules, a set in peft, sorted
-    so that the file is the same in every process (a set's order follows the process's string hash seed)."""
+    so that the file is the same in every process (a set's order follows the process's string hash seed), and
+    ``base_model`` (a hub id or a folder's name) where peft would record the trainer's local path."""
     config = model.peft_config["default"].to_dict()
     metadata = {field: config[field] for field in ADAPTER_METADATA_FIELDS if field in config}
-    return {**metadata, "target_modules": sorted(config["target_modules"])}
+    return {**metadata, "target_modules": sorted(config["target_modules"]), "base_model_name_or_path": base_model}
 
 
 def _sort_header(path: Path) -> None:

@@ -19,8 +19,8 @@ import typer
 
 from . import __version__
 from ._cli_options import config_options
-from .config import (EvaluateConfig, FinetuneConfig, FitNpcaConfig, GenerateConfig, RateConfig, RunConfig,
-                     SelectRefsConfig, help_for, resolve_config)
+from .config import (EvaluateConfig, ExportLoraConfig, FinetuneConfig, FitNpcaConfig, GenerateConfig, RateConfig,
+                     RunConfig, SelectRefsConfig, help_for, resolve_config)
 from .errors import SpurgenError
 from .world.demo import DemoConfig
 from .world.evidence import EvidenceConfig
@@ -212,6 +212,29 @@ def generate_command(
         accepted, total = sum(r.accepted or 0 for r in results), sum(r.total for r in results)
         typer.echo(f"{accepted} of {total} images passed --filter {','.join(config.filter)} "
                    f"(acceptance rate {accepted / total if total else 0:.0%})")
+
+
+@app.command("export-lora")
+@_user_errors
+@config_options(ExportLoraConfig)
+def export_lora_command(
+    flags: Flags,
+    workspace: Path = WorkspaceOption,
+) -> None:
+    """Write a fine-tuned run's LoRA (or a --checkpoint's) as one .safetensors file for other tools.
+
+    --format kohya gives the lora_unet_... / lora_te_... keys that AUTOMATIC1111's WebUI, ComfyUI, SD.Next and
+    InvokeAI load; --format diffusers the file diffusers' load_lora_weights reads. The metadata names the base model
+    by its hub id or folder name, never by a path of this machine.
+    """
+    from .export_lora import export_lora
+    from .workspace import Workspace
+
+    ws = Workspace(workspace)
+    config = resolve_config(ExportLoraConfig, ws.settings(), "export-lora", flags)
+    result = export_lora(config, ws)
+    typer.echo(f"{result.cls} run {result.run}: {result.tensors} tensors in {result.format} format written to "
+               f"{result.out}")
 
 
 @app.command("evaluate")

@@ -20,7 +20,8 @@ from typing import Any, Callable, Mapping, TypeVar
 from .errors import SpurgenError
 
 __all__ = ["setting", "same_setting", "help_for", "resolve_config", "SelectRefsConfig", "CROP_POLICIES", "PROTOCOLS",
-           "SCHEDULERS", "find_scheduler", "GenerateConfig", "EvaluateConfig", "RunConfig"]
+           "SCHEDULERS", "find_scheduler", "GenerateConfig", "LORA_FORMATS", "ExportLoraConfig", "EvaluateConfig",
+           "RunConfig"]
 
 C = TypeVar("C")
 
@@ -204,6 +205,11 @@ def _require_protocol(protocol: str, crop: str | None) -> None:
             "--crop")
 
 
+def _check_checkpoint(step: int | None) -> None:
+    """--checkpoint N names the optimizer step of a saved checkpoint: 1 or more."""
+    require(step is None or step >= 1, f"--checkpoint must be a step of 1 or more, got {step}")
+
+
 def same_setting(config_cls: type, name: str) -> Any:
     """A field with the default, help text and option of another stage's setting, so a shared flag reads the same."""
     fld = {f.name: f for f in dataclasses.fields(config_cls)}[name]
@@ -250,8 +256,12 @@ class GenerateConfig:
     classes: list[str] = setting([], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all'. Default: every class with a fine-tuned model in the workspace.", flags=("-c",))
     runs: list[str] = setting(["all"], "Fine-tuned runs to sample from (models/<class>/<run>/), comma-separated, or 'all' (every finished run of the class).", flags=("--run",))
     base: bool = setting(False, "Sample from the untouched base model instead of the fine-tuned runs (the no-fine-tuning baseline); saved as run 'base'.")
-    model: str | None = setting(None, "Base model for --base: a diffusers Stable Diffusion folder or hub id. Default: the top-level 'model' of spurgen.toml, else the base model the class's finished runs were trained on. Also where a LoRA run's base model is when it has moved since training (checked against the fingerprint in training.json).")
+    model: str | None = setting(None, "Base model for --base and --lora: a diffusers Stable Diffusion folder or hub id. Default: the top-level 'model' of spurgen.toml, else the base model the class's finished runs were trained on. Also where a LoRA run's base model is when it has moved since training (checked against the fingerprint in training.json).")
     num_images: int = setting(75, "Images per class and run (the paper samples 75, as many as Spurious ImageNet has per class).", flags=("-n",))
+    lora: str | None = setting(None, "Sample a LoRA trained elsewhere (e.g. by diffusers' train_dreambooth_lora.py) on --model: a .safetensors file (diffusers or kohya format), a folder holding pytorch_lora_weights.safetensors, or a hub id. Needs --prompt (the prompt it was trained with); its images are run --run-name, which evaluate and rate treat like any run.", metavar="PATH_OR_HUB_ID")
+    checkpoint: int | None = setting(None, "Sample the LoRA saved with the run's checkpoint of step N (models/<class>/<run>/checkpoints/checkpoint-N) instead of its final weights; the images are run <run>-checkpoint-N unless --run-name is given.", metavar="N")
+    run_name: str | None = setting(None, "Run name of the images of --lora or --checkpoint (generated/<class>/<run-name>/). Default: the LoRA's file, folder or hub name; <run>-checkpoint-N.")
+    lora_scale: float = setting(1.0, "Strength of a LoRA run's update: 0 samples the base model, 1 the LoRA as trained; recorded in generation.json.")
     prompt: str | None = setting(None, "Prompt; {class} and {feature} stand for the class name and its spurious feature. Default: the run's instance prompt ('a photo of sks <noun>'); with --base, the class prompt ('a photo of <noun>').")
     negative_prompt: str = setting("", "Negative prompt; the same placeholders as --prompt.")
     steps: int = setting(25, "Denoising steps.")
@@ -301,6 +311,13 @@ class GenerateConfig:
         require(find_scheduler(self.scheduler) is not None,
                 f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)} or '{MODEL_SCHEDULER}'")
         require(bool(self.runs), "--runs is empty; pass run names or 'all'")
+        require(not (self.lora and (self.base or self.checkpoint is not None)),
+                f"--lora and --{'base' if self.base else 'checkpoint'} both given; pass one model to sample")
+        require(not (self.base and self.checkpoint is not None),
+                "--base and --checkpoint both given; pass one model to sample")
+        _check_checkpoint(self.checkpoint)
+        require(self.run_name is None or bool(self.lora) or self.checkpoint is not None,
+                "--run-name names the images of --lora or --checkpoint; add one of them, or drop --run-name")
         if self.until is None:
             require(not self.filter and self.max_images is None, "--filter and --max-images need --until N; add --until N or drop them")
             return
@@ -315,6 +332,29 @@ class GenerateConfig:
         require(self.clip_model is None or self.clip_model.startswith("hf-hub:") or self.clip_weights is not None,
                 f"--clip-model {self.clip_model} needs --clip-weights PATH (or give an hf-hub: id)")
         require(self.crop in (None, *CROP_POLICIES), f"--crop must be 'center' or 'none', got {self.crop!r}")
+
+
+LORA_FORMATS = ("diffusers", "kohya")
+
+
+@dataclass
+class ExportLoraConfig:
+    """Settings of ``spurgen export-lora``."""
+
+    classes: list[str] = setting([], "The class whose run is exported (one class).", flags=("-c",))
+    run: str | None = setting(None, "The LoRA run to export (models/<class>/<run>/). Default: the class's only finished LoRA run.")
+    checkpoint: int | None = setting(None, "Export the LoRA saved with the run's checkpoint of step N (models/<class>/<run>/checkpoints/checkpoint-N) instead of its final weights.", metavar="N")
+    format: str = setting("diffusers", "'diffusers' (the file diffusers' load_lora_weights reads, as the run saved it) or 'kohya' (lora_unet_... / lora_te_... keys with .alpha, the format of AUTOMATIC1111's WebUI, ComfyUI, SD.Next and InvokeAI).")
+    out: str | None = setting(None, "The .safetensors file to write. Default: exports/<class>/<run>[-checkpoint-N]-<format>.safetensors in the workspace.", path=True)
+    labels: str = same_setting(SelectRefsConfig, "labels")
+
+    def validate(self) -> None:
+        require(len(self.classes) == 1, "export-lora exports one class's run; pass exactly one --classes NAME")
+        require(self.format in LORA_FORMATS,
+                f"--format must be 'diffusers' or 'kohya', got {self.format!r}; pass one of them")
+        _check_checkpoint(self.checkpoint)
+        require(self.out is None or self.out.endswith(".safetensors"),
+                f"--out {self.out} must name a .safetensors file; add the suffix")
 
 
 @dataclass
@@ -373,6 +413,7 @@ FINETUNE_PRESETS: dict[str, dict[str, bool]] = {
 }
 SFSL_FEATURES = ("contrib", "npca")
 NPCA_COMPONENTS = ("all", "spurious")
+SFSL_ROW_WEIGHTINGS = ("v-profile", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("sdpa", "eager")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -449,7 +490,8 @@ class FinetuneConfig:
     sfsl_feature: str = setting("contrib", "SFSL feature: 'contrib' (w_k * phi(x), the per-feature contributions to the class logit) or 'npca' (the class's neural PCA coordinates; run spurgen fit-npca first).")
     sfsl_npca_components: str = setting("all", "With --sfsl-feature npca: 'all' components or only the class's 'spurious' ones (from the label set).")
     sfsl_max_timestep: int = setting(999, "SFSL applies only to rows whose timestep is at most this (the one-step image estimate is poorer at large t). Default 999, every timestep: the synthetic world's evidence preferred it to 400 at every kappa tried.")
-    sfsl_every: int = setting(4, "Apply SFSL on every N-th optimizer step only (steps 1, N+1, 2N+1, ...) with weight kappa * N, so that its expected gradient is unchanged; cuts SFSL's cost by N. Default 4: SFSL's overhead within 1.3x of a step, and the world's evidence found no difference from every step; 1: every step, as the paper.")
+    sfsl_every: int = setting(1, "Apply SFSL on every N-th optimizer step only (steps 1, N+1, 2N+1, ...) with weight kappa * N, so that its expected gradient is unchanged; cuts SFSL's cost by N, but Adam and gradient clipping then see a larger, rarer term. Default 1, every step, as the paper: the synthetic world could not tell 4 from 1 on its v-prediction model, and no epsilon model has been measured yet.")
+    sfsl_row_weighting: str = setting("v-profile", "Per-row weight of SFSL by timestep. The one-step estimate passes SFSL's gradient to the UNet's output scaled by sqrt((1-abar_t)/abar_t) for epsilon models (0.03 at t=0, 14.6 at t=999 on SD 1.5), so the noisiest rows, whose estimate is a blur, dominate, against sqrt(1-abar_t) <= 1 for v-prediction. 'v-profile' weights rows so that every kind of model gets v-prediction's profile (epsilon: sqrt(abar_t); v-prediction: 1, no change; sample: sqrt(1-abar_t)), the profile the defaults were chosen on; 'none' is the paper's Eq. 6 as written.")
     sfsl_decoder: str | None = setting(None, "Decoder of SFSL's images only: a diffusers AutoencoderTiny (TAESD) folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x; far cheaper to differentiate through than the VAE decoder. Default: the base model's VAE.")
     checkpointing_steps: int = setting(200, "Save a resumable checkpoint every N steps (0: never).")
     checkpoints_total_limit: int = setting(2, "Checkpoints kept per run; older ones are deleted.")
@@ -484,6 +526,8 @@ class FinetuneConfig:
         require(self.sfsl_feature in SFSL_FEATURES, f"--sfsl-feature must be 'contrib' or 'npca', got {self.sfsl_feature!r}")
         require(self.sfsl_decoder is None or bool(self.sfsl_decoder.strip()),
                 "--sfsl-decoder is empty; pass an AutoencoderTiny folder or hub id (e.g. madebyollin/taesd), or drop the flag")
+        require(self.sfsl_row_weighting in SFSL_ROW_WEIGHTINGS,
+                f"--sfsl-row-weighting must be 'v-profile' or 'none', got {self.sfsl_row_weighting!r}")
         require(self.sfsl_npca_components in NPCA_COMPONENTS, f"--sfsl-npca-components must be 'all' or 'spurious', got {self.sfsl_npca_components!r}")
         require(bool(self.identifier.strip()), "--identifier is empty; pass a rare token such as sks")
         for name in ("instance_prompt", "class_prompt"):

@@ -48,6 +48,8 @@ __all__ = [
     "safe_name",
     "environment_versions",
     "workspace_classes",
+    "list_checkpoints",
+    "checkpoint_dir",
     "SELECTION_FILE",
     "TRAINING_FILE",
     "CHECKPOINTS",
@@ -60,6 +62,7 @@ __all__ = [
     "IMAGES_CSV",
     "REPORT_FILE",
     "EXPORT_MANIFEST",
+    "LORA_EXPORTS",
 ]
 
 SETTINGS_FILE = "spurgen.toml"
@@ -77,6 +80,7 @@ SUMMARY_CSV = "evaluation.csv"  # reports/
 IMAGES_CSV = "evaluation-images.csv"  # reports/
 REPORT_FILE = "report.html"  # reports/
 EXPORT_MANIFEST = "manifest.json"  # an evaluate --export folder
+LORA_EXPORTS = "exports"  # exports/<class>/<run>[-checkpoint-N]-<format>.safetensors: spurgen export-lora
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
 
 
@@ -298,6 +302,17 @@ class Workspace:
         """
         atomic_write_bytes(self.root / ".spurgen-write-test", b"")
         (self.root / ".spurgen-write-test").unlink(missing_ok=True)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's finished checkpoints, oldest first (staging folders start with a dot and are not listed)."""
+    found = [p for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where a run's checkpoint of optimizer step ``step`` is (or would be)."""
+    return run_dir / CHECKPOINTS / f"checkpoint-{step}"
 
 
 def read_json(path: Path) -> Any:

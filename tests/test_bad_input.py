@@ -221,6 +221,13 @@ def _full_over_complete_lora(env: Env) -> list[str]:
     return _finetune(env, "--model", str(env.fixture("tiny_sd_dir")), "--full")
 
 
+def _lora_run(env: Env) -> Path:
+    """A finished LoRA run 'lora-x' of hummingbird (no checkpoints) in the case's workspace."""
+    run = env.ws / "models" / "94-hummingbird" / "lora-x"
+    shutil.copytree(env.fixture("tiny_lora_run"), run)
+    return run
+
+
 def _resume_pickled_checkpoint(env: Env) -> list[str]:
     shutil.copytree(env.fixture("checkpointed_run"), env.ws)
     for optimizer in (env.ws / "models").rglob("optimizer.bin"):
@@ -362,6 +369,14 @@ CASES: list[Case] = [
          "--dataset and --images both given", lambda env: _select(env, "--dataset", str(env.root), "--images", str(env.root))),
     Case("flags-filter-without-until", "`generate --filter consistent` without `--until`", "`error: --filter and --max-images need --until N; add --until N or drop them`",
          "need --until N", lambda env: _generate(env, "--filter", "consistent")),
+    Case("flags-lora-hub-offline", "`generate --lora ORG/NAME` offline, or an id the hub does not have", "`error: --lora someone/their-lora: not a local file or folder, and the hub gave no pytorch_lora_weights.safetensors (…); download it and pass its path, or check the id and the network`",
+         "the hub gave no pytorch_lora_weights.safetensors", lambda env: _generate(env, "--lora", "someone/their-lora")),
+    Case("flags-lora-without-model", "`generate --lora DIR` without `--model`", "`error: no base model for the LoRA …; pass --model, the Stable Diffusion folder or hub id it was trained on`",
+         "no base model for the LoRA", lambda env: _generate(env, "--lora", shutil.copytree(env.fixture("tiny_lora_run"), env.root / "their-lora"), "--prompt", "a photo of sks flowers")),
+    Case("flags-checkpoint-missing", "`generate --checkpoint N` of a run without that checkpoint", "`error: …/checkpoints/checkpoint-7 does not exist: run 'lora-x' of hummingbird (94) has no checkpoint; drop --checkpoint to use its final weights`",
+         "checkpoint-7 does not exist", lambda env: _generate(env, "--runs", _lora_run(env).name, "--checkpoint", "7")),
+    Case("flags-export-lora-no-run", "`export-lora` for a class without a finished LoRA run", "`error: hummingbird (94) has 0 finished LoRA runs (none); name the one to export with --run`",
+         "has 0 finished LoRA runs", lambda env: ["export-lora", "-w", str(env.ws), "--classes", "94", "--format", "kohya"]),
     Case("flags-until-without-filter", "`generate --until 5` without `--filter`", "`error: --until needs --filter; add e.g. --filter consistent`",
          "--until needs --filter", lambda env: _generate(env, "--until", "5")),
     Case("flags-min-quality-without-export", "`evaluate --quality topiq --min-quality 0.5` without `--export`", "`error: --min-quality filters the --export; add --export DIR`",
@@ -509,7 +524,7 @@ def tiny_lora_run(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     add_lora(pipe.unet, UNET_TARGETS, 2, 2.0)
     add_lora(pipe.text_encoder, TEXT_ENCODER_TARGETS, 2, 2.0)
-    save_lora(folder, pipe.unet, pipe.text_encoder)
+    save_lora(folder, pipe.unet, pipe.text_encoder, "tiny-sd")
     training = {"status": "complete", "base_model": str(tiny_sd_dir), "base_model_resolved": str(tiny_sd_dir),
                 "base_model_fingerprint": resolve_base_model(str(tiny_sd_dir)).fingerprint, "weights": "lora",
                 "instance_prompt": "a photo of sks red flowers", "class_prompt": "a photo of red flowers",

@@ -429,6 +429,11 @@ def test_several_classes_in_one_call(tiny_sd_dir: Path, tmp_path: Path) -> None:
         assert not any(name.startswith("model") for name in names)
 
 
+def _with_nan(losses: Any) -> Any:
+    losses.total = losses.total * float("nan")
+    return losses
+
+
 def test_8bit_adam_when_bitsandbytes_is_installed(tiny_sd_dir: Path, tmp_path: Path) -> None:
     bitsandbytes = pytest.importorskip("bitsandbytes")
     workspace = write_refs(tmp_path)
@@ -437,7 +442,17 @@ def test_8bit_adam_when_bitsandbytes_is_installed(tiny_sd_dir: Path, tmp_path: P
     trainer = setup.trainer(setup.plans[0], cfg, workspace)
     try:
         assert isinstance(trainer.optimizer.optimizer, bitsandbytes.optim.AdamW8bit)
-        assert np.isfinite(trainer.train_step(0)["loss"])
+        assert not trainer.skips_on_device  # it cannot skip a step on the device: the flag is read on the host
+        trainer.train_step(0)
+        [row] = trainer.read_rows()
+        assert np.isfinite(row["loss"])
+        healthy = trainer.losses
+        trainer.losses = lambda step, micro: _with_nan(healthy(step, micro))
+        weights = [p.detach().clone() for p in trainer.trained_parameters]
+        trainer.train_step(1)  # left out after the host's read of the flag
+        assert all(torch.equal(w, p) for w, p in zip(weights, trainer.trained_parameters))
+        with pytest.raises(SpurgenError, match="loss is not finite at step 2"):
+            trainer.read_rows()
     finally:
         trainer.close()
 
@@ -607,7 +622,9 @@ def test_npca_feature_fitted_by_fit_npca(tiny_sd_dir: Path, rigged, tmp_path: Pa
 def test_sfsl_every_applies_the_loss_on_every_nth_step_with_weight_kappa_n(tiny_sd_dir: Path, rigged,
                                                                            tmp_path: Path) -> None:
     workspace = write_refs(tmp_path)
-    cfg = config(tiny_sd_dir, preset="sfsl", steps=5, sfsl_every=2, sfsl_weight=0.1, checkpointing_steps=5)
+    # without the per-row weight, the logged (unweighted) distance is what the total carries
+    cfg = config(tiny_sd_dir, preset="sfsl", steps=5, sfsl_every=2, sfsl_weight=0.1, checkpointing_steps=5,
+                 sfsl_row_weighting="none")
     [result] = finetune(cfg, workspace, [rigged.flags["res-a"]])
     rows = loss_rows(result.folder)
     # steps 1, 3, 5 (0-based 0, 2, 4) decode their one instance row (bound 999); steps 2 and 4 none
@@ -673,3 +690,221 @@ def test_bad_sfsl_every_and_decoder_fail_with_one_line_before_writing(tiny_sd_di
         assert message in done.output and "Traceback" not in done.output
         assert len([line for line in done.output.splitlines() if line.strip()]) <= 2  # one message (wrapped at most once)
     assert _written(workspace.root) == before
+
+
+# --- SFSL's profile over t, the step's diagnostics, and the step without host reads -----------------------------
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5's scheduler/scheduler_config.json as published: it names no
+# prediction type, so diffusers' default, epsilon, applies.
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+                  "clip_sample": False}
+WORLD_SD = Path(__file__).resolve().parents[1] / "spurgen" / "world" / "assets" / "sd"
+
+
+def noise_scheduler(folder: Path) -> Any:
+    """The training noise scheduler of a base model folder, loaded as finetune loads it."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+
+
+@pytest.fixture(scope="module")
+def sd15_scheduler(tmp_path_factory) -> Any:
+    folder = tmp_path_factory.mktemp("sd15")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
+    return noise_scheduler(folder)
+
+
+def test_sfsl_gradient_factor_over_t_on_sd15_and_the_world(sd15_scheduler) -> None:
+    from spurgen.finetune.diffusion import alpha_bar, estimate_gain, sfsl_row_weight
+
+    t = torch.tensor([0, 200, 400, 600, 800, 999])
+    # SD 1.5 predicts epsilon: z0_hat = (z_t - sqrt(1 - abar) eps_hat) / sqrt(abar) scales SFSL's gradient at the
+    # UNet's output by sqrt((1 - abar) / abar), which method.md §2.5 tabulates
+    assert sd15_scheduler.config.prediction_type == "epsilon"
+    assert estimate_gain(sd15_scheduler, t).tolist() == pytest.approx([0.0292, 0.572, 1.164, 2.285, 5.111, 14.61],
+                                                                      rel=2e-3)
+    world = noise_scheduler(WORLD_SD)
+    assert world.config.prediction_type == "v_prediction"  # linear betas 1e-4..0.02: at most 1
+    assert estimate_gain(world, t).tolist() == pytest.approx([0.0100, 0.586, 0.898, 0.987, 0.9992, 1.0], rel=2e-3)
+    everything = torch.arange(1000)
+    for scheduler in (sd15_scheduler, world):
+        v_profile = (1 - alpha_bar(scheduler, everything).flatten()).sqrt()
+        # v-profile: weight x factor is v-prediction's sqrt(1 - abar_t) on both, so at most 1 at every t
+        factor = sfsl_row_weight(scheduler, everything, "v-profile") * estimate_gain(scheduler, everything)
+        torch.testing.assert_close(factor, v_profile)
+        assert float(factor.max()) <= 1
+        # none: the parametrization's own factor
+        torch.testing.assert_close(sfsl_row_weight(scheduler, everything, "none"), torch.ones(1000))
+    torch.testing.assert_close(sfsl_row_weight(sd15_scheduler, t, "v-profile"),
+                               alpha_bar(sd15_scheduler, t).flatten().sqrt())
+    torch.testing.assert_close(sfsl_row_weight(world, t, "v-profile"), torch.ones(len(t)))
+    # sample prediction passes the gradient unchanged (factor 1): its weight is the profile itself
+    sample = noise_scheduler_like(world, prediction_type="sample")
+    torch.testing.assert_close(sfsl_row_weight(sample, everything, "v-profile") * estimate_gain(sample, everything),
+                               (1 - alpha_bar(sample, everything).flatten()).sqrt())
+
+
+def test_sfsl_defaults_are_the_paper_schedule_with_the_v_profile_and_bad_weightings_are_refused() -> None:
+    defaults = FinetuneConfig()
+    assert (defaults.sfsl_every, defaults.sfsl_row_weighting) == (1, "v-profile")
+    with pytest.raises(SpurgenError, match="--sfsl-row-weighting must be 'v-profile' or 'none', got 'flat'"):
+        resolve_config(FinetuneConfig, {}, "finetune", {"sfsl_row_weighting": "flat"})
+
+
+def noise_scheduler_like(scheduler: Any, **changes: Any) -> Any:
+    return type(scheduler).from_config({**scheduler.config, **changes})
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("weighting", ["v-profile", "none"])
+def test_weighted_sfsl_gradient_at_the_unet_output_has_the_profile(kind: str, weighting: str, sd15_scheduler) -> None:
+    """Autograd through the one-step estimate and SpuriousFeatureLoss.loss: every row's distance has the same
+    gradient g at z0_hat, so the gradient at the UNet output of row r is (1/R) x weight x factor of its t, times g."""
+    from spurgen.finetune.diffusion import alpha_bar, estimate_gain
+    from spurgen.finetune.sfsl import SpuriousFeatureLoss
+
+    scheduler = noise_scheduler_like(sd15_scheduler, prediction_type=kind)
+    t = torch.tensor([0, 250, 400, 600, 800, 999])
+    rows = len(t)
+    generator = torch.Generator().manual_seed(0)
+    noisy = torch.randn(rows, 4, 8, 8, generator=generator)
+    output = torch.randn(rows, 4, 8, 8, generator=generator, requires_grad=True)
+    g = torch.randn(4, 8, 8, generator=generator)
+    z0 = predicted_original(scheduler, noisy, output, t)
+    distances = (z0 * g).flatten(1).sum(1)
+    loss = SpuriousFeatureLoss.__new__(SpuriousFeatureLoss)  # only its weighting: no classifier needed
+    loss.row_weighting = weighting
+    SpuriousFeatureLoss.loss(loss, distances, scheduler, t).backward()
+    measured = output.grad.flatten(1).norm(dim=1) * rows / g.norm()
+    expected = ((1 - alpha_bar(scheduler, t).flatten()).sqrt() if weighting == "v-profile"
+                else estimate_gain(scheduler, t))
+    torch.testing.assert_close(measured, expected, rtol=1e-4, atol=1e-6)
+    if kind == "epsilon" and weighting == "none":  # the paper's loss on SD 1.5: the noisiest row pushes 500x harder
+        assert float(measured[-1] / measured[0]) > 400
+
+
+def test_step_diagnostics_are_logged_and_summarised(tiny_sd_dir: Path, rigged, tmp_path: Path) -> None:
+    workspace = write_refs(tmp_path)
+    # a clip norm below any gradient: every step is clipped
+    [result] = finetune(config(tiny_sd_dir, preset="sfsl", steps=3, max_grad_norm=1e-6, sfsl_weight=10.0), workspace,
+                        [rigged.flags["res-a"]])
+    rows = loss_rows(result.folder)
+    buckets = ["sfsl_t0-249", "sfsl_t250-499", "sfsl_t500-749", "sfsl_t750-999"]
+    assert list(rows[0]) == ["step", "loss", "inst", "prior", "sfsl", "sfsl_rows", *buckets, "grad_norm",
+                             "sfsl_grad_share", "clipped", "lr"]
+    for row in rows:
+        assert float(row["grad_norm"]) > 1e-6 and row["clipped"] == "1"
+        assert 0 < float(row["sfsl_grad_share"]) <= 1
+        # batch 1: SFSL's one row lands in one bucket, which shows its distance
+        filled = [float(row[name]) for name in buckets if row[name] != ""]
+        assert filled == [pytest.approx(float(row["sfsl"]))]
+    info = manifest(result.folder)
+    assert info["sfsl"]["row_weighting"] == "v-profile" and info["sfsl"]["row_weight"] == "sqrt(abar_t)"
+    assert info["loss"]["clipped_fraction"] == 1.0 and info["loss"]["grad_norm"]["mean"] > 0
+    assert set(info["loss"]["last"]) == {"loss", "inst", "prior", "sfsl"}
+    assert "row weight sqrt(abar_t)" in (result.folder / "README.md").read_text()
+    # a clip norm above every gradient: none is
+    [loose] = finetune(config(tiny_sd_dir, preset="dreambooth", steps=2, max_grad_norm=1e6), workspace)
+    assert [r["clipped"] for r in loss_rows(loose.folder)] == ["0", "0"]
+    assert all(r["sfsl_grad_share"] == "" and r["sfsl_t0-249"] == "" for r in loss_rows(loose.folder))
+    assert manifest(loose.folder)["loss"]["clipped_fraction"] == 0.0
+
+
+def _reads_every(monkeypatch, steps: int) -> None:
+    """Trainers read their statistics every ``steps`` steps, as on an accelerator."""
+    init = Trainer.__init__
+
+    def batched(self: Trainer, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.read_every = steps
+
+    monkeypatch.setattr(Trainer, "__init__", batched)
+
+
+def test_batched_reads_change_nothing_but_when_the_log_is_read(tiny_sd_dir: Path, rigged, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    common = {"preset": "sfsl", "steps": 5, "checkpointing_steps": 0}
+    every_step = write_refs(tmp_path / "every")
+    [a] = finetune(config(tiny_sd_dir, **common), every_step, [rigged.flags["res-a"]])
+    _reads_every(monkeypatch, 4)
+    batched = write_refs(tmp_path / "batched")
+    [b] = finetune(config(tiny_sd_dir, **common), batched, [rigged.flags["res-a"]])
+    assert loss_rows(a.folder) == loss_rows(b.folder) and len(loss_rows(b.folder)) == 5
+    wa = load_file(str(a.folder / "pytorch_lora_weights.safetensors"))
+    wb = load_file(str(b.folder / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_and_reported_at_the_next_read(tiny_sd_dir: Path, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    from spurgen.finetune.trainer import NonFiniteLoss
+
+    workspace = write_refs(tmp_path)
+    cfg = config(tiny_sd_dir, preset="dreambooth", steps=4)
+    healthy = Trainer.losses
+
+    def poisoned(self: Trainer, step: int, micro: int) -> Any:
+        losses = healthy(self, step, micro)
+        return _with_nan(losses) if step == 1 else losses
+
+    monkeypatch.setattr(Trainer, "losses", poisoned)
+    setup = prepare_finetune(cfg, workspace)
+    trainer = setup.trainer(setup.plans[0], cfg, workspace)
+    try:
+        assert trainer.skips_on_device  # fused AdamW: the flag never has to be read on the host
+        trainer.train_step(0)
+        weights = [p.detach().clone() for p in trainer.trained_parameters]
+        state = {k: v.clone() for k, v in trainer.optimizer.optimizer.state[trainer.trained_parameters[0]].items()}
+        trainer.train_step(1)
+        # neither the weights nor AdamW's moments and step count saw the step
+        assert all(torch.equal(w, p) for w, p in zip(weights, trainer.trained_parameters))
+        after = trainer.optimizer.optimizer.state[trainer.trained_parameters[0]]
+        assert all(torch.equal(state[k], after[k]) for k in state) and float(after["step"]) == 1
+        trainer.train_step(2)  # later good steps train on
+        assert not all(torch.equal(w, p) for w, p in zip(weights, trainer.trained_parameters))
+        with pytest.raises(NonFiniteLoss, match=r"loss is not finite at step 2 \(loss nan") as caught:
+            trainer.read_rows()
+        assert caught.value.step == 1 and [row["step"] for row in caught.value.rows] == [1]
+    finally:
+        trainer.close()
+    # through finetune with reads every 4 steps: the step is named, and the manifest stops before it
+    _reads_every(monkeypatch, 4)
+    with pytest.raises(SpurgenError, match=r"loss is not finite at step 2.*no checkpoint was saved yet"):
+        finetune(cfg, workspace)
+    info = manifest(workspace.model_dir(HUMMINGBIRD, "dreambooth"))
+    assert info["status"] == "failed" and info["steps"] == 1 and info["loss"]["steps_logged"] == 1
+
+
+def test_a_step_reads_no_tensor_on_the_host(tiny_sd_dir: Path, rigged, tmp_path: Path, monkeypatch) -> None:
+    """On a GPU each read of a tensor's value by the host waits for the device: a step must make none (the CPU
+    cannot show the wait, but it shows the calls from Python; operators that wait inside, such as nonzero, are
+    kept out of the step by drawing the timesteps on the host). Only read_rows reads, once per batch of steps."""
+    cfg = config(tiny_sd_dir, preset="sfsl", steps=4, sfsl_max_timestep=500, gradient_accumulation_steps=2)
+    workspace = write_refs(tmp_path)
+    setup = prepare_finetune(cfg, workspace, [rigged.flags["res-a"]])
+    trainer = setup.trainer(setup.plans[0], cfg, workspace)
+    reads = []
+
+    def refused(name: str) -> Any:
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            reads.append(name)
+            raise AssertionError(f"the step read a tensor on the host ({name})")
+        return read
+
+    try:
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"):
+                patch.setattr(torch.Tensor, name, refused(name))
+            for step in range(4):
+                trainer.train_step(step)
+        assert not reads
+        rows = trainer.read_rows()
+        assert [row["step"] for row in rows] == [1, 2, 3, 4] and all(np.isfinite(row["loss"]) for row in rows)
+    finally:
+        trainer.close()

@@ -36,7 +36,7 @@ FUZZ_SETTINGS = settings(deadline=None, database=None)
 # Commands with the fixed arguments that keep them from long work: 'run' only plans; 'demo' and 'world' train
 # models and are left out. 'rate' would serve forever; the fixture below makes serving an error instead.
 COMMANDS: dict[str, list[str]] = {"select-refs": [], "finetune": [], "fit-npca": [], "generate": [], "evaluate": [],
-                                  "run": ["--dry-run"], "rate": [], "classes": [], "classifiers": []}
+                                  "export-lora": [], "run": ["--dry-run"], "rate": [], "classes": [], "classifiers": []}
 # Values that reach past the parser into spurgen's own checks: names, indices, paths, odd numbers.
 TRICKY = ["", "all", "94", "hummingbird", "koala,94", "../x", "/", ".", "..", "nan", "inf", "-1", "0", "1e309",
           "x=resnet50@/nope.pt", "robust-rn50", "res-a", "\x00", "a\nb", "kolibrí", "a" * 300, "quality>=0.5",

@@ -128,5 +128,6 @@ def test_the_paper_example_settings_resolve_for_every_stage(tmp_path: Path) -> N
                                 (GenerateConfig, "generate"), (EvaluateConfig, "evaluate")):
         resolve_config(config_class, settings, stage, {"classes": ["hummingbird"]})
     finetune = resolve_config(FinetuneConfig, settings, "finetune", {"classes": ["hummingbird"]})
-    assert finetune.sfsl_every == 1  # the paper's schedule, not spurgen's default
+    assert finetune.sfsl_every == 1  # the paper's schedule (also spurgen's default)
+    assert finetune.sfsl_row_weighting == "none"  # Eq. 6 as written
     assert finetune.model == "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -73,8 +73,8 @@ def test_lora_metadata_holds_only_the_fields_known_since_the_peft_floor() -> Non
 
     model = Tiny()
     add_lora(model, ("to_q",), rank=4, alpha=8)
-    metadata = _adapter_metadata(model)
-    assert set(metadata) <= set(ADAPTER_METADATA_FIELDS)
+    metadata = _adapter_metadata(model, "tiny-sd")
+    assert set(metadata) <= set(ADAPTER_METADATA_FIELDS) and metadata["base_model_name_or_path"] == "tiny-sd"
     assert (metadata["r"], metadata["lora_alpha"], metadata["target_modules"]) == (4, 8, ["to_q"])
     LoraConfig(**metadata)  # what diffusers does with it
 

@@ -14,8 +14,14 @@ model's prior. One micro-step, for b references and b class images (method.md §
               --sfsl-decoder's)
     L = L_inst + lambda L_prior + kappa L_SFSL
 
-L_SFSL is computed on every N-th optimizer step only (``--sfsl-every N``, default 4), where its weight is
-kappa * N, so that its expected gradient per step stays kappa's; N = 1 is the paper's every step.
+Each SFSL row is weighted by its timestep (``--sfsl-row-weighting``, default ``v-profile``: sqrt(abar_t) for
+epsilon models), so that SFSL's gradient at the UNet's output has the same profile over t on every kind of model.
+``--sfsl-every N`` computes L_SFSL on every N-th optimizer step only, with weight kappa * N, so that its expected
+gradient per step stays kappa's; the default N = 1 is the paper's every step.
+
+A step runs without the host waiting for the device: its loss terms and diagnostics stay on the device and are
+read in batches (every step on a CPU, every 10 on an accelerator, and before every save), and a step whose loss or
+gradient norm is not finite is skipped on the device, then reported at the next read.
 
 Training runs on accelerate: one process, or ``accelerate launch`` for data-parallel training where each
 process draws its own batch; mixed precision; gradient accumulation over the UNet and the text encoder.
@@ -41,7 +47,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .._base_model import BaseModel, _read_config, resolve_base_model
 from .._runtime import PROGRESS_INTERVAL_S, console, progress_bar, resolve_device
@@ -267,35 +273,25 @@ def _train_class(plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, 
         last_checkpoint = latest_checkpoint(plan.folder)
         losses_written = -float("inf")  # the file appears after the first step, then at the interval
         with progress_bar("it") as progress:
-            task = progress.add_task(progress_text(plan.cls, log[-1]) if log else plan.cls.name, total=config.steps,
+            task = progress.add_task(progress_text(plan.cls, log) if log else plan.cls.name, total=config.steps,
                                      completed=step)
             while step < config.steps:
-                try:
-                    row = trainer.train_step(step)
-                except NonFiniteLoss as exc:
-                    where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
-                             else "no checkpoint was saved yet")
-                    if main:
-                        write_losses(plan.folder, log)
-                        atomic_write_json(plan.folder / TRAINING_FILE, training_manifest(
-                            plan, config, trainer, "failed", step, log, started, error=str(exc),
-                            last_checkpoint=str(last_checkpoint) if last_checkpoint else None))
-                    raise SpurgenError(f"{plan.cls}: {exc}; stopped, {where}. Lower --learning-rate, use "
-                                       "--mixed-precision bf16 or no, then --resume (or --overwrite)") from None
+                trainer.train_step(step)
                 step += 1
-                log.append(row)
-                progress.update(task, advance=1, description=progress_text(plan.cls, row))
-                if writer:
-                    for name in ("loss", "inst", "prior", "sfsl", "lr"):
-                        if row[name] is not None:
-                            writer.add_scalar(name, row[name], step)
+                progress.update(task, advance=1)
                 # Validation images before the checkpoint: a run resumed from checkpoint N has those of step N.
-                if (config.validation_steps and step % config.validation_steps == 0 and step < config.steps
-                        and config.num_validation_images):
+                validate = bool(config.validation_steps and step % config.validation_steps == 0
+                                and step < config.steps and config.num_validation_images)
+                checkpoint = bool(config.checkpointing_steps and step % config.checkpointing_steps == 0)
+                # The steps' statistics are read in batches, and always before anything is saved: a non-finite
+                # step stops the run before a checkpoint or the weights could hold what followed it.
+                if validate or checkpoint or step == config.steps or step % trainer.read_every == 0:
+                    _read_log(trainer, log, writer, started, last_checkpoint)
+                    progress.update(task, description=progress_text(plan.cls, log))
+                if validate:
                     if main:
                         save_validation(trainer, plan.folder, step)
                     accelerator.wait_for_everyone()
-                checkpoint = bool(config.checkpointing_steps) and step % config.checkpointing_steps == 0
                 if checkpoint:
                     last_checkpoint = trainer.save_checkpoint(step, key, log)
                 if main and (checkpoint or time.monotonic() - losses_written >= LOSSES_INTERVAL_S):
@@ -312,6 +308,35 @@ def _train_class(plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, 
     status = "resumed" if plan.action == "resume" else "trained"
     return FinetuneResult(plan.cls, plan.run, plan.folder, status, step, plan.sfsl_weight, loss_summary(log)["last"],
                           time.perf_counter() - clock)
+
+
+def _read_log(trainer: Trainer, log: list[dict[str, Any]], writer: Any, started: str,
+              last_checkpoint: Path | None) -> None:
+    """Appends the rows of the steps queued since the last read to ``log`` (and TensorBoard).
+
+    Raises:
+        SpurgenError: a step's loss or gradient norm was not finite; the run's manifest then says ``"failed"``
+            after the steps before it, and names the last good checkpoint.
+    """
+    plan, config = trainer.plan, trainer.config
+    try:
+        rows = trainer.read_rows()
+    except NonFiniteLoss as exc:
+        log.extend(exc.rows)
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+        if trainer.accelerator.is_main_process:
+            write_losses(plan.folder, log)
+            atomic_write_json(plan.folder / TRAINING_FILE, training_manifest(
+                plan, config, trainer, "failed", exc.step, log, started, error=str(exc),
+                last_checkpoint=str(last_checkpoint) if last_checkpoint else None))
+        raise SpurgenError(f"{plan.cls}: {exc}; stopped, {where}. Lower --learning-rate, use --mixed-precision bf16 "
+                           "or no, then --resume (or --overwrite)") from None
+    log.extend(rows)
+    if writer:
+        for row in rows:
+            for name, value in row.items():
+                if name not in ("step", "sfsl_rows") and value is not None:
+                    writer.add_scalar(name, value, row["step"])
 
 
 def print_finetune_table(results: Sequence[FinetuneResult]) -> None:

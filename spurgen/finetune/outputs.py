@@ -22,6 +22,7 @@ from ..images import file_sha256
 from ..labels import ClassInfo
 from ..workspace import (LOSSES_FILE, TRAINING_FILE, atomic_write_bytes, atomic_write_json, atomic_write_text,
                          environment_versions, utc_now)
+from .diffusion import ROW_WEIGHT_FORMULAS
 from .plan import ClassPlan
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 
 __all__ = ["save_validation", "loss_summary", "progress_text", "training_manifest", "write_final_outputs",
            "write_losses"]
+
+# The loss terms of the log; its other columns are SFSL's rows and quarters of t, the gradient's diagnostics and lr.
+LOSS_TERMS = ("loss", "inst", "prior", "sfsl")
 
 
 def save_validation(trainer: Trainer, folder: Path, step: int) -> None:
@@ -39,23 +43,40 @@ def save_validation(trainer: Trainer, folder: Path, step: int) -> None:
         atomic_write_bytes(folder / _validation_file(step, i), buffer.getvalue())
 
 
+def _summarised(log: list[dict[str, Any]]) -> list[str]:
+    """The log's numeric columns that get a summary: the loss terms, SFSL by t, and the gradient's diagnostics."""
+    columns = list(dict.fromkeys(name for row in log for name in row))
+    return [name for name in columns if name not in ("step", "sfsl_rows", "clipped", "lr")]
+
+
 def loss_summary(log: list[dict[str, Any]]) -> dict[str, Any]:
-    """First, last, mean, min and max of each loss term over the steps that have it."""
+    """First, last, mean, min and max of each logged term over the steps that have it (``last`` lists the loss
+    terms' last values); SFSL's rows, and the fraction of steps whose gradient was clipped."""
     summary: dict[str, Any] = {"steps_logged": len(log), "last": {}}
-    for term in ("loss", "inst", "prior", "sfsl"):
+    for term in _summarised(log):
         values = [row[term] for row in log if row.get(term) is not None]
         if values:
             summary[term] = {"first": values[0], "last": values[-1], "mean": sum(values) / len(values),
                              "min": min(values), "max": max(values)}
-            summary["last"][term] = values[-1]
+            if term in LOSS_TERMS:
+                summary["last"][term] = values[-1]
     summary["sfsl_rows"] = sum(row.get("sfsl_rows", 0) for row in log)
+    summary["clipped_fraction"] = _clipped_fraction(log)
     return summary
 
 
+def _clipped_fraction(log: list[dict[str, Any]]) -> float | None:
+    """The fraction of logged steps whose gradient norm exceeded --max-grad-norm (``None`` before any)."""
+    flags = [row["clipped"] for row in log if row.get("clipped") is not None]
+    return sum(flags) / len(flags) if flags else None
+
+
 def _losses_csv(log: list[dict[str, Any]]) -> str:
-    """``losses.csv``: one row per step."""
+    """``losses.csv``: one row per step; the columns of every row, in order (a run resumed from an older
+    checkpoint leaves its first rows' newer columns empty)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["step", "loss", "inst", "prior", "sfsl", "sfsl_rows", "lr"])
+    columns = list(dict.fromkeys(name for row in log for name in row))
+    writer = csv.DictWriter(buffer, fieldnames=columns or ["step", "loss", "inst", "prior", "sfsl", "sfsl_rows", "lr"])
     writer.writeheader()
     writer.writerows(log)
     return buffer.getvalue()
@@ -72,12 +93,19 @@ def write_losses(folder: Path, log: list[dict[str, Any]]) -> None:
     atomic_write_text(folder / LOSSES_FILE, _losses_csv(log))
 
 
-def progress_text(cls: ClassInfo, row: dict[str, Any]) -> str:
-    """The progress bar's description after a step: the loss and its terms."""
+def progress_text(cls: ClassInfo, log: list[dict[str, Any]]) -> str:
+    """The progress bar's description: the last step's loss and its terms, its gradient norm before clipping
+    (with SFSL's share of the gradient at the UNet's output), and the fraction of steps clipped so far."""
     from rich.markup import escape
 
-    terms = " ".join(f"{name} {row[name]:.4f}" for name in ("inst", "prior", "sfsl") if row.get(name) is not None)
-    return f"{escape(cls.name)}: loss {row['loss']:.4f} ({terms})"
+    row = log[-1]
+    terms = " ".join(f"{name} {row[name]:.4f}" for name in LOSS_TERMS[1:] if row.get(name) is not None)
+    text = f"{escape(cls.name)}: loss {row['loss']:.4f} ({terms})"
+    if row.get("grad_norm") is not None:
+        share = row.get("sfsl_grad_share")
+        text += f", |grad| {row['grad_norm']:.3g}" + (f" ({share:.0%} sfsl)" if share is not None else "")
+        text += f", clipped {_clipped_fraction(log):.0%}"
+    return text
 
 
 def training_manifest(plan: ClassPlan, config: FinetuneConfig, trainer: Trainer, status: str, step: int,
@@ -119,6 +147,8 @@ def training_manifest(plan: ClassPlan, config: FinetuneConfig, trainer: Trainer,
         "sfsl": {"weight": plan.sfsl_weight, "model": classifier.name, "fingerprint": classifier.fingerprint(),
                  "feature": config.sfsl_feature, "npca_components": config.sfsl_npca_components,
                  "max_timestep": config.sfsl_max_timestep, "every": config.sfsl_every,
+                 "row_weighting": config.sfsl_row_weighting,
+                 "row_weight": ROW_WEIGHT_FORMULAS[config.sfsl_row_weighting][base.prediction_type],
                  "decoder": config.sfsl_decoder or "vae"} if classifier else None,
         "validation": {"prompt": plan.instance_prompt,
                        "seeds": [config.seed + i for i in range(config.num_validation_images)],
@@ -155,18 +185,20 @@ def _sfsl_line(sfsl: dict[str, Any]) -> str:
 
     return (f"- Spurious feature similarity loss: kappa {mark('sfsl_weight', sfsl['weight'])}, classifier "
             f"`{sfsl['model']}`, feature `{sfsl['feature']}`, timesteps <= "
-            f"{mark('sfsl_max_timestep', sfsl['max_timestep'])}, on every N-th optimizer step with weight kappa x N "
-            f"where N = {mark('sfsl_every', sfsl['every'])}, decoder `{sfsl['decoder']}`")
+            f"{mark('sfsl_max_timestep', sfsl['max_timestep'])}, row weight {sfsl['row_weight']} "
+            f"({mark('sfsl_row_weighting', sfsl['row_weighting'])}), on every N-th optimizer step with weight "
+            f"kappa x N where N = {mark('sfsl_every', sfsl['every'])}, decoder `{sfsl['decoder']}`")
 
 
 # What SFSL's defaults rest on, in words: the card is read on the hub, where links into spurgen's docs break.
 _SFSL_EVIDENCE = (
-    "The paper gives no single kappa (its best differs per class) and applies SFSL on every step. spurgen's defaults "
-    "(kappa 100, every timestep, every 4th step) were chosen on spurgen's synthetic world (\"world evidence\" in "
+    "The paper gives no single kappa (its best differs per class) and applies SFSL on every step. spurgen's kappa "
+    "(100) and timestep bound (every timestep) were chosen on spurgen's synthetic world (\"world evidence\" in "
     "spurgen's documentation): on four classes the choice never saw, SFSL made images that fool every classifier at "
     "once about twice as often as DreamBooth with the text encoder (48% against 22%) without raising mean spurious "
-    "accuracy, and SFSL on every 4th step could not be told from every step. On Stable Diffusion they are a starting "
-    "point to sweep, not a tuned value.")
+    "accuracy. SFSL runs on every step, as in the paper, and its rows are weighted so that its gradient has the same "
+    "profile over timesteps on epsilon- and v-prediction models. On Stable Diffusion these are a starting point to "
+    "sweep, not a tuned value.")
 
 
 def _model_card(plan: ClassPlan, config: FinetuneConfig, manifest: dict[str, Any], base: BaseModel) -> str:

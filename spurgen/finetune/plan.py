@@ -18,7 +18,7 @@ from ..config import FINETUNE_PRESETS, FinetuneConfig
 from ..errors import SpurgenError
 from ..images import file_sha256
 from ..labels import ClassInfo, LabelSet
-from ..workspace import CHECKPOINTS, SELECTION_FILE, TRAINING_FILE, Workspace, read_json
+from ..workspace import SELECTION_FILE, TRAINING_FILE, Workspace, list_checkpoints, read_json
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -88,12 +88,6 @@ def _class_weights(config: FinetuneConfig, labels: LabelSet) -> dict[int, float]
         except SpurgenError as exc:
             raise SpurgenError(f"class-sfsl-weight: {exc}") from None
     return weights
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    """A run's finished checkpoints, oldest first (staging folders start with a dot and are not listed)."""
-    found = [p for p in (folder / CHECKPOINTS).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -8,7 +8,8 @@ For class k and a classifier with penultimate features phi(x) and last linear la
   eigenvalues) fitted on real images of class k by ``spurgen fit-npca``; optionally only the class's
   spurious components.
 
-L_SFSL = 1 - cos(s_k(x_gen), s_k(x_ref)). x_gen comes from the training step (decoded one-step estimate,
+L_SFSL = 1 - cos(s_k(x_gen), s_k(x_ref)), averaged over rows with a weight per row that depends on its timestep
+(``--sfsl-row-weighting``, method.md §2.5). x_gen comes from the training step (decoded one-step estimate,
 differentiable); x_ref is the clean reference image of the same row, whose features are computed once.
 Images enter as [-1, 1] tensors at the training resolution, exactly as the diffusion model sees them, and
 are mapped to the classifier's [0, 1] input here, the same way for x_gen and x_ref. The neural PCA itself
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from ..errors import SpurgenError
 from ..images import UnreadableImage, list_images, load_rgb
 from ..labels import ClassInfo, get_label_set
 from ..workspace import Workspace
+from .diffusion import sfsl_row_weight
 from .npca import NeuralPCA
 
 if TYPE_CHECKING:
@@ -93,20 +95,22 @@ class SpuriousFeature(torch.nn.Module):
 
 class SpuriousFeatureLoss:
     """L_SFSL of a class over its reference images, applied to rows with timestep <= ``max_timestep`` on every
-    ``every``-th optimizer step.
+    ``every``-th optimizer step, each row weighted by ``--sfsl-row-weighting``.
 
     Args:
         feature: s_k.
         reference_pixels: The reference images [N, 3, H, W] in [-1, 1], as training sees them.
         max_timestep: The bound on t; rows above it get no SFSL (nothing is decoded or classified for them).
         every: SFSL applies on optimizer steps 0, N, 2N, ... (0-based) only; :attr:`scale` compensates.
+        row_weighting: ``v-profile`` or ``none`` (:func:`.diffusion.sfsl_row_weight`).
     """
 
     def __init__(self, feature: SpuriousFeature, reference_pixels: torch.Tensor, max_timestep: int,
-                 every: int = 1) -> None:
+                 every: int = 1, row_weighting: str = "v-profile") -> None:
         self.feature = feature
         self.max_timestep = max_timestep
         self.every = every
+        self.row_weighting = row_weighting
         # The references never change: their features are computed once, not on every step.
         with torch.no_grad():
             self.reference = feature(to_classifier_input(reference_pixels.to(feature.weight.device),
@@ -121,23 +125,36 @@ class SpuriousFeatureLoss:
         """Factor on kappa on the steps SFSL applies to: N. Over N steps the SFSL gradient then sums to what
         N steps with kappa each give, so its expectation per step is the paper's kappa * grad L_SFSL; only the
         variance grows. (Adam and gradient clipping see the larger, rarer term, so N > 1 trades some fidelity
-        for speed: ``--sfsl-every`` defaults to 4, where the synthetic world's evidence found no difference from
-        every step; 1 is the paper's schedule.)"""
+        for speed; the default is 1, the paper's schedule.)"""
         return float(self.every)
 
     def rows(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Indices of the rows SFSL applies to."""
+        """Indices of the rows SFSL applies to (of host timesteps: on a device this would wait for it)."""
         return torch.nonzero(timesteps <= self.max_timestep).flatten()
 
-    def __call__(self, generated: torch.Tensor, reference_index: torch.Tensor) -> torch.Tensor:
-        """Mean of 1 - cos(s_k(x_gen), s_k(x_ref)) over rows.
+    def distances(self, generated: torch.Tensor, reference_index: torch.Tensor) -> torch.Tensor:
+        """1 - cos(s_k(x_gen), s_k(x_ref)) of each row, [R].
 
         Args:
             generated: x_gen [R, 3, H, W] in [-1, 1], carrying gradients.
             reference_index: The reference image of each row, [R].
         """
         features = self.feature(to_classifier_input(generated, self.feature.input_size)).float()
-        return (1 - F.cosine_similarity(features, self.reference[reference_index], dim=1)).mean()
+        return 1 - F.cosine_similarity(features, self.reference[reference_index], dim=1)
+
+    def loss(self, distances: torch.Tensor, scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+        """L_SFSL of the step: the mean over rows of w_t * distance, w_t by ``row_weighting``.
+
+        The mean is over rows, not normalised by the weights' sum: each row's gradient then depends on its own t
+        only, so the profile over t is exactly :func:`.diffusion.sfsl_row_weight` x
+        :func:`.diffusion.estimate_gain`.
+
+        Args:
+            distances: :meth:`distances` of the rows.
+            scheduler: The noise scheduler of training.
+            timesteps: t of each row, on the distances' device.
+        """
+        return (sfsl_row_weight(scheduler, timesteps, self.row_weighting) * distances).mean()
 
 
 def decode_latents(decoder: "AutoencoderKL | AutoencoderTiny", latents: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .._base_model import BaseModel, Components, image_generator, load_components, sampling_pipeline
+from .._base_model import BaseModel, Components, image_generator, load_components, sampling_pipeline, shared_name
 from .._lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
 from ..config import FinetuneConfig
 from ..errors import SpurgenError
@@ -34,9 +34,34 @@ if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = ["Trainer", "Losses", "LatentCache", "NonFiniteLoss", "frozen_dtype", "load_pixels", "encode_latents",
-           "DEFAULT_LR"]
+           "t_bucket_names", "DEFAULT_LR", "T_BUCKETS"]
 
 DEFAULT_LR = {"lora": 1e-4, "full": 5e-6}
+# SFSL's loss is logged per quarter of the timesteps (t in [0, T/4), ...): where along t it is learnt.
+T_BUCKETS = 4
+# A step's statistics, summed over its micro-steps on the device and read in batches (Trainer.read_rows): the loss
+# terms (sfsl_sum: SFSL's distances summed over its rows), SFSL's rows and distances per t bucket, how many
+# micro-steps had a non-finite loss, the gradient norm before clipping, whether it was not finite and whether it
+# was clipped, and the squared norms of SFSL's and the whole loss's gradient at the UNet's output.
+_STATS = ("loss", "inst", "prior", "sfsl_sum", "sfsl_rows", *(f"t_sum{i}" for i in range(T_BUCKETS)),
+          *(f"t_rows{i}" for i in range(T_BUCKETS)), "bad_loss", "grad_norm", "bad_grad", "clipped", "output_sq_sfsl",
+          "output_sq")
+_AT = {name: i for i, name in enumerate(_STATS)}
+_BUCKET_SUMS = slice(_AT["t_sum0"], _AT["t_sum0"] + T_BUCKETS)
+_BUCKET_ROWS = slice(_AT["t_rows0"], _AT["t_rows0"] + T_BUCKETS)
+
+
+def t_bucket_names(num_train_timesteps: int) -> list[str]:
+    """The log's columns of SFSL by t: ``sfsl_t0-249``, ... for 1,000 timesteps (row t goes to t * 4 // T)."""
+    starts = [-(-i * num_train_timesteps // T_BUCKETS) for i in range(T_BUCKETS + 1)]
+    return [f"sfsl_t{lo}-{hi - 1}" for lo, hi in zip(starts, starts[1:])]
+
+
+def _adds_square_norm(slot: torch.Tensor) -> Any:
+    """A tensor hook that adds its gradient's squared norm to ``slot`` on the device and leaves the gradient as is."""
+    def hook(grad: torch.Tensor) -> None:
+        slot.add_(grad.float().square().sum())
+    return hook
 
 
 def frozen_dtype(accelerator: "Accelerator") -> torch.dtype:
@@ -46,13 +71,23 @@ def frozen_dtype(accelerator: "Accelerator") -> torch.dtype:
 
 @dataclass
 class Losses:
-    """The loss terms of one micro-step (``None``: the term is off, or SFSL had no row with t <= bound)."""
+    """The loss terms of one micro-step (``None``: the term is off, or SFSL had no row with t <= bound).
+
+    ``sfsl`` is the rows' mean distance 1 - cos, unweighted, as logged; ``total`` holds SFSL's weighted loss
+    (:meth:`.sfsl.SpuriousFeatureLoss.loss`). ``sfsl_distances`` and ``sfsl_timesteps`` are its rows' distances
+    (detached) and timesteps, for the log by t; ``prediction`` is the UNet's output and ``sfsl_output`` the rows
+    of it that SFSL reads, whose gradients the step's diagnostics measure.
+    """
 
     total: torch.Tensor
     inst: torch.Tensor
     prior: torch.Tensor | None
     sfsl: torch.Tensor | None
     sfsl_rows: int
+    sfsl_distances: torch.Tensor | None = None
+    sfsl_timesteps: torch.Tensor | None = None
+    prediction: torch.Tensor | None = None
+    sfsl_output: torch.Tensor | None = None
 
 
 @dataclass
@@ -143,6 +178,12 @@ class Trainer:
         self._build_optimizer(trained)
         self._build_lr_scheduler()
         self._prepare_accelerator(trained)
+        self.t_buckets = t_bucket_names(self.parts.noise_scheduler.config.num_train_timesteps)
+        # Steps queued since the last read_rows: (0-based step, learning rate, statistics on the device).
+        self._pending: list[tuple[int, float, torch.Tensor]] = []
+        # How many steps the loop queues between reads. An accelerator runs behind the host, and a read waits for
+        # it to catch up; on a CPU every call has finished when it returns, so reading every step costs nothing.
+        self.read_every = 1 if self.device.type == "cpu" else 10
 
     def _load_models(self) -> Components:
         """The base model's parts on the device, all frozen; :meth:`_add_adapters` makes the trained ones trainable.
@@ -252,7 +293,7 @@ class Trainer:
         if self.device.type == "cuda":
             self.sfsl_decoder.to(memory_format=torch.channels_last)
         self.sfsl = self._sfsl_loss = SpuriousFeatureLoss(feature, instance_pixels, self.config.sfsl_max_timestep,
-                                                          self.config.sfsl_every)
+                                                          self.config.sfsl_every, self.config.sfsl_row_weighting)
 
     def set_sfsl(self, enabled: bool, decoder: "AutoencoderTiny | None" = None, *, decoder_checkpointing: bool,
                  channels_last: bool) -> None:
@@ -291,7 +332,12 @@ class Trainer:
 
             self.optimizer = bitsandbytes.optim.AdamW8bit(groups, weight_decay=config.adam_weight_decay)
         else:
-            self.optimizer = torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay)
+            try:  # fused: one kernel, and it can skip a non-finite step on the device (found_inf)
+                self.optimizer = torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay, fused=True)
+            except RuntimeError:  # torch < 2.4 on a CPU, or a device without the fused kernel
+                self.optimizer = torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay)
+        # Whether a non-finite step can be skipped without the host reading a flag (see _skip_if_not_finite).
+        self.skips_on_device = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
 
     def _build_lr_scheduler(self) -> None:
         """``--lr-scheduler`` with its warm-up, over ``--steps``."""
@@ -320,20 +366,31 @@ class Trainer:
         return self.models[self.trained_names.index("text_encoder")](self.prompt_ids)[0]
 
     def losses(self, step: int, micro: int) -> Losses:
-        """Forward pass of one micro-batch: b instance rows, then b class rows with prior preservation."""
-        config, scheduler = self.config, self.parts.noise_scheduler
-        generator = torch.Generator(self.device).manual_seed(
-            micro_step_seed(config.seed, self.accelerator.process_index, step, micro))
+        """Forward pass of one micro-batch: b instance rows, then b class rows with prior preservation.
+
+        The small draws (which images, which timesteps) come from a host generator, so that which rows SFSL
+        decodes is known without waiting for the device; the noise comes from a generator on the device.
+        """
+        config, scheduler, device = self.config, self.parts.noise_scheduler, self.device
+        seed = (config.seed, self.accelerator.process_index, step, micro)
+        host = torch.Generator().manual_seed(micro_step_seed(*seed, 0))
+        generator = torch.Generator(device).manual_seed(micro_step_seed(*seed, 1))
         b = config.batch_size
-        instance = torch.randint(len(self.instance_latents.mean), (b,), generator=generator, device=self.device)
-        latents = [self.instance_latents.sample(instance, generator, self.scaling_factor)]
+        picks = [torch.randint(len(self.instance_latents.mean), (b,), generator=host)]
         if self.prior:
-            picked = torch.randint(len(self.class_latents.mean), (b,), generator=generator, device=self.device)
-            latents.append(self.class_latents.sample(picked, generator, self.scaling_factor))
+            picks.append(torch.randint(len(self.class_latents.mean), (b,), generator=host))
+        timesteps_host = torch.randint(0, scheduler.config.num_train_timesteps, (b * len(picks),), generator=host)
+        applies = self.sfsl is not None and self.sfsl.applies(step)
+        rows = self.sfsl.rows(timesteps_host[:b]) if applies else torch.empty(0, dtype=torch.long)
+        # One copy of all the draws; from pinned memory it is asynchronous (from pageable memory it may wait).
+        draws = torch.cat([*picks, timesteps_host, rows])
+        draws = (draws.pin_memory() if device.type == "cuda" else draws).to(device, non_blocking=True)
+        *picked, timesteps, rows = draws.split([b] * len(picks) + [len(timesteps_host), len(rows)])
+        instance = picked[0]
+        latents = [cache.sample(index, generator, self.scaling_factor)
+                   for cache, index in zip((self.instance_latents, self.class_latents), picked)]
         latents = torch.cat(latents)
-        noise = torch.randn(latents.shape, generator=generator, device=self.device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator,
-                                  device=self.device)
+        noise = torch.randn(latents.shape, generator=generator, device=device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         # Two prompts are encoded, not 2b rows: the same gradient, a fraction of the text encoder's work.
         hidden = self._text_embeddings().repeat_interleave(b, dim=0)
@@ -342,56 +399,118 @@ class Trainer:
 
         inst = F.mse_loss(prediction[:b].float(), target[:b].float())
         prior = F.mse_loss(prediction[b:].float(), target[b:].float()) if self.prior else None
-        sfsl, rows = None, torch.empty(0, dtype=torch.long)
-        if self.sfsl is not None and self.sfsl.applies(step):
-            rows = self.sfsl.rows(timesteps[:b])
-            if len(rows):  # only these rows are decoded and classified
-                z0 = predicted_original(scheduler, noisy[rows], prediction[rows], timesteps[rows])
-                sfsl = self.sfsl(decode_latents(self.sfsl_decoder, z0), instance[rows])
-        total = inst
-        if prior is not None:
-            total = total + config.prior_weight * prior
-        if sfsl is not None:
-            total = total + self.plan.sfsl_weight * self.sfsl.scale * sfsl
-        return Losses(total, inst, prior, sfsl, len(rows))
+        total = inst if prior is None else inst + config.prior_weight * prior
+        losses = Losses(total, inst, prior, None, 0, prediction=prediction)
+        if len(rows):  # only these rows are decoded and classified
+            output, t = prediction[rows], timesteps[rows]
+            z0 = predicted_original(scheduler, noisy[rows], output, t)
+            distances = self.sfsl.distances(decode_latents(self.sfsl_decoder, z0), instance[rows])
+            losses.total = total + self.plan.sfsl_weight * self.sfsl.scale * self.sfsl.loss(distances, scheduler, t)
+            losses.sfsl, losses.sfsl_rows, losses.sfsl_output = distances.mean(), len(rows), output
+            losses.sfsl_distances, losses.sfsl_timesteps = distances.detach(), t
+        return losses
 
-    def train_step(self, step: int) -> dict[str, float | int | None]:
-        """One optimizer step (``gradient_accumulation_steps`` micro-steps); returns its log row.
+    def train_step(self, step: int) -> None:
+        """Queues one optimizer step (``gradient_accumulation_steps`` micro-steps) without waiting for the device.
 
-        Raises:
-            SpurgenError: a loss term is not finite in some process (checked before its backward pass).
+        Its statistics stay on the device until :meth:`read_rows`. A step whose loss or gradient norm is not
+        finite is skipped on the device: neither the weights nor AdamW's moments and step count change.
+        Optimizers that cannot skip on the device (bitsandbytes') read the flag on the host instead, once per step.
         """
-        accelerator = self.accelerator
-        # Sums over micro-steps and processes: total, inst, prior, sfsl * rows, rows.
-        sums = torch.zeros(5, dtype=torch.float64)
+        accelerator, update = self.accelerator, True
+        stats = torch.zeros(len(_STATS), device=self.device)
         for micro in range(self.config.gradient_accumulation_steps):
             with accelerator.accumulate(*self.models):
                 with accelerator.autocast():
                     losses = self.losses(step, micro)
-                zero = losses.inst.new_zeros(())
-                terms = torch.stack([losses.total.detach(), losses.inst.detach(),
-                                     (losses.prior if losses.prior is not None else zero).detach(),
-                                     (losses.sfsl * losses.sfsl_rows if losses.sfsl is not None else zero).detach(),
-                                     zero + losses.sfsl_rows]).float()
-                terms = accelerator.reduce(terms, "sum").double().cpu()
-                if not torch.isfinite(terms).all():
-                    raise NonFiniteLoss(step, terms, accelerator.num_processes)
-                sums += terms
+                self._add_losses(stats, losses)
                 accelerator.backward(losses.total)
                 if accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(self.trained_parameters, self.config.max_grad_norm)
-                    # fp16's GradScaler skips a step that overflows; without one, the step would poison the weights.
-                    if accelerator.scaler is None and norm is not None and not torch.isfinite(norm):
-                        raise NonFiniteLoss(step, terms, accelerator.num_processes, "gradient norm")
-                self.optimizer.step()
-                self.lr_scheduler.step()
+                    if norm is not None:
+                        norm = norm.float()
+                        stats[_AT["grad_norm"]] += norm
+                        stats[_AT["clipped"]] += (norm > self.config.max_grad_norm).float()
+                        # fp16's GradScaler skips a step that overflows by itself: for it that is no failure.
+                        if accelerator.scaler is None:
+                            stats[_AT["bad_grad"]] += (~torch.isfinite(norm)).float()
+                    update = self._skip_if_not_finite(stats)
+                if update:  # (outside the last micro-step, accelerate makes both calls no-ops)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        count = self.config.gradient_accumulation_steps * accelerator.num_processes
-        rows = int(sums[4])
-        return {"step": step + 1, "loss": float(sums[0]) / count, "inst": float(sums[1]) / count,
-                "prior": float(sums[2]) / count if self.prior else None,
-                "sfsl": float(sums[3]) / rows if rows else None, "sfsl_rows": rows,
-                "lr": self.lr_scheduler.get_last_lr()[0]}
+        self._pending.append((step, self.lr_scheduler.get_last_lr()[0], stats))
+
+    def _add_losses(self, stats: torch.Tensor, losses: Losses) -> None:
+        """Adds a micro-step's loss terms to the step's device statistics, and hooks that add SFSL's and the whole
+        loss's squared gradient norms at the UNet's output during the backward pass."""
+        terms = torch.stack([losses.total.detach(), losses.inst.detach(),
+                             losses.prior.detach() if losses.prior is not None else torch.zeros_like(losses.inst),
+                             losses.sfsl_distances.sum() if losses.sfsl_distances is not None
+                             else torch.zeros_like(losses.inst)]).float()
+        stats[:4] += terms
+        stats[_AT["bad_loss"]] += (~torch.isfinite(terms).all()).float()
+        if losses.sfsl_distances is None:
+            return
+        stats[_AT["sfsl_rows"]] += losses.sfsl_rows
+        bucket = losses.sfsl_timesteps * T_BUCKETS // self.parts.noise_scheduler.config.num_train_timesteps
+        stats[_BUCKET_SUMS].index_add_(0, bucket, losses.sfsl_distances.float())
+        stats[_BUCKET_ROWS].index_add_(0, bucket, torch.ones_like(losses.sfsl_distances, dtype=torch.float32))
+        losses.sfsl_output.register_hook(_adds_square_norm(stats[_AT["output_sq_sfsl"]]))
+        losses.prediction.register_hook(_adds_square_norm(stats[_AT["output_sq"]]))
+
+    def _skip_if_not_finite(self, stats: torch.Tensor) -> bool:
+        """Makes the next optimizer step a no-op when the step's loss or gradient norm is not finite.
+
+        Fused AdamW reads ``found_inf`` on the device (as GradScaler uses it): when it is 1 the kernel leaves
+        weights and moments alone and takes its step count back. With fp16, GradScaler sets ``found_inf`` itself
+        from the gradients, which a non-finite loss makes non-finite too (accelerate then cannot tell its overflow
+        skips from steps taken, so the learning-rate schedule advances on them). The schedule is host state and
+        also advances on a step skipped here; the run stops at the next read, before it is saved.
+
+        Returns:
+            Whether to call the optimizer: ``False`` only when the flag had to be read on the host and is set.
+        """
+        bad = stats[_AT["bad_loss"]] + stats[_AT["bad_grad"]] > 0
+        if not self.skips_on_device:
+            return not bool(bad)
+        if self.accelerator.scaler is None:
+            self.optimizer.optimizer.found_inf = bad.float()
+        return True
+
+    def read_rows(self) -> list[dict[str, float | int | None]]:
+        """The log rows of the steps queued since the last read, in one read from the device (after summing the
+        processes' statistics); every process must call it at the same steps.
+
+        Raises:
+            NonFiniteLoss: a step's loss or gradient norm was not finite; it carries the good rows before it.
+        """
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        values = self.accelerator.reduce(torch.stack([stats for _, _, stats in pending]), "sum").double().cpu()
+        processes = self.accelerator.num_processes
+        rows = []
+        for (step, lr, _), v in zip(pending, values):
+            if v[_AT["bad_loss"]] > 0 or v[_AT["bad_grad"]] > 0:
+                raise NonFiniteLoss(step, v[:4], processes, "loss" if v[_AT["bad_loss"]] > 0 else "gradient norm",
+                                    rows)
+            rows.append(self._row(step, lr, v))
+        return rows
+
+    def _row(self, step: int, lr: float, v: torch.Tensor) -> dict[str, float | int | None]:
+        """The log row of a step from its statistics summed over micro-steps and processes."""
+        processes = self.accelerator.num_processes
+        count = self.config.gradient_accumulation_steps * processes
+        rows = int(v[_AT["sfsl_rows"]])
+        by_t = {name: float(total / n) if n else None
+                for name, total, n in zip(self.t_buckets, v[_BUCKET_SUMS], v[_BUCKET_ROWS])}
+        share = float((v[_AT["output_sq_sfsl"]] / v[_AT["output_sq"]]).sqrt()) if v[_AT["output_sq"]] > 0 else None
+        return {"step": step + 1, "loss": float(v[0]) / count, "inst": float(v[1]) / count,
+                "prior": float(v[2]) / count if self.prior else None,
+                "sfsl": float(v[3]) / rows if rows else None, "sfsl_rows": rows, **by_t,
+                "grad_norm": float(v[_AT["grad_norm"]]) / processes, "sfsl_grad_share": share,
+                "clipped": int(v[_AT["clipped"]] > 0), "lr": lr}
 
     # Checkpoints: accelerate saves optimizer, schedule, scaler and RNG states; the hooks save only the
     # trained parameters (for LoRA a few MB instead of the whole UNet).
@@ -428,6 +547,8 @@ class Trainer:
         self.accelerator.save_state(str(staging))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            if self.config.lora:  # the checkpoint as a model too (generate --checkpoint, export-lora --checkpoint)
+                self._save_lora(staging)
             atomic_write_json(staging / CHECKPOINT_STATE, {"step": step, "key": key, "log": log})
             remove_tree(final)
             os.replace(staging, final)
@@ -478,10 +599,10 @@ class Trainer:
         A full pipeline takes its frozen parts from the base model's files, not from memory, where they may
         have been cast to half precision.
         """
-        text_encoder = self.text_encoder if self.train_text_encoder else None
         if self.config.lora:
-            save_lora(folder, self.unet, text_encoder)
+            self._save_lora(folder)
             return
+        text_encoder = self.text_encoder if self.train_text_encoder else None
         from diffusers import AutoencoderKL, StableDiffusionPipeline
         from transformers import CLIPTextModel
 
@@ -491,6 +612,11 @@ class Trainer:
             tokenizer=self.parts.tokenizer, unet=self.unet, scheduler=self.parts.sampler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipeline.save_pretrained(folder, safe_serialization=True)
+
+    def _save_lora(self, folder: Path) -> None:
+        """Writes the adapters as ``pytorch_lora_weights.safetensors`` (the text encoder's only when trained)."""
+        text_encoder = self.text_encoder if self.train_text_encoder else None
+        save_lora(folder, self.unet, text_encoder, shared_name(self.base.name))
 
     def close(self) -> None:
         """Lets go of the accelerator's references, so the next class starts from a clean accelerator."""
@@ -504,12 +630,15 @@ class NonFiniteLoss(SpurgenError):
 
     Args:
         step: The 0-based optimizer step.
-        terms: The step's summed terms: total, inst, prior, sfsl x rows (and rows).
+        terms: The step's summed terms: total, inst, prior, sfsl x rows.
         processes: How many processes the terms are summed over.
         what: What is not finite: ``loss`` or ``gradient norm``.
+        rows: The log rows of the good steps read with it, before ``step``.
     """
 
-    def __init__(self, step: int, terms: torch.Tensor, processes: int, what: str = "loss") -> None:
+    def __init__(self, step: int, terms: torch.Tensor, processes: int, what: str = "loss",
+                 rows: list[dict[str, Any]] | None = None) -> None:
+        self.step, self.rows = step, rows or []
         names = ("loss", "inst", "prior", "sfsl x rows")
         values = ", ".join(f"{n} {float(v):.4g}" for n, v in zip(names, terms[:4] / processes))
         super().__init__(f"the {what} is not finite at step {step + 1} ({values})")

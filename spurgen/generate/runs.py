@@ -13,22 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .._base_model import BaseModel, resolve_base_model
+from .._base_model import _HUB_ID, BaseModel, resolve_base_model
 from .._file_hashes import FileHashes
 from .._lora import LORA_WEIGHTS_NAME
 from ..config import GenerateConfig, find_scheduler
 from ..errors import SpurgenError
 from ..images import file_sha256
 from ..labels import ClassInfo
-from ..workspace import (BASE_RUN, GENERATION_FILE, TRAINING_FILE, Workspace, atomic_write_json, holds_json, read_json,
-                         utc_now)
+from ..workspace import (BASE_RUN, GENERATION_FILE, TRAINING_FILE, Workspace, atomic_write_json, checkpoint_dir,
+                         holds_json, list_checkpoints, read_json, safe_name, utc_now)
 from .filters import ImageFilters, Verdict
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["image_name", "ModelPlan", "plan_class", "model_record", "run_settings", "run_fingerprint", "Until",
-           "RunState", "check_folder"]
+__all__ = ["image_name", "ModelPlan", "checkpoint_lora", "plan_class", "model_record", "run_settings",
+           "run_fingerprint", "Until", "RunState", "check_folder"]
 
 # The sub-models whose weights decide an image; the safety checker only blanks flagged images.
 _WEIGHT_FOLDERS = ("unet", "text_encoder", "vae")
@@ -52,7 +52,8 @@ class ModelPlan:
     prompt: str
     negative_prompt: str
     resolution: int | None
-    lora_folder: Path | None = None
+    lora_file: Path | None = None  # the LoRA weights loaded onto ``pipeline``
+    lora_source: str | None = None  # where they came from, as named: a run or checkpoint folder, a path, a hub id
 
 
 def _fill(template: str, cls: ClassInfo) -> str:
@@ -88,12 +89,131 @@ def _lora_base(config: GenerateConfig, cls: ClassInfo, run: str, base: str, trai
     return moved
 
 
+def _lora_plan(config: GenerateConfig, cls: ClassInfo, run: str, lora_file: Path, source: str,
+               training: dict[str, Any], prompt: str | None) -> ModelPlan:
+    """A LoRA loaded onto the base model that ``training`` (its run's training.json) names, else onto --model.
+
+    Args:
+        config: The settings (--model, --resolution, --negative-prompt).
+        cls: The class.
+        run: The run name of the images.
+        lora_file: The weights.
+        source: Where they come from, as the user knows it (a run folder, a path, a hub id).
+        training: The run's training.json; empty for a LoRA trained elsewhere.
+        prompt: The prompt of the images: --prompt or the run's instance prompt.
+
+    Raises:
+        SpurgenError: no prompt, or no base model known.
+    """
+    if not prompt:
+        raise SpurgenError(f"nothing records the prompt {source} was trained with; pass --prompt, e.g. "
+                           f"--prompt 'a photo of sks {cls.spurious_feature or cls.name}'")
+    base = _base_of_training(training)
+    if base:
+        base_model = _lora_base(config, cls, run, base, training)
+    elif config.model:
+        base, base_model = config.model, resolve_base_model(config.model)
+    else:
+        raise SpurgenError(f"no base model for the LoRA {source}; pass --model, the Stable Diffusion folder or hub id "
+                           "it was trained on")
+    return ModelPlan(cls, run, "lora", base_model, base, prompt, _fill(config.negative_prompt, cls),
+                     config.resolution or training.get("resolution"), lora_file=lora_file, lora_source=source)
+
+
+def _outside_lora_file(source: str) -> Path:
+    """The weights of ``--lora``: a .safetensors file, a folder holding the diffusers file, or a hub repository's.
+
+    Raises:
+        SpurgenError: nothing there, a file of another kind, or a hub id that cannot be fetched (offline too).
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise SpurgenError(f"--lora {source}: {path.name} is not a .safetensors file; spurgen loads weights only "
+                               "from safetensors (convert it, or give the .safetensors file)")
+        return path.resolve()
+    if path.is_dir():
+        if not (path / LORA_WEIGHTS_NAME).is_file():
+            found = sorted(p.name for p in path.glob("*.safetensors"))
+            raise SpurgenError(f"--lora {source}: the folder holds no {LORA_WEIGHTS_NAME}"
+                               + (f" (it has {', '.join(found)}); give the file itself" if found else
+                                  "; give a LoRA .safetensors file or its folder"))
+        return (path / LORA_WEIGHTS_NAME).resolve()
+    if not _HUB_ID.fullmatch(source) or "/" not in source:
+        raise SpurgenError(f"--lora {source}: no such file or folder, and not a hub id (ORG/NAME); check the path")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(source, LORA_WEIGHTS_NAME))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repository, gated, no such file, network failure
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpurgenError(f"--lora {source}: not a local file or folder, and the hub gave no {LORA_WEIGHTS_NAME} "
+                           f"({first}); download it and pass its path, or check the id and the network") from None
+
+
+def _outside_lora_plan(config: GenerateConfig, workspace: Workspace, cls: ClassInfo) -> ModelPlan:
+    """--lora: a LoRA trained elsewhere, on --model, as run --run-name (default: the file's, folder's or repo's name).
+
+    Raises:
+        SpurgenError: a bad or reserved run name, one of a fine-tuned run of the class, or see the helpers.
+    """
+    source = str(config.lora)
+    lora_file = _outside_lora_file(source)
+    local = Path(source).expanduser()
+    if local.exists():
+        default = lora_file.parent.name if lora_file.name == LORA_WEIGHTS_NAME else lora_file.stem
+        source = str(local.resolve())  # recorded as provenance: a relative path would say nothing later
+    else:
+        default = source.rsplit("/", 1)[-1]  # a hub id: the repository's name
+    run = safe_name(config.run_name or default, "--run-name")
+    if run == BASE_RUN or (workspace.class_models_dir(cls) / run).is_dir():
+        raise SpurgenError(f"the run name '{run}' of --lora {source} is "
+                           + ("reserved for the base model's images" if run == BASE_RUN
+                              else f"a fine-tuned run of {cls} in {workspace.class_models_dir(cls)}")
+                           + "; pass --run-name NAME")
+    return _lora_plan(config, cls, run, lora_file, source, {}, _fill(config.prompt, cls) if config.prompt else None)
+
+
+def checkpoint_lora(workspace: Workspace, cls: ClassInfo, run: str, step: int) -> tuple[Path, dict[str, Any]]:
+    """The LoRA file saved with checkpoint ``step`` of a run (finished or not), and the run's training.json ({} when
+    it has none yet).
+
+    Raises:
+        SpurgenError: no such checkpoint, or one without a LoRA file (full fine-tuning, an older spurgen).
+    """
+    run_dir = workspace.model_dir(cls, run)
+    folder = checkpoint_dir(run_dir, step)
+    training = read_json(run_dir / TRAINING_FILE) if (run_dir / TRAINING_FILE).is_file() else {}
+    if not folder.is_dir():
+        steps = [p.name.rsplit("-", 1)[-1] for p in list_checkpoints(run_dir)]
+        raise SpurgenError(f"{folder} does not exist: run '{run}' of {cls} has "
+                           + (f"checkpoints of steps {', '.join(steps)}; pick one" if steps else "no checkpoint; drop "
+                              "--checkpoint to use its final weights"))
+    if not (folder / LORA_WEIGHTS_NAME).is_file():
+        why = ("a full fine-tuning checkpoint holds only the training state" if training.get("weights") == "full"
+               else "it was saved by an older spurgen")
+        raise SpurgenError(f"{folder} holds no {LORA_WEIGHTS_NAME} ({why}); use the finished run instead")
+    return folder / LORA_WEIGHTS_NAME, training
+
+
+def _checkpoint_plan(config: GenerateConfig, workspace: Workspace, cls: ClassInfo, run: str) -> ModelPlan:
+    """--checkpoint N of a run: the LoRA file saved in the checkpoint, as run <run>-checkpoint-N (or --run-name)."""
+    step = int(config.checkpoint or 0)
+    lora_file, training = checkpoint_lora(workspace, cls, run, step)
+    name = safe_name(config.run_name or f"{run}-checkpoint-{step}", "--run-name")
+    prompt = _fill(config.prompt, cls) if config.prompt else training.get("instance_prompt")
+    return _lora_plan(config, cls, name, lora_file, str(lora_file.parent), training, prompt)
+
+
 def plan_class(config: GenerateConfig, workspace: Workspace, cls: ClassInfo) -> list[ModelPlan]:
-    """The models to sample for one class: the base model with --base, else each selected finished run.
+    """The models to sample for one class: the base model with --base, a LoRA from elsewhere with --lora, else each
+    selected run (finished, or with --checkpoint any run that has that checkpoint).
 
     Raises:
         SpurgenError: no base model, an unfinished or unknown run, or a run folder with missing weights.
     """
+    if config.lora:
+        return [_outside_lora_plan(config, workspace, cls)]
     runs = workspace.finished_runs(cls)
     negative = _fill(config.negative_prompt, cls)
     if config.base:
@@ -123,6 +243,11 @@ def plan_class(config: GenerateConfig, workspace: Workspace, cls: ClassInfo) -> 
         names = list(runs)
     else:
         names = config.runs
+    if config.checkpoint is not None:
+        if config.run_name and len(names) > 1:
+            raise SpurgenError(f"--run-name names one run's images, but --checkpoint applies to {len(names)} runs of "
+                               f"{cls} ({', '.join(names)}); pick one with --runs")
+        return [_checkpoint_plan(config, workspace, cls, run) for run in names]
     plans = []
     for run in names:
         run_dir = workspace.model_dir(cls, run)
@@ -145,9 +270,7 @@ def plan_class(config: GenerateConfig, workspace: Workspace, cls: ClassInfo) -> 
             if not base:
                 raise SpurgenError(f"{run_dir / TRAINING_FILE} names no base_model; re-run 'spurgen finetune' "
                                    f"for run {run}")
-            base_model = _lora_base(config, cls, run, base, training)
-            plans.append(ModelPlan(cls, run, "lora", base_model, base, prompt, negative, resolution,
-                                   lora_folder=run_dir))
+            plans.append(_lora_plan(config, cls, run, run_dir / LORA_WEIGHTS_NAME, str(run_dir), training, prompt))
         elif training.get("weights") == "full":
             plans.append(ModelPlan(cls, run, "full", resolve_base_model(str(run_dir)),
                                    str(training.get("base_model", "")), prompt, negative, resolution))
@@ -177,9 +300,8 @@ def model_record(plan: ModelPlan, hashes: FileHashes) -> dict[str, Any]:
         "revision": plan.pipeline.revision,
         "files": {str(p.relative_to(plan.pipeline.path)): hashed(p) for p in _weight_files(plan.pipeline.path)},
     }
-    if plan.lora_folder:
-        record.update(lora_folder=str(plan.lora_folder), lora_file=LORA_WEIGHTS_NAME,
-                      lora_sha256=hashed(plan.lora_folder / LORA_WEIGHTS_NAME))
+    if plan.lora_file:
+        record.update(lora_source=plan.lora_source, lora_file=str(plan.lora_file), lora_sha256=hashed(plan.lora_file))
     return record
 
 
@@ -202,6 +324,7 @@ def run_settings(config: GenerateConfig, plan: ModelPlan, dtype: "torch.dtype") 
         "resolution": plan.resolution or plan.pipeline.resolution,
         "seed": config.seed,
         "dtype": {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype],
+        **({"lora_scale": config.lora_scale} if plan.lora_file else {}),
     }
 
 

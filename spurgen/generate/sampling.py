@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from .._base_model import image_generator
-from .._lora import LORA_WEIGHTS_NAME
 from .._runtime import distributed_state, dtype_argument, library_progress_bars_off
 from ..config import MODEL_SCHEDULER, SCHEDULERS, GenerateConfig, find_scheduler
 from ..errors import SpurgenError
@@ -24,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["torch_dtype", "build_scheduler", "PipelineSlot", "fill_run"]
 
 MANIFEST_INTERVAL_S = 10.0
+_ADAPTER = "lora"  # the adapter name of the run's LoRA while it is loaded
 
 
 def torch_dtype(name: str, device: "torch.device") -> "torch.dtype":
@@ -178,8 +178,9 @@ def fill_run(pipelines: PipelineSlot, state: RunState, config: GenerateConfig, p
     plan = state.plan
     pipe = pipelines.get(plan.pipeline.path)
     pipe.scheduler = build_scheduler(config.scheduler, pipelines.scheduler.config) or pipelines.scheduler
-    if plan.lora_folder:
-        _load_lora(pipe, plan)  # before anything is written: a LoRA of another base model is bad input
+    if plan.lora_file:
+        # Before anything is written: a LoRA of another base model is bad input.
+        _load_lora(pipe, plan, config.lora_scale)
     state.folder.mkdir(parents=True, exist_ok=True)
     main = distributed_state().is_main_process
     if main:
@@ -191,12 +192,15 @@ def fill_run(pipelines: PipelineSlot, state: RunState, config: GenerateConfig, p
             state.write()  # an interrupted run still records the images it made (Ctrl-C, an error in a batch)
         raise
     finally:
-        if plan.lora_folder:
+        if plan.lora_file:
             pipe.unload_lora_weights()
 
 
-def _load_lora(pipe: "StableDiffusionPipeline", plan: ModelPlan) -> None:
-    """Loads the run's LoRA weights onto the pipeline.
+def _load_lora(pipe: "StableDiffusionPipeline", plan: ModelPlan, scale: float) -> None:
+    """Loads the run's LoRA weights onto the pipeline, their update scaled by ``scale`` (--lora-scale).
+
+    The scale is set on the adapter (UNet and text encoder alike, as diffusers' ``cross_attention_kwargs``
+    scale would) rather than passed with every call: scale 0 leaves the base model's outputs exactly.
 
     Raises:
         SpurgenError: the weights do not fit the pipeline (a LoRA of another base model).
@@ -207,13 +211,15 @@ def _load_lora(pipe: "StableDiffusionPipeline", plan: ModelPlan) -> None:
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:
-        pipe.load_lora_weights(plan.lora_folder, weight_name=LORA_WEIGHTS_NAME)
+        pipe.load_lora_weights(plan.lora_file.parent, weight_name=plan.lora_file.name, adapter_name=_ADAPTER)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         # torch's "Error(s) in loading state_dict for ...:" header says less than the first mismatch under it.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         first = next((line for line in lines if not line.endswith(":")), lines[0] if lines else type(exc).__name__)
-        raise SpurgenError(f"cannot load the LoRA of run '{plan.run}' ({plan.lora_folder / LORA_WEIGHTS_NAME}) onto "
+        raise SpurgenError(f"cannot load the LoRA of run '{plan.run}' ({plan.lora_file}) onto "
                            f"{plan.base_model} ({first}); it must be loaded onto the base model it was trained "
                            "on") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
+    if scale != 1.0:
+        pipe.set_adapters(_ADAPTER, adapter_weights=scale)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..classifiers import ClassifierSpec
 from ..errors import SpurgenError
+
+if TYPE_CHECKING:  # --help imports this module (OUT_ENV); classifiers pulls in the progress and workspace modules
+    from ..classifiers import ClassifierSpec
 
 __all__ = [
     "ARCHITECTURES",
@@ -147,6 +149,8 @@ def world_classifier_specs(out: Path | None = None) -> tuple[ClassifierSpec, ...
     Registered with the ``world`` label set. A classifier built nowhere points at its shipped folder, so
     loading it names the path that is missing.
     """
+    from ..classifiers import ClassifierSpec
+
     specs = []
     for architecture in ARCHITECTURES:
         relative = f"{CLASSIFIERS_FOLDER}/{architecture.name}"
