@@ -62,3 +62,29 @@ def test_bad_evidence_settings_are_one_line_errors(tmp_path, args: list[str], me
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "ws").exists()
+
+
+def test_the_model_choice_decides_what_the_workspace_fine_tunes(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import spurgen.world.demo
+    from spurgen.workspace import Workspace
+    from spurgen.world.evidence import _Experiment
+    from spurgen.world.models import OUT_ENV, SD_DIR
+
+    out = tmp_path / "out"
+    (out / "sd-epsilon").mkdir(parents=True)
+    (out / "sd-epsilon" / "model_index.json").write_text("{}")
+    monkeypatch.setenv(OUT_ENV, str(out))
+    monkeypatch.setattr(spurgen.world.demo, "render_spurious_set", lambda workspace: None)
+    assert _Experiment(Workspace(tmp_path / "eps"), EvidenceConfig(model="epsilon")).settings["model"] == \
+        (out / "sd-epsilon").as_posix()
+    assert _Experiment(Workspace(tmp_path / "v"), EvidenceConfig()).settings["model"] == SD_DIR.as_posix()
+    # A workspace keeps its runs: one model's must not be reported as another's.
+    with pytest.raises(SpurgenError, match="give this model its own --workspace"):
+        _Experiment(Workspace(tmp_path / "v"), EvidenceConfig(model="epsilon"))
+
+
+def test_an_unknown_model_is_a_one_line_error(tmp_path) -> None:
+    result = CliRunner().invoke(app, ["world", "evidence", "-w", str(tmp_path / "ws"), "--model", "x"])
+    assert result.exit_code == 2
+    assert "--model must be one of v, epsilon" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "ws").exists()

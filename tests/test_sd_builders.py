@@ -140,15 +140,19 @@ def test_full_architectures_match_stable_diffusion() -> None:
     assert SD_ARCHITECTURES["full"].latent_size == 64
 
 
-def test_world_architecture_builds_the_shipped_text_to_image_model() -> None:
-    # The world's model is built by this builder too: the shipped weights must fit it key for key.
+@pytest.mark.parametrize("model", ["v", "epsilon"])
+def test_world_architecture_builds_the_shipped_text_to_image_model(model: str) -> None:
+    # The world's models are built by this builder too: the shipped weights must fit it key for key.
     from spurgen.testing import stable_diffusion_components
-    from spurgen.world.build import SD_DIR
-    from spurgen.world.text_to_image import WORLD_SD
+    from spurgen.world.models import SHIPPED_DIR, TEXT_TO_IMAGE_MODELS
+    from spurgen.world.text_to_image import WORLD_ARCHITECTURES
 
-    components = stable_diffusion_components(WORLD_SD, seed=0)
+    folder = SHIPPED_DIR / TEXT_TO_IMAGE_MODELS[model].folder
+    if not (folder / "model_index.json").is_file():
+        pytest.skip(f"the {model} model is not shipped in this installation")
+    components = stable_diffusion_components(WORLD_ARCHITECTURES[model], seed=0)
     for name, weights in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                           ("text_encoder", "model")):
-        components[name].load_state_dict(load_file(SD_DIR / name / f"{weights}.safetensors"), strict=True)
-    shipped = json.loads((SD_DIR / "scheduler" / "scheduler_config.json").read_text())
+        components[name].load_state_dict(load_file(folder / name / f"{weights}.safetensors"), strict=True)
+    shipped = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert all(shipped[k] == v for k, v in components["scheduler"].config.items() if not k.startswith("_"))

@@ -96,8 +96,8 @@ WORLD_SD = SDArchitecture(
 
 # What SD 1.x users fine-tune: epsilon on SD's own scaled_linear schedule (0.00085..0.012). Its 6.8% of signal
 # left at t = 999 let a first epsilon model read each sample's colour from the start noise (above); offset noise
-# (Guttenberg 2023, common in SD fine-tunes) adds a random per-channel constant to the training noise, ten times
-# the leak's size on the image mean, so the mean of x_T no longer tells the colour and the prompt has to.
+# (Guttenberg 2023, common in SD fine-tunes) adds a random per-channel constant (std 0.1) to the training noise,
+# larger than the leak's 0.068 x the latents' mean, so the mean of x_T no longer tells the colour; the prompt must.
 WORLD_SD_EPSILON = replace(
     WORLD_SD, name="world-epsilon", prediction_type="epsilon",
     scheduler={"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -108,7 +108,8 @@ WORLD_ARCHITECTURES = {"v": WORLD_SD, "epsilon": WORLD_SD_EPSILON}
 # Each model's training. The epsilon model starts from the v model's UNet (same architecture) and trains only it;
 # a warm start needs fewer steps and a lower peak rate than training from scratch.
 DEFAULT_CONFIGS = {"v": TextToImageConfig(),
-                   "epsilon": TextToImageConfig(steps=400, lr=3e-4, batch_size=16, offset_noise=0.1, checkpoint_every=50)}
+                   "epsilon": TextToImageConfig(steps=800, lr=3e-4, batch_size=32, offset_noise=0.1,
+                                                checkpoint_every=100)}
 
 
 def _load_training_images(world: Path) -> tuple[torch.Tensor, list[dict[str, Any]]]:
@@ -292,7 +293,8 @@ def train_text_to_image(world: Path, output: Path, config: TextToImageConfig, wo
         with torch.set_grad_enabled(text_encoder in trained):
             context = text_encoder(ids)[0]
         prediction = unet(noisy, timesteps, context).sample
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(clean, noise, timesteps)
+        epsilon = scheduler.config.prediction_type == "epsilon"
+        target = noise if epsilon else scheduler.get_velocity(clean, noise, timesteps)
         loss = F.mse_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -301,9 +303,9 @@ def train_text_to_image(world: Path, output: Path, config: TextToImageConfig, wo
         return loss.item()
 
     started = time.perf_counter()
-    losses = _train_loop("text-to-image", config.steps, _Checkpoints(work / "unet"),
-                         {module_name: module for module_name, module in (("unet", unet), ("text_encoder", text_encoder))
-                          if module in trained}, optimizer, config.seed + 1, config.checkpoint_every, step)
+    checkpointed = {key: m for key, m in (("unet", unet), ("text_encoder", text_encoder)) if m in trained}
+    losses = _train_loop("text-to-image", config.steps, _Checkpoints(work / "unet"), checkpointed, optimizer,
+                         config.seed + 1, config.checkpoint_every, step)
     unet_seconds = time.perf_counter() - started
 
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
