@@ -118,11 +118,13 @@ def test_the_epsilon_model_loads_with_the_stock_pipeline_and_predicts_epsilon() 
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from spurgen._runtime import dtype_argument
+
     try:
         folder = text_to_image_dir(model="epsilon")
     except SpurgenError:
         pytest.skip("the epsilon model is neither built nor shipped here")
-    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, **dtype_argument(torch.float32))  # shipped in fp16
     config = pipe.scheduler.config
     assert config.prediction_type == "epsilon"
     assert (config.beta_schedule, config.beta_start, config.beta_end) == ("scaled_linear", 0.00085, 0.012)
