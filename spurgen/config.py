@@ -417,6 +417,8 @@ SFSL_ROW_WEIGHTINGS = ("v-profile", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("sdpa", "eager")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+# finetune --report-to: accelerate's trackers that spurgen supports, and 'all' (those of them installed).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim")
 PROMPT_FIELDS = ("identifier", "noun")
 
 
@@ -497,9 +499,44 @@ class FinetuneConfig:
     checkpoints_total_limit: int = setting(2, "Checkpoints kept per run; older ones are deleted.")
     resume: bool = setting(False, "Continue from the run's latest checkpoint (exactly: weights, optimizer, schedule, randomness).")
     overwrite: bool = setting(False, "Delete the run's finished or unfinished model and train from scratch.")
-    validation_steps: int = setting(200, "Save validation images from the instance prompt every N steps (0: only at the end).")
+    noise_offset: float = setting(
+        0.0,
+        "Noise offset: each training noise gets offset * N(0, 1) added per image and channel, so the model learns to "
+        "shift a whole image's colour and brightness instead of keeping the mean its start noise sets; try 0.05-0.1 "
+        "when the spurious feature is a colour or a light/dark scene (0: off).")
+    snr_gamma: float | None = setting(
+        None,
+        "Min-SNR loss weighting with this gamma (5 is the paper's): each row's diffusion loss is weighted by "
+        "min(SNR_t, gamma) / SNR_t (epsilon) or / (SNR_t + 1) (v-prediction), which damps the low-noise timesteps and "
+        "often converges faster. SFSL is not reweighted. Default: off.")
+    zero_terminal_snr: bool = setting(
+        False,
+        "Rescale the training noise schedule to zero terminal SNR (v-prediction models only), so the last timestep is "
+        "pure noise and the model learns to set a sample's overall colour and brightness itself; validation images "
+        "then sample with DDIM, trailing timesteps. Generate with the same scheduler settings (docs/method.md).")
+    validation_steps: int = setting(200, "Save validation images every N steps (0: only at the end).")
     num_validation_images: int = setting(4, "Validation images per save, with seeds seed, seed+1, ... (0: none).")
-    tensorboard: bool = setting(False, "Write TensorBoard logs to models/<class>/<run>/logs (pip install tensorboard).")
+    validation_prompt: str | None = setting(
+        None,
+        "Prompt of the validation images; {identifier} and {noun} are filled in per class. Default: the instance "
+        "prompt.")
+    validation_classifiers: list[str] = setting(
+        [],
+        "Classifiers that score each validation step, registry names comma-separated (define one with --classifier "
+        "NAME=ARCH@PATH): the validation images' spurious accuracy per classifier and the rate at which all of them "
+        "predict the class. The SFSL model (--sfsl-model) always scores a run that uses SFSL, and joins these when "
+        "they are given. Default: only the SFSL model.")
+    keep_best: bool = setting(
+        False,
+        "Ship the weights of the validation step with the highest consistently-spurious rate (ties: the later step) "
+        "instead of the last step's; each new best is saved in models/<class>/<run>/best/. Needs validation images and"
+        " a classifier to score them.")
+    report_to: list[str] = setting(
+        [],
+        "Experiment trackers through accelerate, comma-separated: tensorboard (logs in models/<class>/<run>/logs), "
+        "wandb, mlflow, comet_ml, aim, or 'all' (every one of them installed). They get the settings, every loss term "
+        "and diagnostic of losses.csv, the validation metric and the validation images (tensorboard, wandb and aim).")
+    tensorboard: bool = setting(False, "Same as --report-to tensorboard (pip install tensorboard).")
     labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
 
     def validate(self) -> None:
@@ -530,9 +567,17 @@ class FinetuneConfig:
                 f"--sfsl-row-weighting must be 'v-profile' or 'none', got {self.sfsl_row_weighting!r}")
         require(self.sfsl_npca_components in NPCA_COMPONENTS, f"--sfsl-npca-components must be 'all' or 'spurious', got {self.sfsl_npca_components!r}")
         require(bool(self.identifier.strip()), "--identifier is empty; pass a rare token such as sks")
-        for name in ("instance_prompt", "class_prompt"):
-            problem = _prompt_problem(getattr(self, name))
+        for name in ("instance_prompt", "class_prompt", "validation_prompt"):
+            problem = _prompt_problem(getattr(self, name) or "")
             require(problem is None, f"--{name.replace('_', '-')}: {problem}; use only {{identifier}} and {{noun}} as placeholders")
+        require(self.noise_offset >= 0, f"--noise-offset must be 0 or more, got {self.noise_offset}")
+        require(self.snr_gamma is None or self.snr_gamma > 0,
+                f"--snr-gamma must be positive, got {self.snr_gamma}; try 5")
+        for name in self.report_to:
+            require(name in (*TRACKERS, "all"),
+                    f"--report-to: unknown tracker {name!r}; use {', '.join(TRACKERS)} or all")
+        require(not self.keep_best or self.num_validation_images >= 1,
+                "--keep-best chooses among validation steps, but --num-validation-images is 0; pass e.g. 4")
         require(not (self.resume and self.overwrite), "--resume and --overwrite both given; pass one: continue the run or start it over")
         require(self.train_text_encoder is None or self.run_name is not None
                 or self.train_text_encoder == FINETUNE_PRESETS[self.preset]["train_text_encoder"],
@@ -550,6 +595,11 @@ class FinetuneConfig:
     def run(self) -> str:
         """The run's folder name: ``--run-name``, else the preset."""
         return self.run_name or self.preset
+
+    @property
+    def trackers(self) -> list[str]:
+        """``--report-to`` with ``--tensorboard`` added, each once, as given ('all' not yet expanded)."""
+        return list(dict.fromkeys(self.report_to + (["tensorboard"] if self.tensorboard else [])))
 
 
 @dataclass

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .._base_model import BaseModel, Components, image_generator, load_components, sampling_pipeline, shared_name
 from .._lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
@@ -25,6 +24,7 @@ from ..images import UnreadableImage, load_rgb
 from ..workspace import CHECKPOINT_STATE, CHECKPOINTS, Workspace, atomic_write_json, read_json, remove_tree
 from .class_images import ensure_class_images
 from .diffusion import micro_step_seed, predicted_original, training_target
+from .noise import diffusion_loss, min_snr_weights, training_noise, zero_terminal_snr
 from .plan import ClassPlan, list_checkpoints
 from .sfsl import SpuriousFeature, SpuriousFeatureLoss, decode_latents
 
@@ -170,6 +170,8 @@ class Trainer:
         set_seed(config.seed)
         self.parts = self._load_models()
         instance_pixels = self._cache_latents(workspace)
+        if config.zero_terminal_snr:  # after the class images, which are the base model's own samples
+            self.parts = zero_terminal_snr(self.parts)
         trained = self._add_adapters()
         self._encode_prompts()
         if config.gradient_checkpointing:
@@ -390,15 +392,16 @@ class Trainer:
         latents = [cache.sample(index, generator, self.scaling_factor)
                    for cache, index in zip((self.instance_latents, self.class_latents), picked)]
         latents = torch.cat(latents)
-        noise = torch.randn(latents.shape, generator=generator, device=device)
+        noise = training_noise(latents.shape, generator, device, config.noise_offset)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         # Two prompts are encoded, not 2b rows: the same gradient, a fraction of the text encoder's work.
         hidden = self._text_embeddings().repeat_interleave(b, dim=0)
         prediction = self.models[0](noisy, timesteps, hidden).sample
         target = training_target(scheduler, latents, noise, timesteps)
 
-        inst = F.mse_loss(prediction[:b].float(), target[:b].float())
-        prior = F.mse_loss(prediction[b:].float(), target[b:].float()) if self.prior else None
+        weights = min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma else None
+        inst = diffusion_loss(prediction, target, weights, slice(None, b))
+        prior = diffusion_loss(prediction, target, weights, slice(b, None)) if self.prior else None
         total = inst if prior is None else inst + config.prior_weight * prior
         losses = Losses(total, inst, prior, None, 0, prediction=prediction)
         if len(rows):  # only these rows are decoded and classified
@@ -578,14 +581,14 @@ class Trainer:
 
     @torch.no_grad()
     def validation_images(self, count: int) -> list["Image.Image"]:
-        """Images of the instance prompt with seeds seed, seed + 1, ... from the model as it is now."""
+        """Images of the validation prompt with seeds seed, seed + 1, ... from the model as it is now."""
         pipeline = sampling_pipeline(self.parts)
         for model in (self.unet, self.text_encoder):
             model.eval()
         images = []
         with self.accelerator.autocast():
             for i in range(count):
-                images.append(pipeline(self.plan.instance_prompt, height=self.resolution, width=self.resolution,
+                images.append(pipeline(self.plan.validation_prompt, height=self.resolution, width=self.resolution,
                                        num_inference_steps=self.config.sample_steps,
                                        guidance_scale=self.config.guidance_scale,
                                        generator=image_generator(self.config.seed + i)).images[0])
