@@ -624,9 +624,9 @@ def test_sfsl_every_applies_the_loss_on_every_nth_step_with_weight_kappa_n(tiny_
     info = manifest(result.folder)
     assert info["sfsl"]["every"] == 2 and info["sfsl"]["decoder"] == "vae" and info["loss"]["sfsl_rows"] == 3
     # --sfsl-every shapes the trajectory: a checkpoint saved with N = 2 does not resume with N = 3
-    with pytest.raises(SpurgenError, match="was saved with other settings"):
-        finetune(config(tiny_sd_dir, preset="sfsl", steps=6, sfsl_every=3, resume=True), workspace,
-                 [rigged.flags["res-a"]])
+    with pytest.raises(SpurgenError, match=r"with other settings \(--sfsl-every 2 in the run, --sfsl-every 3"):
+        finetune(config(tiny_sd_dir, preset="sfsl", steps=6, sfsl_every=3, sfsl_weight=0.1, sfsl_row_weighting="none",
+                        resume=True), workspace, [rigged.flags["res-a"]])
 
 
 def test_sfsl_decoder_taesd_decodes_and_passes_gradients_to_lora(tiny_sd_dir: Path, rigged, tmp_path: Path,

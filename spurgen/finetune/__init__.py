@@ -303,16 +303,18 @@ def _train_class(plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, 
             while step < config.steps:
                 trainer.train_step(step)
                 step += 1
-                progress.update(task, advance=1)
                 # Validation images before the checkpoint: a run resumed from checkpoint N has those of step N.
                 validate = bool(config.validation_steps and step % config.validation_steps == 0
                                 and step < config.steps and config.num_validation_images)
                 checkpoint = bool(config.checkpointing_steps and step % config.checkpointing_steps == 0)
                 # The steps' statistics are read in batches, and always before anything is saved: a non-finite
                 # step stops the run before a checkpoint or the weights could hold what followed it.
+                description = None  # unchanged until the next read
                 if validate or checkpoint or step == config.steps or step % trainer.read_every == 0:
                     _read_log(trainer, log, started, last_checkpoint)
-                    progress.update(task, description=progress_text(plan.cls, log))
+                    description = progress_text(plan.cls, log)
+                # One update with the step and its losses, so that a progress line never shows a step without them
+                progress.update(task, advance=1, description=description)
                 if validate:
                     if main:
                         validation.run(step, log)
