@@ -207,7 +207,7 @@ def prepare_finetune(config: FinetuneConfig, workspace: Workspace,
             if state.get("key") != resume_key(config, plan, base, resolution, accelerator):
                 raise SpurgenError(f"{plan.checkpoint} was saved with other settings (or references, base model, "
                                    "process count); resume with the settings it was started with, or pass --overwrite")
-    workspace.ensure_writable()
+    workspace.ensure_writable(*(plan.folder for plan in plans), workspace.cache_dir())
     for plan in plans:
         if plan.action != "skip":
             _ensure_writable(plan.folder)

@@ -157,7 +157,10 @@ def training_manifest(plan: ClassPlan, config: FinetuneConfig, trainer: Trainer,
         "weights_step": step,
         "distributed": {"processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
                         "device": str(accelerator.device)},
-        "settings": {**asdict(config), "run": plan.run, "train_text_encoder": trainer.train_text_encoder},
+        # The run's own settings, the same whichever command trained it: its one class (not the command's
+        # --classes), and whether it continued from a checkpoint (not whether --resume was passed).
+        "settings": {**asdict(config), "classes": [str(plan.cls.index)], "resume": plan.action == "resume",
+                     "run": plan.run, "train_text_encoder": trainer.train_text_encoder},
         "versions": environment_versions(),
         "loss": loss_summary(log),
         **extra,

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from .._base_model import BaseModel, Components, image_generator, load_components, sampling_pipeline, shared_name
 from .._lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
 from ..config import FinetuneConfig
-from ..errors import SpurgenError
+from ..errors import SpurgenError, out_of_memory_message
 from ..images import UnreadableImage, load_rgb
 from ..workspace import CHECKPOINT_STATE, CHECKPOINTS, Workspace, atomic_write_json, read_json, remove_tree
 from .class_images import ensure_class_images
@@ -547,7 +548,10 @@ class Trainer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(staging))
+        try:
+            self.accelerator.save_state(str(staging))
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            self._checkpoint_write_failed(staging, exc)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             if self.config.lora:  # the checkpoint as a model too (generate --checkpoint, export-lora --checkpoint)
@@ -559,6 +563,26 @@ class Trainer:
                 remove_tree(old)  # a crash must not leave a half-deleted checkpoint under its name
         self.accelerator.wait_for_everyone()
         return final
+
+    def _checkpoint_write_failed(self, staging: Path, exc: BaseException) -> None:
+        """Removes a checkpoint's staging folder after a failed write and raises the error for the user.
+
+        torch.save reports a failed write as a RuntimeError ("PytorchStreamWriter failed writing file", "file write
+        failed") and safetensors as a SafetensorError, not as an OSError: both become one line here. An OSError and
+        running out of GPU memory go on as they are (the command line reports them).
+
+        Raises:
+            SpurgenError: always, but for those two.
+        """
+        if self.accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # the last good checkpoint stays the latest
+        if isinstance(exc, OSError) or out_of_memory_message(exc):
+            raise exc
+        last = (list_checkpoints(self.plan.folder) or [None])[-1]
+        kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was saved yet"
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise SpurgenError(f"cannot write a checkpoint in {staging.parent}: {detail}; free disk space or choose a "
+                           f"writable --workspace, then continue with --resume ({kept})") from None
 
     def load_checkpoint(self, path: Path) -> tuple[int, list[dict[str, Any]]]:
         """Restores a checkpoint; returns its step and the loss log up to it.
