@@ -57,6 +57,7 @@ from ..errors import SpurgenError
 from ..labels import ClassInfo, get_label_set
 from ..workspace import (CHECKPOINT_STATE, TRAINING_FILE, Workspace, atomic_write_bytes, atomic_write_json,
                          read_json, utc_now)
+from .compile import check_compile
 from .diffusion import predicted_original, training_target
 from .outputs import (loss_summary, progress_text, save_validation, training_manifest, write_final_outputs,
                       write_losses)
@@ -166,6 +167,7 @@ def prepare_finetune(config: FinetuneConfig, workspace: Workspace,
     plans = plan_classes(config, workspace, labels)
     _check_packages(config)
     accelerator = _make_accelerator(config)
+    check_compile(config.compile, accelerator.device)
     sfsl_plans = [p for p in plans if p.sfsl_weight > 0 and p.action != "skip"]
     features: dict[int, SpuriousFeature] = {}
     if sfsl_plans:
