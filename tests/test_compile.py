@@ -80,18 +80,6 @@ def test_compile_switches_and_modes_are_checked() -> None:
             FinetuneConfig(**bad).validate()
 
 
-def test_compile_on_without_a_cpp_compiler_fails_before_training(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torch._inductor import cpp_builder
-
-    def missing() -> None:
-        raise RuntimeError("no compiler")
-
-    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
-    with pytest.raises(SpurgenError, match="C\\+\\+ compiler"):
-        compile_module.check_compile("on", torch.device("cpu"))
-    compile_module.check_compile("auto", torch.device("cpu"))  # auto never compiles on a CPU
-
-
 @pytest.mark.slow
 def test_inductor_compiled_steps_match_eager(tiny_sd_dir: Path, tmp_path: Path) -> None:
     eager, compiled = write_refs(tmp_path / "eager"), write_refs(tmp_path / "compiled")
