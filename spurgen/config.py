@@ -416,6 +416,10 @@ NPCA_COMPONENTS = ("all", "spurious")
 SFSL_ROW_WEIGHTINGS = ("v-profile", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("sdpa", "eager")
+# --compile and --channels-last: auto is each lever's choice for the device (spurgen.finetune.compile).
+SWITCHES = ("auto", "on", "off")
+# torch.compile's modes; reduce-overhead and max-autotune record CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 # finetune --report-to: accelerate's trackers that spurgen supports, and 'all' (those of them installed).
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim")
@@ -479,6 +483,9 @@ class FinetuneConfig:
     mixed_precision: str | None = setting(None, "Mixed precision: 'no', 'fp16' or 'bf16'. Default: accelerate's configuration ('no' without one).")
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass to save memory: UNet, trained text encoder, and the VAE decoder that SFSL differentiates through.", off="--no-gradient-checkpointing")
     attention: str = setting("sdpa", "Attention kernel: 'sdpa' (PyTorch scaled dot-product attention, memory-efficient) or 'eager'.")
+    compile: str = setting("auto", "torch.compile the UNet's (and a trained text encoder's) repeated blocks, one graph per block shape: 'on', 'off', or 'auto' (on for CUDA with triton, off on CPU and MPS). The first steps compile (seconds per block shape); the losses match eager within float rounding.")
+    compile_mode: str = setting("default", "torch.compile mode with --compile: 'default', 'reduce-overhead' (CUDA graphs: fewer kernel launches, more memory), 'max-autotune-no-cudagraphs' or 'max-autotune' (longer compile).")
+    channels_last: str = setting("auto", "Channels-last memory format for the UNet and VAE (SFSL's decoder included): 'on', 'off', or 'auto' (on for CUDA, off elsewhere).")
     device: str = setting("auto", "'auto' (the GPU when present; several GPUs through accelerate launch) or 'cpu'.")
     prior_preservation: bool = setting(True, "Add the prior-preservation loss on class images that the frozen base model generates from the class prompt.", off="--no-prior-preservation")
     prior_weight: float = setting(1.0, "Weight lambda of the prior-preservation loss.")
@@ -559,6 +566,9 @@ class FinetuneConfig:
         require(self.resolution is None or self.resolution >= 8, f"--resolution must be at least 8 pixels, got {self.resolution}")
         require(self.mixed_precision in (None, *MIXED_PRECISION), f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         require(self.attention in ATTENTION, f"--attention must be 'sdpa' or 'eager', got {self.attention!r}")
+        for name in ("compile", "channels_last"):
+            require(getattr(self, name) in SWITCHES, f"--{name.replace('_', '-')} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
+        require(self.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         require(self.device in ("auto", "cpu"), f"--device must be 'auto' or 'cpu', got {self.device!r}; choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch")
         require(self.sfsl_feature in SFSL_FEATURES, f"--sfsl-feature must be 'contrib' or 'npca', got {self.sfsl_feature!r}")
         require(self.sfsl_decoder is None or bool(self.sfsl_decoder.strip()),

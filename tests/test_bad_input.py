@@ -224,6 +224,18 @@ def _full_over_complete_lora(env: Env) -> list[str]:
     return _finetune(env, "--model", str(env.fixture("tiny_sd_dir")), "--full")
 
 
+def _compile_without_compiler(env: Env) -> list[str]:
+    """finetune --compile on, on a CPU where inductor finds no C++ compiler."""
+    from torch._inductor import cpp_builder
+
+    def missing() -> None:
+        raise RuntimeError("no C++ compiler found")
+
+    _write_refs(env.ws, env.fixture("rigged").files[94][:2])
+    env.monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
+    return _finetune(env, "--model", str(env.fixture("tiny_sd_dir")), "--compile", "on", "--device", "cpu")
+
+
 def _lora_run(env: Env) -> Path:
     """A finished LoRA run 'lora-x' of hummingbird (no checkpoints) in the case's workspace."""
     run = env.ws / "models" / "94-hummingbird" / "lora-x"
@@ -441,6 +453,8 @@ CASES: list[Case] = [
     # Contradictory flags.
     Case("flags-full-over-lora", "`finetune --full` where the run `sfsl` is a complete LoRA run", "`error: …/models/94-hummingbird/sfsl holds a complete run with other settings (--lora in the run, --full requested); pass --run-name NAME to train a new run beside it, or --overwrite to replace it`",
          "holds a complete run with other settings (--lora in the run, --full requested)", _full_over_complete_lora),
+    Case("flags-compile-no-compiler", "`finetune --compile on` on a CPU without a C++ compiler", "`error: --compile on needs a C++ compiler on a CPU, and none was found; install g++ (or set CXX), or pass --compile off`, before anything is written",
+         "--compile on needs a C++ compiler", _compile_without_compiler),
     Case("flags-resume-overwrite", "`finetune --resume --overwrite`", "`error: --resume and --overwrite both given; pass one: continue the run or start it over`",
          "--resume and --overwrite both given", lambda env: _finetune(env, "--resume", "--overwrite")),
     Case("flags-report-to-unknown", "`finetune --report-to neptune`", "`error: --report-to: unknown tracker 'neptune'; use tensorboard, wandb, mlflow, comet_ml, aim or all`",

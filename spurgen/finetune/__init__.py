@@ -58,6 +58,7 @@ from ..errors import SpurgenError
 from ..labels import ClassInfo, get_label_set
 from ..workspace import (CHECKPOINT_STATE, TRAINING_FILE, Workspace, atomic_write_bytes, atomic_write_json,
                          read_json, utc_now)
+from .compile import check_compile
 from .diffusion import predicted_original, training_target
 from .outputs import loss_summary, progress_text, training_manifest, write_final_outputs, write_losses
 from .plan import ClassPlan, latest_checkpoint, plan_classes, resume_key
@@ -185,6 +186,7 @@ def prepare_finetune(config: FinetuneConfig, workspace: Workspace,
             raise SpurgenError(f"--keep-best needs classifiers to score the validation images of {unscored[0].cls}; "
                                "pass --validation-classifiers NAMES (runs with SFSL are scored by --sfsl-model)")
     accelerator = _make_accelerator(config, resolve_trackers(config.trackers))
+    check_compile(config.compile, accelerator.device)
     sfsl_plans = [p for p in trained if p.sfsl_weight > 0]
     # One load for SFSL and the validation metric: the SFSL model first (it scores with --validation-classifiers).
     scored = any(_scored(p, config) for p in trained)

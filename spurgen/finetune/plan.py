@@ -26,11 +26,13 @@ if TYPE_CHECKING:
 __all__ = ["ClassPlan", "plan_classes", "list_checkpoints", "latest_checkpoint", "resume_key"]
 
 # Settings a resumed run may change: they do not alter what the steps already taken would have been. (The
-# resolved kappa and the base model's fingerprint enter the resume key instead of the settings they come from.)
+# resolved kappa and the base model's fingerprint enter the resume key instead of the settings they come from.
+# Like gradient checkpointing, compilation and the memory format change the float rounding only.)
 _RESUMABLE = {"classes", "steps", "resume", "overwrite", "run_name", "checkpointing_steps", "checkpoints_total_limit",
               "validation_steps", "num_validation_images", "validation_prompt", "validation_classifiers", "keep_best",
               "tensorboard", "report_to", "sample_batch_size",
-              "gradient_checkpointing", "device", "class_sfsl_weight", "sfsl_weight", "model"}
+              "gradient_checkpointing", "device", "class_sfsl_weight", "sfsl_weight", "model", "compile",
+              "compile_mode", "channels_last"}
 
 # Switches whose off form is not --no-NAME.
 _SWITCHES = {"lora": ("--lora", "--full")}

@@ -24,6 +24,7 @@ from ..errors import SpurgenError, out_of_memory_message
 from ..images import UnreadableImage, load_rgb
 from ..workspace import CHECKPOINT_STATE, CHECKPOINTS, Workspace, atomic_write_json, read_json, remove_tree
 from .class_images import ensure_class_images
+from .compile import compile_blocks, compiles, eager, mark_step, uses_channels_last
 from .diffusion import micro_step_seed, predicted_original, training_target
 from .noise import diffusion_loss, min_snr_weights, training_noise, zero_terminal_snr
 from .plan import ClassPlan, list_checkpoints
@@ -181,6 +182,10 @@ class Trainer:
         self._build_optimizer(trained)
         self._build_lr_scheduler()
         self._prepare_accelerator(trained)
+        # After the references' features and the prompts are computed eagerly: those are one-off calls.
+        self.compiled = compiles(config.compile, self.device)
+        if self.compiled:
+            compile_blocks([model for _, model in trained], config.compile_mode)
         self.t_buckets = t_bucket_names(self.parts.noise_scheduler.config.num_train_timesteps)
         # Steps queued since the last read_rows: (0-based step, learning rate, statistics on the device).
         self._pending: list[tuple[int, float, torch.Tensor]] = []
@@ -200,6 +205,10 @@ class Trainer:
                                 text_encoder_dtype=text_encoder_dtype, vae_dtype=half)
         for model in (parts.unet, parts.text_encoder, parts.vae):
             model.requires_grad_(False).to(self.device)
+        self.channels_last = uses_channels_last(config.channels_last, self.device)
+        if self.channels_last:
+            for model in (parts.unet, parts.vae):
+                model.to(memory_format=torch.channels_last)
         return parts
 
     def _cache_latents(self, workspace: Workspace) -> torch.Tensor:
@@ -287,13 +296,13 @@ class Trainer:
         self._sfsl_loss: SpuriousFeatureLoss | None = None
         if feature is None:
             return
-        # Channels-last convolutions: tensor-core kernels on GPUs, and oneDNN's are no slower on CPUs (bench:
-        # ResNet-50 forward + backward at 224 px). The VAE is left alone on CPUs, where its GroupNorms prefer the
-        # contiguous layout. The layout is set before the references' features are computed with it.
+        # The classifier's convolutions in channels-last whatever --channels-last says: tensor-core kernels on GPUs,
+        # and oneDNN's are no slower on CPUs (bench: ResNet-50 forward + backward at 224 px). The decoder follows
+        # --channels-last, as the VAE does. The layout is set before the references' features are computed with it.
         if self.config.gradient_checkpointing:
             self.sfsl_decoder.enable_gradient_checkpointing()
         feature.classifier.model.to(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
+        if self.channels_last:
             self.sfsl_decoder.to(memory_format=torch.channels_last)
         self.sfsl = self._sfsl_loss = SpuriousFeatureLoss(feature, instance_pixels, self.config.sfsl_max_timestep,
                                                           self.config.sfsl_every, self.config.sfsl_row_weighting)
@@ -422,6 +431,8 @@ class Trainer:
         Optimizers that cannot skip on the device (bitsandbytes') read the flag on the host instead, once per step.
         """
         accelerator, update = self.accelerator, True
+        if self.compiled:
+            mark_step(self.config.compile_mode)
         stats = torch.zeros(len(_STATS), device=self.device)
         for micro in range(self.config.gradient_accumulation_steps):
             with accelerator.accumulate(*self.models):
@@ -610,7 +621,7 @@ class Trainer:
         for model in (self.unet, self.text_encoder):
             model.eval()
         images = []
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), eager():
             for i in range(count):
                 images.append(pipeline(self.plan.validation_prompt, height=self.resolution, width=self.resolution,
                                        num_inference_steps=self.config.sample_steps,
