@@ -368,8 +368,8 @@ class Workspace:
         """Creates the workspace and proves it writable before long work starts; sweeps a killed run's leftovers.
 
         Args:
-            owned: The folders the command writes: what a killed run of it left there (hidden ``.tmp``/``.old``
-                names, :func:`sweep_leftovers`) is deleted, as is what it left beside the workspace's own files.
+            owned: The folders the command writes. What a killed run left in them (hidden ``.tmp``/``.old`` names,
+                :func:`sweep_leftovers`) is deleted, and so is what it left at the workspace's top level.
 
         Raises:
             SpurgenError: the folder cannot be created or written.
