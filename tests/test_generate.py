@@ -61,7 +61,9 @@ def _lora_run(run_dir: Path, base: Path) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(base)
     torch.manual_seed(2)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    pipe.text_encoder.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    )
     for model in (pipe.unet, pipe.text_encoder):
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
