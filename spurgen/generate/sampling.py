@@ -225,8 +225,10 @@ def _sample(pipe: "StableDiffusionPipeline", state: RunState, config: GenerateCo
                 done += writer.flush()
                 state.judge(filters, batch)
             # The images themselves are the progress a re-run resumes from; the manifest adds only the safety
-            # checker's flags, so it is rewritten (a synced file) at most every MANIFEST_INTERVAL_S seconds.
+            # checker's flags, so it is rewritten (a synced file) at most every MANIFEST_INTERVAL_S seconds, once
+            # the writes under way have ended (their files would otherwise be listed without their flags).
             if main and time.monotonic() - written >= MANIFEST_INTERVAL_S:
+                done += writer.flush()
                 state.write()
                 written = time.monotonic()
             if until:
