@@ -6,11 +6,12 @@ Stages, each ours against a baseline measured in the same process (see each modu
                  and vs a bare python -c "import typer, rich"                <= 2x
     select-refs  select_refs end to end vs bare batched classifier forwards  >= 0.8x
     evaluate     evaluate end to end vs bare batched classifier forwards     >= 0.8x
-    generate     generate vs a bare diffusers StableDiffusionPipeline loop   >= 0.95x
+    generate     generate vs a bare diffusers StableDiffusionPipeline loop   >= 1.0x
     finetune     the step of each preset vs diffusers' train_dreambooth step time <= 0.9x (sfsl: its cost)
     sfsl         SFSL's cost-cutting measures vs the no-SFSL step            <= 1.3x
     levers       --channels-last, --compile (+ CUDA graphs) vs the eager step  measured; compile time, break-even
                  (--only levers: on a CPU the compilation takes minutes)
+    mfu          the UNet step's model-FLOPs utilisation at batch 1+1 and 8+8  reported
     scaling      generate / evaluate commands, 2 processes vs 1              >= 1.2x
     demo         spurgen demo end to end in a fresh workspace (--only demo)  <= 10 min
 
@@ -39,7 +40,7 @@ from bench._common import apply_threads, save_run  # noqa: E402
 # have GPU_SIZES[size]: what changes on a GPU, where the CPU's sizes would time little but start-up.
 STAGES: dict[str, str] = {"help": "bench.cli_help", "select-refs": "bench.select_refs", "evaluate": "bench.evaluate",
                           "generate": "bench.generate", "finetune": "bench.finetune", "sfsl": "bench.sfsl",
-                          "levers": "bench.levers", "scaling": "bench.scaling", "demo": "bench.demo"}
+                          "levers": "bench.levers", "mfu": "bench.mfu", "scaling": "bench.scaling", "demo": "bench.demo"}
 
 
 ON_REQUEST = ("demo", "levers")
@@ -53,7 +54,7 @@ def _stage_arguments(stage: str, module: Any, size: str, repeats: int | None, th
         arguments.update(getattr(module, "GPU_SIZES", {}).get(size, {}))
     if repeats is not None:
         arguments["repeats"] = repeats
-    if stage in ("finetune", "sfsl", "levers"):  # finetune's own device setting: the GPU when there is one
+    if stage in ("finetune", "sfsl", "levers", "mfu"):  # finetune's own device setting: the GPU when there is one
         arguments["device"] = "cpu" if device == "cpu" else "auto"
     else:
         arguments["device"] = device
