@@ -38,9 +38,18 @@ from bench._common import apply_threads, save_run  # noqa: E402
 
 # Stage name -> module; each module has run(**SIZES[size], repeats=..., device=...) -> list of records, and may
 # have GPU_SIZES[size]: what changes on a GPU, where the CPU's sizes would time little but start-up.
-STAGES: dict[str, str] = {"help": "bench.cli_help", "select-refs": "bench.select_refs", "evaluate": "bench.evaluate",
-                          "generate": "bench.generate", "finetune": "bench.finetune", "sfsl": "bench.sfsl",
-                          "levers": "bench.levers", "mfu": "bench.mfu", "scaling": "bench.scaling", "demo": "bench.demo"}
+STAGES: dict[str, str] = {
+    "help": "bench.cli_help",
+    "select-refs": "bench.select_refs",
+    "evaluate": "bench.evaluate",
+    "generate": "bench.generate",
+    "finetune": "bench.finetune",
+    "sfsl": "bench.sfsl",
+    "levers": "bench.levers",
+    "mfu": "bench.mfu",
+    "scaling": "bench.scaling",
+    "demo": "bench.demo",
+}
 
 
 ON_REQUEST = ("demo", "levers")
@@ -106,8 +115,11 @@ def main() -> None:
     parser.add_argument("--size", default="tiny", choices=["tiny", "full"])
     parser.add_argument("--only", help=f"comma-separated stages: {', '.join(STAGES)}")
     parser.add_argument("--repeats", type=int, help="timed turns per side; default: each stage's")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads for torch (default: torch's); 1 is steadier on a machine shared with other jobs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's); 1 is steadier on a machine shared with other jobs",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     # The demo and the levers' compilation on a CPU take minutes of their own: only on request (--only demo,levers).
