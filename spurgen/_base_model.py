@@ -106,7 +106,8 @@ def _read_config(path: Path, where: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise SpurgenError(f"{where}: cannot read {path} ({exc}); give a complete diffusers Stable Diffusion folder") from None
+        raise SpurgenError(f"{where}: cannot read {path} ({exc}); give a complete diffusers Stable Diffusion "
+                           "folder") from None
 
 
 def _fingerprint(folder: Path) -> str:
@@ -201,7 +202,8 @@ class Components:
 
 
 def load_components(base: BaseModel, attention: str = "sdpa", *, unet_dtype: "torch.dtype | None" = None,
-                    text_encoder_dtype: "torch.dtype | None" = None, vae_dtype: "torch.dtype | None" = None) -> Components:
+                    text_encoder_dtype: "torch.dtype | "
+                                        "None" = None, vae_dtype: "torch.dtype | None" = None) -> Components:
     """Loads the parts of the base model on the CPU.
 
     Args:

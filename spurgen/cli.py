@@ -21,7 +21,7 @@ from . import __version__
 from ._cli_options import config_options
 from .config import (EvaluateConfig, ExportLoraConfig, FinetuneConfig, FitNpcaConfig, GenerateConfig, RateConfig,
                      RunConfig, SelectRefsConfig, help_for, resolve_config)
-from .errors import SpurgenError
+from .errors import SpurgenError, out_of_memory_message
 from .world.demo import DemoConfig
 from .world.evidence import EvidenceConfig
 from .world.models import OUT_ENV, TEXT_TO_IMAGE_MODELS, text_to_image_model
@@ -58,7 +58,10 @@ ClassifierOption = typer.Option(
 
 
 def _user_errors(func: F, resume: str = "run the same command again to resume") -> F:
-    """Prints SpurgenError as one line and exits with its code; Ctrl-C says how to resume (``resume``)."""
+    """Prints SpurgenError as one line and exits with its code; Ctrl-C says how to resume (``resume``).
+
+    File-system errors and running out of GPU memory are the user's to fix as well: one line and exit code 2.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -81,6 +84,11 @@ def _user_errors(func: F, resume: str = "run the same command again to resume") 
             # that fills up inside a library's write) is the user's to fix as well: say which file and why.
             raise fail(f"cannot use {exc.filename or 'a file'}: {exc.strerror or exc}; check the path, free disk "
                        "space or choose a writable --workspace", 2) from None
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one: the failure users hit most on a GPU
+            message = out_of_memory_message(exc)
+            if message is None:
+                raise
+            raise fail(message, 2) from None
         except KeyboardInterrupt:
             err_console.print(f"[yellow]interrupted[/]: finished work is saved; {escape(resume)}", highlight=False)
             raise typer.Exit(130) from None
@@ -336,7 +344,7 @@ def demo_command(
     flags: Flags,
     workspace: Path = typer.Option("spurgen-demo", "--workspace", "-w", help="Workspace of the demo."),
 ) -> None:
-    """Run the whole method on the built-in synthetic world: select-refs, the three finetune presets, generate, evaluate.
+    """Run the whole method on the synthetic world: select-refs, the three finetune presets, generate, evaluate.
 
     Everything is real (diffusers and timm models shipped with spurgen), only small: it runs on a laptop CPU.
     The workspace can be explored with the ordinary commands afterwards (its spurgen.toml points at the world).
@@ -402,8 +410,10 @@ app.add_typer(world_app, name="world")
 @world_app.command("build")
 @_user_errors
 def world_build_command(
-    work: Path = typer.Option("spurgen-world-build", "--work", help="Scratch folder: the rendered world and resumable checkpoints."),
-    threads: int = typer.Option(1, "--threads", help="torch threads for training (1 is fastest on a busy 2-core machine)."),
+    work: Path = typer.Option("spurgen-world-build", "--work", help="Scratch folder: the rendered world and resumable "
+                                                                    "checkpoints."),
+    threads: int = typer.Option(1, "--threads", help="torch threads for training (1 is fastest on a busy 2-core "
+                                                     "machine)."),
     text_to_image: str = typer.Option(
         ",".join(TEXT_TO_IMAGE_MODELS), "--text-to-image",
         help="Text-to-image models to build, comma-separated (v: v-prediction; epsilon: SD's epsilon and "

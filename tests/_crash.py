@@ -4,7 +4,8 @@
   in a process forked from a warm interpreter that has already imported torch, diffusers and timm. Both are real
   processes that SIGKILL ends at once; the fork only saves the ~10 s of imports per start, which is what makes
   dozens of kill points affordable in a test run.
-- :func:`kill_at_event` watches the workspace and kills a process at the k-th new or changed file.
+- :func:`kill_at_event` watches the workspace and kills a process at the k-th new or changed file;
+  :func:`signal_when` at any condition on the workspace's files (a temporary file present).
 - :func:`scan` checks that every file under a final name is whole; :func:`outputs` reads a workspace's results
   for comparison with an uninterrupted run; :func:`finished` lists the outputs a restart must leave alone.
 
@@ -23,14 +24,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 SPURGEN = Path(sys.executable).with_name("spurgen")  # the installed console script, beside this interpreter
 TIMEOUT_S = 300.0
 
 # What spurgen's atomic writes leave while they work (spurgen.workspace, finetune's checkpoint and output staging):
-# files ``.<name>.<hex>.tmp``, folders ``.<name>.<random>.tmp`` / ``.checkpoint-N.tmp`` / ``.final-<pid>.tmp``, and
-# ``.<name>.<hex>.old`` for a folder being replaced; ensure_writable's probe ``.spurgen-write-test``.
+# files ``.<name>.<pid>-<hex>.tmp``, folders ``.<name>.<pid>-<random>.tmp`` / ``.checkpoint-N.tmp`` /
+# ``.final-<pid>.tmp``, and ``.<name>.<pid>-<hex>.old`` for a folder being replaced; ensure_writable's probe
+# ``.spurgen-write-test``. (A user's hidden ``.notes.tmp`` matches too: these are never results.)
 _TEMPORARY = re.compile(r"^\..+\.(tmp|old)$|^\.spurgen-write-test$")
 # Timestamps in text outputs (report.html's header): they differ between any two runs.
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d|Z)?")
@@ -215,23 +217,34 @@ def file_state(root: Path) -> dict[str, tuple[int, int]]:
     return state
 
 
-def signal_at_event(process: Process, root: Path, k: int, sig: int = signal.SIGKILL,
-                    interval_s: float = 0.005) -> bool:
-    """Sends ``sig`` to ``process`` once ``root`` has seen ``k`` new or changed files since the call.
+def signal_when(process: Process, root: Path, condition: Callable[[dict[str, tuple[int, int]]], bool],
+                sig: int = signal.SIGKILL, interval_s: float = 0.005) -> bool:
+    """Sends ``sig`` to ``process`` once ``condition`` holds for the :func:`file_state` of ``root``.
 
     Returns whether the signal went to the running process (False: it ended on its own first).
     """
-    seen, events, deadline = file_state(root), 0, time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + TIMEOUT_S
     while process.poll() is None:
         assert time.monotonic() < deadline, f"spurgen (pid {process.pid}) ran past {TIMEOUT_S} s"
-        now = file_state(root)
-        events += sum(1 for path, state in now.items() if seen.get(path) != state)
-        seen = now
-        if events >= k:
+        if condition(file_state(root)):
             process.send_signal(sig)
             return True
         time.sleep(interval_s)
     return False
+
+
+def signal_at_event(process: Process, root: Path, k: int, sig: int = signal.SIGKILL,
+                    interval_s: float = 0.005) -> bool:
+    """Sends ``sig`` to ``process`` once ``root`` has seen ``k`` new or changed files since the call."""
+    seen, events = file_state(root), 0
+
+    def kth_event(now: dict[str, tuple[int, int]]) -> bool:
+        nonlocal seen, events
+        events += sum(1 for path, state in now.items() if seen.get(path) != state)
+        seen = now
+        return events >= k
+
+    return signal_when(process, root, kth_event, sig, interval_s)
 
 
 def kill_at_event(process: Process, root: Path, k: int) -> bool:
@@ -240,6 +253,11 @@ def kill_at_event(process: Process, root: Path, k: int) -> bool:
 
 
 # --- What a kill leaves behind ---------------------------------------------------------------------------------
+
+
+def leftovers(root: Path) -> list[str]:
+    """The temporary files under ``root`` (relative paths): what a killed process left, or one that works writes."""
+    return sorted(relative for relative in file_state(root) if is_temporary(relative))
 
 
 def is_temporary(relative: str) -> bool:
@@ -305,8 +323,9 @@ def outputs(root: Path, *also: Path) -> dict[str, Any]:
 
     JSON without :data:`IGNORED_KEYS`; text without timestamps; safetensors as tensors (compare with
     :func:`assert_same_outputs`); other files as bytes. Paths in contents are made relative to ``root`` and to
-    ``also`` (the workspace it was copied from, which earlier stages' manifests name), so two workspaces compare. The prediction cache's shards have random names and their split depends on
-    when a process was killed: their union per classifier is compared instead, under ``cache/predictions/<fp>``.
+    ``also`` (the workspace it was copied from, which earlier stages' manifests name), so two workspaces compare.
+    The prediction cache's shards have random names and their split depends on when a process was killed: their
+    union per classifier is compared instead, under ``cache/predictions/<fp>``.
     Temporary files left by a kill are not results.
     """
     from safetensors.torch import load_file
@@ -351,14 +370,28 @@ def assert_same_outputs(got: dict[str, Any], expected: dict[str, Any]) -> None:
 def _differences(got: Any, expected: Any, where: str = "") -> list[str]:
     """Where two JSON values differ: ``["settings.steps: 2 != 4", ...]`` (at most 10)."""
     if isinstance(got, dict) and isinstance(expected, dict):
-        found = [d for key in {*got, *expected} for d in _differences(got.get(key), expected.get(key), f"{where}.{key}")]
+        found = [
+            d for key in {*got, *expected} for d in _differences(got.get(key), expected.get(key), f"{where}.{key}")
+        ]
     elif isinstance(got, list) and isinstance(expected, list) and len(got) == len(expected):
         found = [d for i, (a, b) in enumerate(zip(got, expected)) for d in _differences(a, b, f"{where}[{i}]")]
     elif isinstance(got, str) and isinstance(expected, str) and "\n" in got + expected:
         import difflib
 
-        found = [f"{where or '<text>'}: " + "\n".join(list(difflib.unified_diff(
-            expected.splitlines(), got.splitlines(), "expected", "got", lineterm="", n=0))[:12])] if got != expected else []
+        found = (
+            [
+                f"{where or '<text>'}: "
+                + "\n".join(
+                    list(
+                        difflib.unified_diff(
+                            expected.splitlines(), got.splitlines(), "expected", "got", lineterm="", n=0
+                        )
+                    )[:12]
+                )
+            ]
+            if got != expected
+            else []
+        )
     else:
         found = [] if got == expected else [f"{where or '<file>'}: {str(got)[:200]} != {str(expected)[:200]}"]
     return found[:10]
@@ -379,12 +412,14 @@ def finished(root: Path) -> dict[str, tuple[int, str]]:
 
 def _is_finished(root: Path, parts: tuple[str, ...]) -> bool:
     run = root.joinpath(*parts[:3])  # a run's folder: models/<class>/<run>, generated/<class>/<run>
-    return ((parts[0] == "refs" and (root.joinpath(*parts[:2]) / "selection.json").is_file())
-            or (parts[0] == "models" and _status(run / "training.json") == "complete")
-            or (parts[0] == "models" and len(parts) > 4 and parts[3] == "checkpoints")
-            or (parts[0] == "generated" and (parts[-1].endswith(".png") or _status(root.joinpath(*parts)) == "complete"))
-            or parts[:2] == ("cache", "predictions")
-            or (parts[0] == "reports" and (root / "run.json").is_file() and (root / "reports/evaluation.json").is_file()))
+    return (
+        (parts[0] == "refs" and (root.joinpath(*parts[:2]) / "selection.json").is_file())
+        or (parts[0] == "models" and _status(run / "training.json") == "complete")
+        or (parts[0] == "models" and len(parts) > 4 and parts[3] == "checkpoints")
+        or (parts[0] == "generated" and (parts[-1].endswith(".png") or _status(root.joinpath(*parts)) == "complete"))
+        or parts[:2] == ("cache", "predictions")
+        or (parts[0] == "reports" and (root / "run.json").is_file() and (root / "reports/evaluation.json").is_file())
+    )
 
 
 def _status(manifest: Path) -> str | None:
