@@ -187,7 +187,7 @@ def run(arch: str = "tiny", steps: int = 5, repeats: int = 3, batch_size: int = 
 
 def _unet_tflops(trainer: Any, batch_size: int) -> float:
     latent = trainer.resolution // 2 ** (len(trainer.parts.vae.config.block_out_channels) - 1)
-    return unet_training_flops(trainer.unet.config, 2 * batch_size, latent, trainer.prompt_ids.shape[1]) / 1e12
+    return unet_training_flops(trainer.unet.config, 2 * batch_size, latent, trainer.prompt_ids[0].shape[1]) / 1e12
 
 
 def _gpu_figures(trainer: Any, batch_size: int, seconds: float) -> dict[str, Any]:

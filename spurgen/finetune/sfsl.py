@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +33,10 @@ from ..errors import SpurgenError
 from ..images import UnreadableImage, list_images, load_rgb
 from ..labels import ClassInfo, get_label_set
 from ..workspace import Workspace
-from .diffusion import sfsl_row_weight
 from .npca import NeuralPCA
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, AutoencoderTiny
+    from diffusers import AutoencoderTiny
 
     from ..config import FinetuneConfig
 
@@ -48,7 +47,6 @@ __all__ = [
     "spurious_feature",
     "fit_npca",
     "NpcaFit",
-    "decode_latents",
     "load_sfsl_decoder",
 ]
 
@@ -142,29 +140,19 @@ class SpuriousFeatureLoss:
         features = self.feature(to_classifier_input(generated, self.feature.input_size)).float()
         return 1 - F.cosine_similarity(features, self.reference[reference_index], dim=1)
 
-    def loss(self, distances: torch.Tensor, scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
-        """L_SFSL of the step: the mean over rows of w_t * distance, w_t by ``row_weighting``.
+    def loss(self, distances: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """L_SFSL of the step: the mean over rows of w_t * distance.
 
         The mean is over rows, not normalised by the weights' sum: each row's gradient then depends on its own t
-        only, so the profile over t is exactly :func:`.diffusion.sfsl_row_weight` x
-        :func:`.diffusion.estimate_gain`.
+        only, so the profile over t is exactly the weight x the estimate's gain (:func:`.diffusion.sfsl_row_weight`
+        x :func:`.diffusion.estimate_gain` for DDPM models).
 
         Args:
             distances: :meth:`distances` of the rows.
-            scheduler: The noise scheduler of training.
-            timesteps: t of each row, on the distances' device.
+            weights: w_t of each row by ``row_weighting``, from the model family
+                (:meth:`spurgen.families.ModelFamily.sfsl_row_weight`).
         """
-        return (sfsl_row_weight(scheduler, timesteps, self.row_weighting) * distances).mean()
-
-
-def decode_latents(decoder: "AutoencoderKL | AutoencoderTiny", latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (z * the base VAE's scaling_factor, as the UNet sees them) -> [-1, 1] images, with gradients.
-
-    Both decoders are called as diffusers' pipelines call ``pipe.vae``: ``decode(latents / scaling_factor)``.
-    For the SD VAE that undoes its 0.18215; AutoencoderTiny's scaling_factor is 1.0 because TAESD was
-    distilled on the scaled latents, and its DecoderTiny maps its [0, 1] output to [-1, 1] itself.
-    """
-    return decoder.decode(latents.to(decoder.dtype) / decoder.config.scaling_factor).sample
+        return (weights * distances).mean()
 
 
 def load_sfsl_decoder(name: str, latent_channels: int, device: torch.device | str,
