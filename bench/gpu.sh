@@ -4,6 +4,7 @@
 # are copied into OUT_DIR as they come.
 #
 #   bash bench/gpu.sh [OUT_DIR] [STAGES]     # default: bench-gpu, sfsl,finetune,generate,evaluate,select-refs,help
+#                                            # (sfsl-sdxl: SDXL 1024 px with/without SFSL; not in the default)
 #
 # Wheels in .whl/ (packages the machine lacks, e.g. diffusers) are installed into /tmp/site first; spurgen itself
 # runs from the working tree. SIZE and DEVICE (default full, cuda) allow a dry run: SIZE=tiny DEVICE=cpu.
@@ -27,6 +28,11 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
       'transformers', transformers.__version__, 'peft', peft.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__)"
 } 2>&1 | tee "$out/log.txt"
 for stage in ${stages//,/ }; do
-    timeout "${STAGE_TIMEOUT:-0}" python3 -m bench --size "$size" --device "$device" --only "$stage" 2>&1 | tee -a "$out/log.txt"
+    if [ "$stage" = sfsl-sdxl ]; then  # SDXL at 1024 px, the step without and with SFSL (bench.sfsl's own size)
+        timeout "${STAGE_TIMEOUT:-0}" python3 -m bench.sfsl --size full-sdxl --device "$device" --steps 5 --warmup 1 \
+            2>&1 | tee -a "$out/log.txt"
+    else
+        timeout "${STAGE_TIMEOUT:-0}" python3 -m bench --size "$size" --device "$device" --only "$stage" 2>&1 | tee -a "$out/log.txt"
+    fi
     cp bench/results.json "$out/results.json" 2>/dev/null
 done

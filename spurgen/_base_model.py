@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,12 @@ _KNOWN_LICENSES = {
 }
 
 
+def _sd_family() -> "ModelFamily":
+    from .families import get_family
+
+    return get_family("sd")
+
+
 @dataclass(frozen=True)
 class BaseModel:
     """Where a base model is and what it is.
@@ -55,7 +61,8 @@ class BaseModel:
         prediction_type: What the UNet predicts: ``epsilon``, ``v_prediction`` or ``sample``.
         resolution: The native image side (UNet sample size x VAE scale factor).
         size_multiple: Image sides must be a multiple of this (every UNet level halves the latent).
-        family: The model family (detected from ``model_index.json``, or ``--family``).
+        family: The model family (detected from ``model_index.json``, or ``--family``); SD 1.x/2.x when not
+            given.
     """
 
     name: str
@@ -66,7 +73,7 @@ class BaseModel:
     prediction_type: str
     resolution: int
     size_multiple: int
-    family: "ModelFamily"
+    family: "ModelFamily" = field(default_factory=_sd_family)
 
     @property
     def hub_id(self) -> str | None:

@@ -65,14 +65,6 @@ def test_family_is_detected_and_family_overrides_it(tiny_sd_dir: Path, tmp_path:
 # --- SDXL, end to end on a tiny random SDXL folder ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random SDXL folder (64 px, seed 0) in the real diffusers layout; read-only."""
-    from spurgen.testing.sdxl import build_sdxl
-
-    return build_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "tiny-sdxl", "tiny", seed=0)
-
-
 def _sdxl_images(pipe: Any, prompt: str, seeds: list[int], steps: int, guidance: float) -> list[np.ndarray]:
     pipe.set_progress_bar_config(disable=True)
     return [np.asarray(pipe(prompt, height=64, width=64, num_inference_steps=steps, guidance_scale=guidance,
