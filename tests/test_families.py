@@ -50,6 +50,24 @@ def test_a_folder_of_another_family_gets_one_line_naming_it_and_what_is_supporte
     assert "Stable Diffusion XL (StableDiffusionXLPipeline, --family sdxl)" in message
 
 
+def test_a_real_flux_folder_loads_in_plain_diffusers_and_spurgen_refuses_it_in_one_line(tmp_path: Path) -> None:
+    from diffusers import FluxPipeline
+
+    from spurgen.testing.flux import build_tiny_flux
+    from spurgen.testing.t5_tokenizer import T5_VOCAB_SIZE
+
+    folder = build_tiny_flux(tmp_path / "tiny-flux")
+    pipe = FluxPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo of sks red feeder/flower", height=64, width=64, num_inference_steps=2,
+                 max_sequence_length=32, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    words = T5_VOCAB_SIZE - 7  # the id of the first of the 7 whole words, the last pieces of the vocabulary
+    assert pipe.tokenizer_2("a photo of sks").input_ids == [words, words + 1, words + 2, words + 3, 1]  # then </s>
+    with pytest.raises(SpurgenError, match=r"is a FLUX.1 model \(FluxPipeline\), which spurgen does not support"):
+        resolve_base_model(str(folder))
+
+
 def test_family_is_detected_and_family_overrides_it(tiny_sd_dir: Path, tmp_path: Path) -> None:
     assert resolve_base_model(str(tiny_sd_dir)).family.name == "sd"
     # An SD folder read as SDXL lacks SDXL's second text encoder: named, on one line.

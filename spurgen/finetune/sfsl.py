@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +33,14 @@ from ..errors import SpurgenError
 from ..images import UnreadableImage, list_images, load_rgb
 from ..labels import ClassInfo, get_label_set
 from ..workspace import Workspace
+from .diffusion import sfsl_row_weight
 from .npca import NeuralPCA
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderTiny
 
     from ..config import FinetuneConfig
+    from ..families import ModelFamily
 
 __all__ = [
     "SpuriousFeature",
@@ -140,19 +142,23 @@ class SpuriousFeatureLoss:
         features = self.feature(to_classifier_input(generated, self.feature.input_size)).float()
         return 1 - F.cosine_similarity(features, self.reference[reference_index], dim=1)
 
-    def loss(self, distances: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """L_SFSL of the step: the mean over rows of w_t * distance.
+    def loss(self, distances: torch.Tensor, scheduler: Any, timesteps: torch.Tensor,
+             family: "ModelFamily | None" = None) -> torch.Tensor:
+        """L_SFSL of the step: the mean over rows of w_t * distance, w_t by ``row_weighting``.
 
         The mean is over rows, not normalised by the weights' sum: each row's gradient then depends on its own t
         only, so the profile over t is exactly the weight x the estimate's gain (:func:`.diffusion.sfsl_row_weight`
-        x :func:`.diffusion.estimate_gain` for DDPM models).
+        x :func:`.diffusion.estimate_gain` on DDPM's parametrizations).
 
         Args:
             distances: :meth:`distances` of the rows.
-            weights: w_t of each row by ``row_weighting``, from the model family
-                (:meth:`spurgen.families.ModelFamily.sfsl_row_weight`).
+            scheduler: The noise scheduler of training.
+            timesteps: t of each row, on the distances' device.
+            family: The model family, whose parametrization gives w_t
+                (:meth:`spurgen.families.ModelFamily.sfsl_row_weight`); ``None``: DDPM's, SD's and SDXL's.
         """
-        return (weights * distances).mean()
+        weight = family.sfsl_row_weight if family is not None else sfsl_row_weight
+        return (weight(scheduler, timesteps, self.row_weighting) * distances).mean()
 
 
 def load_sfsl_decoder(name: str, latent_channels: int, device: torch.device | str,

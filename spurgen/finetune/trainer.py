@@ -414,8 +414,8 @@ class Trainer:
             output, t = prediction[rows], timesteps[rows]
             z0 = family.predicted_original(scheduler, noisy[rows], output, t)
             distances = self.sfsl.distances(family.decode(self.sfsl_decoder, z0), instance[rows])
-            weights = family.sfsl_row_weight(scheduler, t, self.sfsl.row_weighting)
-            losses.total = total + self.plan.sfsl_weight * self.sfsl.scale * self.sfsl.loss(distances, weights)
+            sfsl = self.sfsl.loss(distances, scheduler, t, family)
+            losses.total = total + self.plan.sfsl_weight * self.sfsl.scale * sfsl
             losses.sfsl, losses.sfsl_rows, losses.sfsl_output = distances.mean(), len(rows), output
             losses.sfsl_distances, losses.sfsl_timesteps = distances.detach(), t
         return losses
