@@ -9,6 +9,8 @@ Stages, each ours against a baseline measured in the same process (see each modu
     generate     generate vs a bare diffusers StableDiffusionPipeline loop   >= 0.95x
     finetune     the step of each preset vs diffusers' train_dreambooth step time <= 0.9x (sfsl: its cost)
     sfsl         SFSL's cost-cutting measures vs the no-SFSL step            <= 1.3x
+    levers       --channels-last, --compile (+ CUDA graphs) vs the eager step  measured; compile time, break-even
+                 (--only levers: on a CPU the compilation takes minutes)
     scaling      generate / evaluate commands, 2 processes vs 1              >= 1.2x
     demo         spurgen demo end to end in a fresh workspace (--only demo)  <= 10 min
 
@@ -37,7 +39,10 @@ from bench._common import apply_threads, save_run  # noqa: E402
 # have GPU_SIZES[size]: what changes on a GPU, where the CPU's sizes would time little but start-up.
 STAGES: dict[str, str] = {"help": "bench.cli_help", "select-refs": "bench.select_refs", "evaluate": "bench.evaluate",
                           "generate": "bench.generate", "finetune": "bench.finetune", "sfsl": "bench.sfsl",
-                          "scaling": "bench.scaling", "demo": "bench.demo"}
+                          "levers": "bench.levers", "scaling": "bench.scaling", "demo": "bench.demo"}
+
+
+ON_REQUEST = ("demo", "levers")
 
 
 def _stage_arguments(stage: str, module: Any, size: str, repeats: int | None, threads: int | None,
@@ -48,7 +53,7 @@ def _stage_arguments(stage: str, module: Any, size: str, repeats: int | None, th
         arguments.update(getattr(module, "GPU_SIZES", {}).get(size, {}))
     if repeats is not None:
         arguments["repeats"] = repeats
-    if stage in ("finetune", "sfsl"):  # finetune's own device setting: the GPU when there is one
+    if stage in ("finetune", "sfsl", "levers"):  # finetune's own device setting: the GPU when there is one
         arguments["device"] = "cpu" if device == "cpu" else "auto"
     else:
         arguments["device"] = device
@@ -104,8 +109,8 @@ def main() -> None:
                         help="CPU threads for torch (default: torch's); 1 is steadier on a machine shared with other jobs")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    # The demo takes minutes of its own and no baseline: only on request (--only demo).
-    stages = [s.strip() for s in args.only.split(",")] if args.only else [s for s in STAGES if s != "demo"]
+    # The demo and the levers' compilation on a CPU take minutes of their own: only on request (--only demo,levers).
+    stages = [s.strip() for s in args.only.split(",")] if args.only else [s for s in STAGES if s not in ON_REQUEST]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         parser.error(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")

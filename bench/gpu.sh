@@ -3,7 +3,7 @@
 # the others' figures. Each stage appends to bench/results.json and prints its table; the log and the results
 # are copied into OUT_DIR as they come.
 #
-#   bash bench/gpu.sh [OUT_DIR] [STAGES]     # default: bench-gpu, sfsl,finetune,generate,evaluate,select-refs,help
+#   bash bench/gpu.sh [OUT_DIR] [STAGES]     # default: bench-gpu, sfsl,finetune,levers,generate,evaluate,select-refs,help
 #                                            # (sfsl-sdxl: SDXL 1024 px with/without SFSL; not in the default)
 #
 # Wheels in .whl/ (packages the machine lacks, e.g. diffusers) are installed into /tmp/site first; spurgen itself
@@ -11,7 +11,7 @@
 # STAGE_TIMEOUT=SECONDS stops a stage that runs longer (default 0: no limit).
 set -uo pipefail
 out=${1:-bench-gpu}
-stages=${2:-sfsl,finetune,generate,evaluate,select-refs,help}
+stages=${2:-sfsl,finetune,levers,generate,evaluate,select-refs,help}
 size=${SIZE:-full}
 device=${DEVICE:-cuda}
 mkdir -p "$out"

@@ -21,7 +21,7 @@ from . import __version__
 from ._cli_options import config_options
 from .config import (EvaluateConfig, ExportLoraConfig, FinetuneConfig, FitNpcaConfig, GenerateConfig, RateConfig,
                      RunConfig, SelectRefsConfig, help_for, resolve_config)
-from .errors import SpurgenError
+from .errors import SpurgenError, out_of_memory_message
 from .world.demo import DemoConfig
 from .world.evidence import EvidenceConfig
 from .world.models import OUT_ENV
@@ -58,7 +58,10 @@ ClassifierOption = typer.Option(
 
 
 def _user_errors(func: F, resume: str = "run the same command again to resume") -> F:
-    """Prints SpurgenError as one line and exits with its code; Ctrl-C says how to resume (``resume``)."""
+    """Prints SpurgenError as one line and exits with its code; Ctrl-C says how to resume (``resume``).
+
+    File-system errors and running out of GPU memory are the user's to fix as well: one line and exit code 2.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -81,6 +84,11 @@ def _user_errors(func: F, resume: str = "run the same command again to resume") 
             # that fills up inside a library's write) is the user's to fix as well: say which file and why.
             raise fail(f"cannot use {exc.filename or 'a file'}: {exc.strerror or exc}; check the path, free disk "
                        "space or choose a writable --workspace", 2) from None
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one: the failure users hit most on a GPU
+            message = out_of_memory_message(exc)
+            if message is None:
+                raise
+            raise fail(message, 2) from None
         except KeyboardInterrupt:
             err_console.print(f"[yellow]interrupted[/]: finished work is saved; {escape(resume)}", highlight=False)
             raise typer.Exit(130) from None

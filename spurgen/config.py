@@ -416,7 +416,13 @@ NPCA_COMPONENTS = ("all", "spurious")
 SFSL_ROW_WEIGHTINGS = ("v-profile", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("sdpa", "eager")
+# --compile and --channels-last: auto is each lever's choice for the device (spurgen.finetune.compile).
+SWITCHES = ("auto", "on", "off")
+# torch.compile's modes; reduce-overhead and max-autotune record CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+# finetune --report-to: accelerate's trackers that spurgen supports, and 'all' (those of them installed).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim")
 PROMPT_FIELDS = ("identifier", "noun")
 
 
@@ -479,6 +485,9 @@ class FinetuneConfig:
     mixed_precision: str | None = setting(None, "Mixed precision: 'no', 'fp16' or 'bf16'. Default: accelerate's configuration ('no' without one).")
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass to save memory: UNet, trained text encoder, and the VAE decoder that SFSL differentiates through.", off="--no-gradient-checkpointing")
     attention: str = setting("sdpa", "Attention kernel: 'sdpa' (PyTorch scaled dot-product attention, memory-efficient) or 'eager'.")
+    compile: str = setting("auto", "torch.compile the UNet's (and a trained text encoder's) repeated blocks, one graph per block shape: 'on', 'off', or 'auto' (on for CUDA with triton, off on CPU and MPS). The first steps compile (seconds per block shape); the losses match eager within float rounding.")
+    compile_mode: str = setting("default", "torch.compile mode with --compile: 'default', 'reduce-overhead' (CUDA graphs: fewer kernel launches, more memory), 'max-autotune-no-cudagraphs' or 'max-autotune' (longer compile).")
+    channels_last: str = setting("auto", "Channels-last memory format for the UNet and VAE (SFSL's decoder included): 'on', 'off', or 'auto' (on for CUDA, off elsewhere).")
     device: str = setting("auto", "'auto' (the GPU when present; several GPUs through accelerate launch) or 'cpu'.")
     prior_preservation: bool = setting(True, "Add the prior-preservation loss on class images that the frozen base model generates from the class prompt.", off="--no-prior-preservation")
     prior_weight: float = setting(1.0, "Weight lambda of the prior-preservation loss.")
@@ -499,9 +508,44 @@ class FinetuneConfig:
     checkpoints_total_limit: int = setting(2, "Checkpoints kept per run; older ones are deleted.")
     resume: bool = setting(False, "Continue from the run's latest checkpoint (exactly: weights, optimizer, schedule, randomness).")
     overwrite: bool = setting(False, "Delete the run's finished or unfinished model and train from scratch.")
-    validation_steps: int = setting(200, "Save validation images from the instance prompt every N steps (0: only at the end).")
+    noise_offset: float = setting(
+        0.0,
+        "Noise offset: each training noise gets offset * N(0, 1) added per image and channel, so the model learns to "
+        "shift a whole image's colour and brightness instead of keeping the mean its start noise sets; try 0.05-0.1 "
+        "when the spurious feature is a colour or a light/dark scene (0: off).")
+    snr_gamma: float | None = setting(
+        None,
+        "Min-SNR loss weighting with this gamma (5 is the paper's): each row's diffusion loss is weighted by "
+        "min(SNR_t, gamma) / SNR_t (epsilon) or / (SNR_t + 1) (v-prediction), which damps the low-noise timesteps and "
+        "often converges faster. SFSL is not reweighted. Default: off.")
+    zero_terminal_snr: bool = setting(
+        False,
+        "Rescale the training noise schedule to zero terminal SNR (v-prediction models only), so the last timestep is "
+        "pure noise and the model learns to set a sample's overall colour and brightness itself; validation images "
+        "then sample with DDIM, trailing timesteps. Generate with the same scheduler settings (docs/method.md).")
+    validation_steps: int = setting(200, "Save validation images every N steps (0: only at the end).")
     num_validation_images: int = setting(4, "Validation images per save, with seeds seed, seed+1, ... (0: none).")
-    tensorboard: bool = setting(False, "Write TensorBoard logs to models/<class>/<run>/logs (pip install tensorboard).")
+    validation_prompt: str | None = setting(
+        None,
+        "Prompt of the validation images; {identifier} and {noun} are filled in per class. Default: the instance "
+        "prompt.")
+    validation_classifiers: list[str] = setting(
+        [],
+        "Classifiers that score each validation step, registry names comma-separated (define one with --classifier "
+        "NAME=ARCH@PATH): the validation images' spurious accuracy per classifier and the rate at which all of them "
+        "predict the class. The SFSL model (--sfsl-model) always scores a run that uses SFSL, and joins these when "
+        "they are given. Default: only the SFSL model.")
+    keep_best: bool = setting(
+        False,
+        "Ship the weights of the validation step with the highest consistently-spurious rate (ties: the later step) "
+        "instead of the last step's; each new best is saved in models/<class>/<run>/best/. Needs validation images and"
+        " a classifier to score them.")
+    report_to: list[str] = setting(
+        [],
+        "Experiment trackers through accelerate, comma-separated: tensorboard (logs in models/<class>/<run>/logs), "
+        "wandb, mlflow, comet_ml, aim, or 'all' (every one of them installed). They get the settings, every loss term "
+        "and diagnostic of losses.csv, the validation metric and the validation images (tensorboard, wandb and aim).")
+    tensorboard: bool = setting(False, "Same as --report-to tensorboard (pip install tensorboard).")
     labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
 
     def validate(self) -> None:
@@ -524,6 +568,9 @@ class FinetuneConfig:
         require(self.resolution is None or self.resolution >= 8, f"--resolution must be at least 8 pixels, got {self.resolution}")
         require(self.mixed_precision in (None, *MIXED_PRECISION), f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         require(self.attention in ATTENTION, f"--attention must be 'sdpa' or 'eager', got {self.attention!r}")
+        for name in ("compile", "channels_last"):
+            require(getattr(self, name) in SWITCHES, f"--{name.replace('_', '-')} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
+        require(self.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         require(self.device in ("auto", "cpu"), f"--device must be 'auto' or 'cpu', got {self.device!r}; choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch")
         require(self.sfsl_feature in SFSL_FEATURES, f"--sfsl-feature must be 'contrib' or 'npca', got {self.sfsl_feature!r}")
         require(self.sfsl_decoder is None or bool(self.sfsl_decoder.strip()),
@@ -532,9 +579,17 @@ class FinetuneConfig:
                 f"--sfsl-row-weighting must be 'v-profile' or 'none', got {self.sfsl_row_weighting!r}")
         require(self.sfsl_npca_components in NPCA_COMPONENTS, f"--sfsl-npca-components must be 'all' or 'spurious', got {self.sfsl_npca_components!r}")
         require(bool(self.identifier.strip()), "--identifier is empty; pass a rare token such as sks")
-        for name in ("instance_prompt", "class_prompt"):
-            problem = _prompt_problem(getattr(self, name))
+        for name in ("instance_prompt", "class_prompt", "validation_prompt"):
+            problem = _prompt_problem(getattr(self, name) or "")
             require(problem is None, f"--{name.replace('_', '-')}: {problem}; use only {{identifier}} and {{noun}} as placeholders")
+        require(self.noise_offset >= 0, f"--noise-offset must be 0 or more, got {self.noise_offset}")
+        require(self.snr_gamma is None or self.snr_gamma > 0,
+                f"--snr-gamma must be positive, got {self.snr_gamma}; try 5")
+        for name in self.report_to:
+            require(name in (*TRACKERS, "all"),
+                    f"--report-to: unknown tracker {name!r}; use {', '.join(TRACKERS)} or all")
+        require(not self.keep_best or self.num_validation_images >= 1,
+                "--keep-best chooses among validation steps, but --num-validation-images is 0; pass e.g. 4")
         require(not (self.resume and self.overwrite), "--resume and --overwrite both given; pass one: continue the run or start it over")
         require(self.train_text_encoder is None or self.run_name is not None
                 or self.train_text_encoder == FINETUNE_PRESETS[self.preset]["train_text_encoder"],
@@ -552,6 +607,11 @@ class FinetuneConfig:
     def run(self) -> str:
         """The run's folder name: ``--run-name``, else the preset."""
         return self.run_name or self.preset
+
+    @property
+    def trackers(self) -> list[str]:
+        """``--report-to`` with ``--tensorboard`` added, each once, as given ('all' not yet expanded)."""
+        return list(dict.fromkeys(self.report_to + (["tensorboard"] if self.tensorboard else [])))
 
 
 @dataclass

@@ -117,13 +117,17 @@ def select_refs(config: SelectRefsConfig, workspace: Workspace, classifier_flags
     labels = get_label_set(config.labels)
     classes = labels.resolve_many(config.classes)
     files = class_image_files(classes, config.dataset, config.images)
-    workspace.ensure_writable()
+    workspace.ensure_writable(*(workspace.refs_dir(c) for c in classes), workspace.cache_dir())
     classifiers = load_classifiers(config.classifiers, classifier_flags, labels, settings,
                                    protocol_crop(config.protocol, config.crop), config.device)
-    all_files = [f for c in classes for f in files[c.index]]
-    predictions = predict_files(all_files, classifiers, cache=PredictionCache(workspace.cache_dir("predictions")),
-                                batch_size=config.batch_size, num_workers=config.num_workers)
-    for path, reason in predictions.unreadable.items():
+    # Each class's images are classified in batches of their own: a logit depends on its batch's other images in
+    # the last float digits (batched kernels), and that decides between references of near-equal scores. So a
+    # class gets the references that `spurgen run`, which selects one class at a time, gets for it, and the same
+    # fine-tuned model.
+    cache = PredictionCache(workspace.cache_dir("predictions"))
+    predictions = {c.index: predict_files(files[c.index], classifiers, cache=cache, batch_size=config.batch_size,
+                                          num_workers=config.num_workers) for c in classes}
+    for path, reason in ((p, r) for found in predictions.values() for p, r in found.unreadable.items()):
         warn(f"skipped unreadable image {path}: {reason}")
     state = distributed_state()
     manifest_base = {
@@ -133,14 +137,16 @@ def select_refs(config: SelectRefsConfig, workspace: Workspace, classifier_flags
         "settings": {**vars(config), "classes": [c.index for c in classes]},
         "source": {"dataset": config.dataset, "images": config.images},
         "classifiers": classifier_records(classifiers),
-        "computed_predictions": predictions.computed,
+        "computed_predictions": {c.name: sum(p.computed.get(c.name, 0) for p in predictions.values())
+                                 for c in classifiers},
         "processes": state.num_processes,
     }
     results = []
     for cls in classes:
-        selection, images = _rank_class(cls, files[cls.index], predictions, config.k)
+        found = predictions[cls.index]
+        selection, images = _rank_class(cls, files[cls.index], found, config.k)
         if state.is_main_process:  # under `accelerate launch`, one process writes
-            unreadable = {f: predictions.unreadable[f] for f in files[cls.index] if f in predictions.unreadable}
+            unreadable = {f: found.unreadable[f] for f in files[cls.index] if f in found.unreadable}
             _write_refs(selection, images, unreadable, workspace, manifest_base)
         results.append(selection)
     for result in results:

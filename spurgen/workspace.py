@@ -44,6 +44,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_directory",
     "remove_tree",
+    "sweep_leftovers",
     "holds_json",
     "safe_name",
     "environment_versions",
@@ -81,6 +82,12 @@ IMAGES_CSV = "evaluation-images.csv"  # reports/
 REPORT_FILE = "report.html"  # reports/
 EXPORT_MANIFEST = "manifest.json"  # an evaluate --export folder
 LORA_EXPORTS = "exports"  # exports/<class>/<run>[-checkpoint-N]-<format>.safetensors: spurgen export-lora
+# The hidden names of spurgen's own unfinished writes, which a killed process leaves behind: atomic_write_bytes's
+# files and atomic_directory's staging folders ``.<name>.<pid>-<random>.tmp``, folders set aside to be deleted
+# ``.<name>.<pid>-<random>.old`` (also without the pid, as spurgen 0.x wrote them), finetune's checkpoint and
+# output staging ``.checkpoint-<step>.tmp`` / ``.final-<pid>.tmp``, and ensure_writable's probe.
+_LEFTOVER = re.compile(r"^\..+\.(?:(?P<pid>\d+)-)?[a-z0-9_]{8}\.(?:tmp|old)$|^\.checkpoint-\d+\.tmp$"
+                       r"|^\.final-(?P<final_pid>\d+)\.tmp$|^\.spurgen-write-test$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
 
 
@@ -96,6 +103,69 @@ def safe_name(name: str, what: str = "name") -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def _unique() -> str:
+    """The middle of a temporary name: this process's id (so that a sweep can tell a live writer's files from a
+    killed one's) and 8 random hex digits."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _writer_alive(pid: int) -> bool:
+    """Whether another process with this id runs: its temporary files are work in progress, not leftovers."""
+    if pid == os.getpid():  # a killed process's id, reused by this one (a container's first process)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, as another user
+        return True
+    return True
+
+
+def sweep_leftovers(folder: Path, recursive: bool = True, beside: bool = True) -> list[Path]:
+    """Deletes what killed writes left behind: spurgen's own hidden temporary files and folders, nothing else.
+
+    Names of a writer that still runs are left alone, so a command started while another works in the same
+    workspace does not pull its files away.
+
+    Args:
+        folder: A folder that the calling command owns (writes); a missing one is fine.
+        recursive: Also sweep every sub-folder.
+        beside: Also the staging and set-aside copies of ``folder`` itself (``.<folder name>.*`` beside it).
+
+    Returns:
+        The paths deleted.
+    """
+    folder = Path(folder)
+    swept: list[Path] = []
+
+    def visit(directory: Path, only_prefix: str | None, descend: bool) -> None:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:  # missing, or not a folder: nothing was left there
+            return
+        for entry in entries:
+            if only_prefix is not None and not entry.name.startswith(only_prefix):
+                continue
+            match = _LEFTOVER.match(entry.name)
+            if match:
+                pid = match.group("pid") or match.group("final_pid")
+                if pid and _writer_alive(int(pid)):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    Path(entry.path).unlink(missing_ok=True)
+                swept.append(Path(entry.path))
+            elif descend and entry.is_dir(follow_symlinks=False):
+                visit(Path(entry.path), None, True)
+
+    visit(folder, None, recursive)
+    if beside:
+        visit(folder.parent, f".{folder.name}.", False)
+    return swept
 
 
 def _umask() -> int:
@@ -125,7 +195,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         SpurgenError: the folder is not writable or the disk is full; ``path`` is left untouched.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{_unique()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
@@ -163,7 +233,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-", suffix=".tmp", dir=final.parent))
         # mkdtemp makes the folder private (0700); the final folder should get the usual permissions, so
         # that a workspace shared by a group stays readable to it.
         staging.chmod(0o777 & ~_umask())
@@ -176,7 +246,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
+    old = final.with_name(f".{final.name}.{_unique()}.old")
     if final.exists():
         os.replace(final, old)
     os.replace(staging, final)
@@ -202,7 +272,7 @@ def remove_tree(path: Path) -> None:
     path = Path(path)
     if not path.exists():
         return
-    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+    aside = path.with_name(f".{path.name}.{_unique()}.old")
     os.replace(path, aside)
     shutil.rmtree(aside, ignore_errors=True)
 
@@ -294,14 +364,21 @@ class Workspace:
                     runs[run_dir.name] = training
         return runs
 
-    def ensure_writable(self) -> None:
-        """Creates the workspace and proves it writable before long work starts.
+    def ensure_writable(self, *owned: Path) -> None:
+        """Creates the workspace and proves it writable before long work starts; sweeps a killed run's leftovers.
+
+        Args:
+            owned: The folders the command writes. What a killed run left in them (hidden ``.tmp``/``.old`` names,
+                :func:`sweep_leftovers`) is deleted, and so is what it left at the workspace's top level.
 
         Raises:
             SpurgenError: the folder cannot be created or written.
         """
         atomic_write_bytes(self.root / ".spurgen-write-test", b"")
         (self.root / ".spurgen-write-test").unlink(missing_ok=True)
+        sweep_leftovers(self.root, recursive=False, beside=False)  # run.json's, spurgen.toml's, the probe's
+        for folder in owned:
+            sweep_leftovers(folder)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

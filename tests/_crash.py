@@ -4,7 +4,8 @@
   in a process forked from a warm interpreter that has already imported torch, diffusers and timm. Both are real
   processes that SIGKILL ends at once; the fork only saves the ~10 s of imports per start, which is what makes
   dozens of kill points affordable in a test run.
-- :func:`kill_at_event` watches the workspace and kills a process at the k-th new or changed file.
+- :func:`kill_at_event` watches the workspace and kills a process at the k-th new or changed file;
+  :func:`signal_when` at any condition on the workspace's files (a temporary file present).
 - :func:`scan` checks that every file under a final name is whole; :func:`outputs` reads a workspace's results
   for comparison with an uninterrupted run; :func:`finished` lists the outputs a restart must leave alone.
 
@@ -23,14 +24,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 SPURGEN = Path(sys.executable).with_name("spurgen")  # the installed console script, beside this interpreter
 TIMEOUT_S = 300.0
 
 # What spurgen's atomic writes leave while they work (spurgen.workspace, finetune's checkpoint and output staging):
-# files ``.<name>.<hex>.tmp``, folders ``.<name>.<random>.tmp`` / ``.checkpoint-N.tmp`` / ``.final-<pid>.tmp``, and
-# ``.<name>.<hex>.old`` for a folder being replaced; ensure_writable's probe ``.spurgen-write-test``.
+# files ``.<name>.<pid>-<hex>.tmp``, folders ``.<name>.<pid>-<random>.tmp`` / ``.checkpoint-N.tmp`` /
+# ``.final-<pid>.tmp``, and ``.<name>.<pid>-<hex>.old`` for a folder being replaced; ensure_writable's probe
+# ``.spurgen-write-test``. (A user's hidden ``.notes.tmp`` matches too: these are never results.)
 _TEMPORARY = re.compile(r"^\..+\.(tmp|old)$|^\.spurgen-write-test$")
 # Timestamps in text outputs (report.html's header): they differ between any two runs.
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d|Z)?")
@@ -215,23 +217,34 @@ def file_state(root: Path) -> dict[str, tuple[int, int]]:
     return state
 
 
-def signal_at_event(process: Process, root: Path, k: int, sig: int = signal.SIGKILL,
-                    interval_s: float = 0.005) -> bool:
-    """Sends ``sig`` to ``process`` once ``root`` has seen ``k`` new or changed files since the call.
+def signal_when(process: Process, root: Path, condition: Callable[[dict[str, tuple[int, int]]], bool],
+                sig: int = signal.SIGKILL, interval_s: float = 0.005) -> bool:
+    """Sends ``sig`` to ``process`` once ``condition`` holds for the :func:`file_state` of ``root``.
 
     Returns whether the signal went to the running process (False: it ended on its own first).
     """
-    seen, events, deadline = file_state(root), 0, time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + TIMEOUT_S
     while process.poll() is None:
         assert time.monotonic() < deadline, f"spurgen (pid {process.pid}) ran past {TIMEOUT_S} s"
-        now = file_state(root)
-        events += sum(1 for path, state in now.items() if seen.get(path) != state)
-        seen = now
-        if events >= k:
+        if condition(file_state(root)):
             process.send_signal(sig)
             return True
         time.sleep(interval_s)
     return False
+
+
+def signal_at_event(process: Process, root: Path, k: int, sig: int = signal.SIGKILL,
+                    interval_s: float = 0.005) -> bool:
+    """Sends ``sig`` to ``process`` once ``root`` has seen ``k`` new or changed files since the call."""
+    seen, events = file_state(root), 0
+
+    def kth_event(now: dict[str, tuple[int, int]]) -> bool:
+        nonlocal seen, events
+        events += sum(1 for path, state in now.items() if seen.get(path) != state)
+        seen = now
+        return events >= k
+
+    return signal_when(process, root, kth_event, sig, interval_s)
 
 
 def kill_at_event(process: Process, root: Path, k: int) -> bool:
@@ -240,6 +253,11 @@ def kill_at_event(process: Process, root: Path, k: int) -> bool:
 
 
 # --- What a kill leaves behind ---------------------------------------------------------------------------------
+
+
+def leftovers(root: Path) -> list[str]:
+    """The temporary files under ``root`` (relative paths): what a killed process left, or one that works writes."""
+    return sorted(relative for relative in file_state(root) if is_temporary(relative))
 
 
 def is_temporary(relative: str) -> bool:

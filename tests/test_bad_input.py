@@ -9,9 +9,12 @@ was written at all). The table in docs/reliability.md is rendered from :data:`CA
 from __future__ import annotations
 
 import errno
+import importlib
+import itertools
 import json
 import os
 import pickle
+import pkgutil
 import re
 import shutil
 import struct
@@ -221,6 +224,18 @@ def _full_over_complete_lora(env: Env) -> list[str]:
     return _finetune(env, "--model", str(env.fixture("tiny_sd_dir")), "--full")
 
 
+def _compile_without_compiler(env: Env) -> list[str]:
+    """finetune --compile on, on a CPU where inductor finds no C++ compiler."""
+    from torch._inductor import cpp_builder
+
+    def missing() -> None:
+        raise RuntimeError("no C++ compiler found")
+
+    _write_refs(env.ws, env.fixture("rigged").files[94][:2])
+    env.monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
+    return _finetune(env, "--model", str(env.fixture("tiny_sd_dir")), "--compile", "on", "--device", "cpu")
+
+
 def _lora_run(env: Env) -> Path:
     """A finished LoRA run 'lora-x' of hummingbird (no checkpoints) in the case's workspace."""
     run = env.ws / "models" / "94-hummingbird" / "lora-x"
@@ -273,6 +288,81 @@ def _disk_full_at_checkpoint(env: Env) -> list[str]:
 
     env.monkeypatch.setattr(torch, "save", full_disk_save)
     return _finetune(env, "--model", str(env.fixture("tiny_sd_dir")), "--steps", "2", *CHECKPOINTED_RUN)
+
+
+def _checkpoint_write_fails(env: Env) -> list[str]:
+    """finetune whose second checkpoint fails inside torch.save with the RuntimeError it raises for a failed write."""
+    import torch
+
+    _write_refs(env.ws, env.fixture("rigged").files[94][:2])
+    real_save = torch.save
+
+    def failing_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        if ".checkpoint-2.tmp" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: "
+                               "PytorchStreamWriter failed writing file data/0: file write failed")
+        real_save(obj, f, *args, **kwargs)
+
+    env.monkeypatch.setattr(torch, "save", failing_save)
+    return _finetune(env, "--model", str(env.fixture("tiny_sd_dir")), "--steps", "2", *CHECKPOINTED_RUN)
+
+
+def _out_of_memory(target: str, calls_before: int, prepare: Callable[[Env], list[str]]) -> Callable[[Env], list[str]]:
+    """``prepare``'s command, where the stage function ``target`` (``module:name``) runs out of GPU memory.
+
+    Args:
+        target: What the stage calls; its ``calls_before + 1``-th call raises torch.cuda.OutOfMemoryError, as
+            CUDA would on a GPU (the test runs on the CPU).
+        calls_before: Calls that succeed first, so that some work is finished before the error.
+        prepare: Writes the inputs and returns the command line.
+    """
+
+    def inject(env: Env) -> list[str]:
+        import torch
+
+        args = prepare(env)
+        module, _, name = target.partition(":")
+        owner_name, _, attribute = name.rpartition(".")
+        owner = pkgutil.resolve_name(f"{module}:{owner_name}") if owner_name else importlib.import_module(module)
+        real, calls = getattr(owner, attribute), itertools.count()
+
+        def out_of_memory(*a: Any, **kw: Any) -> Any:
+            if next(calls) >= calls_before:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                                  "capacity of 23.64 GiB of which 1.06 GiB is free.")
+            return real(*a, **kw)
+
+        env.monkeypatch.setattr(owner, attribute, out_of_memory)
+        return args
+
+    return inject
+
+
+def _refs_and_evaluate(env: Env) -> list[str]:
+    _write_refs(env.ws, env.fixture("rigged").files[94][:2])
+    return ["evaluate", "-w", str(env.ws), "--classes", "94", *env.res_a()]
+
+
+def _refs_and_finetune(env: Env) -> list[str]:
+    _write_refs(env.ws, env.fixture("rigged").files[94][:2])
+    return _finetune(env, "--model", str(env.fixture("tiny_sd_dir")), "--steps", "2", *CHECKPOINTED_RUN)
+
+
+def _lora_and_generate(env: Env) -> list[str]:
+    shutil.copytree(env.fixture("tiny_lora_run"), env.ws / "models" / "94-hummingbird" / "lora-x")
+    return _generate(env, "--runs", "lora-x", "-n", "2", "--batch-size", "1", "--steps", "1", "--device", "cpu")
+
+
+def _kept_checkpoint(env: Env) -> None:
+    """The run is unfinished, its first checkpoint kept, and no half-written second one left behind."""
+    _unfinished(env)
+    checkpoints = env.ws / "models" / "94-hummingbird" / "dreambooth" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1"]
+
+
+def _kept_first_image(env: Env) -> None:
+    run = env.ws / "generated" / "94-hummingbird" / "lora-x"
+    assert sorted(p.name for p in run.glob("*.png")) == ["00000.png"]
 
 
 def _unfinished(env: Env) -> None:
@@ -363,8 +453,14 @@ CASES: list[Case] = [
     # Contradictory flags.
     Case("flags-full-over-lora", "`finetune --full` where the run `sfsl` is a complete LoRA run", "`error: …/models/94-hummingbird/sfsl holds a complete run with other settings (--lora in the run, --full requested); pass --run-name NAME to train a new run beside it, or --overwrite to replace it`",
          "holds a complete run with other settings (--lora in the run, --full requested)", _full_over_complete_lora),
+    Case("flags-compile-no-compiler", "`finetune --compile on` on a CPU without a C++ compiler", "`error: --compile on needs a C++ compiler on a CPU, and none was found; install g++ (or set CXX), or pass --compile off`, before anything is written",
+         "--compile on needs a C++ compiler", _compile_without_compiler),
     Case("flags-resume-overwrite", "`finetune --resume --overwrite`", "`error: --resume and --overwrite both given; pass one: continue the run or start it over`",
          "--resume and --overwrite both given", lambda env: _finetune(env, "--resume", "--overwrite")),
+    Case("flags-report-to-unknown", "`finetune --report-to neptune`", "`error: --report-to: unknown tracker 'neptune'; use tensorboard, wandb, mlflow, comet_ml, aim or all`",
+         "unknown tracker 'neptune'", lambda env: _finetune(env, "--report-to", "neptune")),
+    Case("flags-zero-snr-epsilon", "`finetune --zero-terminal-snr` on an epsilon-prediction base model", "`error: --zero-terminal-snr needs a v-prediction base model; '…' predicts 'epsilon', which has nothing to predict from pure noise at the last timestep; drop the flag (--noise-offset also widens colour and brightness)`",
+         "--zero-terminal-snr needs a v-prediction base model", lambda env: _finetune(env, "--model", str(env.fixture("tiny_sd_dir")), "--zero-terminal-snr")),
     Case("flags-dataset-images", "`--dataset` and `--images` together", "`error: --dataset and --images both given; pass only one source of images`",
          "--dataset and --images both given", lambda env: _select(env, "--dataset", str(env.root), "--images", str(env.root))),
     Case("flags-filter-without-until", "`generate --filter consistent` without `--until`", "`error: --filter and --max-images need --until N; add --until N or drop them`",
@@ -461,6 +557,19 @@ CASES: list[Case] = [
          "No space left on device", _failing_writes(errno.ENOSPC, after_probe=True)),
     Case("disk-full-checkpoint", "the disk fills up while finetune writes a checkpoint (inside torch.save)", "`error: cannot use …/checkpoints/.checkpoint-1.tmp/optimizer.bin: No space left on device; check the path, free disk space or choose a writable --workspace`; `training.json` still says the run is unfinished",
          "No space left on device", _disk_full_at_checkpoint, check=_unfinished, keeps_work=True),
+    Case("disk-checkpoint-write-failed", "a checkpoint write that fails inside torch.save with a RuntimeError, not an OSError", "`error: cannot write a checkpoint in …/checkpoints: … PytorchStreamWriter failed writing file data/0: file write failed; free disk space or choose a writable --workspace, then continue with --resume (the last good checkpoint, …/checkpoint-1, is kept)`; no partial checkpoint left",
+         "PytorchStreamWriter failed writing file", _checkpoint_write_fails, check=_kept_checkpoint, keeps_work=True),
+    # Running out of GPU memory (CUDA's error, raised on the CPU here): the stage and its remedies in one line.
+    Case("oom-select-refs", "select-refs runs out of GPU memory", "`error: select-refs ran out of GPU memory (CUDA out of memory); lower --batch-size, or pass --device cpu (finished outputs are kept)`",
+         "select-refs ran out of GPU memory", _out_of_memory("spurgen.select_refs:predict_files", 0, _select_data)),
+    Case("oom-finetune", "finetune runs out of GPU memory in its second step", "`error: finetune ran out of GPU memory (CUDA out of memory); lower --batch-size or --resolution, switch on --gradient-checkpointing, --use-8bit-adam or --mixed-precision fp16 (bf16), give SFSL a TAESD --sfsl-decoder (madebyollin/taesd), lower --sample-batch-size for the class images; then continue from the last checkpoint with --resume (finished outputs are kept)`; checkpoint-1 kept",
+         "finetune ran out of GPU memory", _out_of_memory("spurgen.finetune.trainer:Trainer.train_step", 1, _refs_and_finetune),
+         check=_kept_checkpoint, keeps_work=True),
+    Case("oom-generate", "generate runs out of GPU memory after its first image", "`error: generate ran out of GPU memory (CUDA out of memory); lower --batch-size or --resolution; the same command then makes only the missing images (finished outputs are kept)`; the first image kept",
+         "generate ran out of GPU memory", _out_of_memory("spurgen.generate.sampling:_png_bytes", 1, _lora_and_generate),
+         check=_kept_first_image, keeps_work=True),
+    Case("oom-evaluate", "evaluate runs out of GPU memory", "`error: evaluate ran out of GPU memory (CUDA out of memory); lower --batch-size, evaluate fewer --classifiers at a time, or pass --device cpu (finished outputs are kept)`",
+         "evaluate ran out of GPU memory", _out_of_memory("spurgen.evaluate:predict_files", 0, _refs_and_evaluate)),
     # Names that become paths.
     Case("name-run-traversal", "`--run-name ../x`", "`error: invalid run name '../x'; use 1-100 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit`",
          "invalid run name '../x'", lambda env: _finetune(env, "--run-name", "../x", "--model", str(env.fixture("tiny_sd_dir")))),

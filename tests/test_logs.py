@@ -120,7 +120,8 @@ def test_redirected_finetune_prints_plain_progress_lines(tiny_sd_dir: Path, tmp_
     steps = [line for line in text.splitlines() if line.startswith("hummingbird: loss ")]
     assert steps and re.search(r" \| 1/12 it \(8%\) \| ", steps[0]), text
     assert " | 12/12 it (100%) | " in steps[-1] and steps[-1].endswith("ETA 0:00:00"), text
-    assert all(re.fullmatch(r"hummingbird: loss \S+ \(inst \S+ prior \S+\) \| \d+/12 it .* \| ETA [-0-9:]+", line)
+    assert all(re.fullmatch(r"hummingbird: loss \S+ \(inst \S+ prior \S+\), \|grad\| \S+, clipped \d+% "
+                            r"\| \d+/12 it .* \| ETA [-0-9:]+", line)
                for line in steps), steps
     assert any(len(line) > 80 for line in steps)  # not cut to 80 columns
     assert re.search(r"class images '[^']+' \| 2/2 images \(100%\)", text), text

@@ -36,3 +36,13 @@ def test_shipped_class_list_carries_its_licence_notice() -> None:
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     notice = ROOT / "spurgen" / "data" / "LICENSE-spurious_imagenet.txt"
     assert "data/*.txt" in package_data["spurgen"] and "MIT License" in notice.read_text()
+
+
+def test_the_layout_table_names_every_module_and_only_those() -> None:
+    """docs/DEVELOPING.md's layout table has a row for each module of the package, so it shows the tree as it is."""
+    text = (ROOT / "docs" / "DEVELOPING.md").read_text()
+    table = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(spurgen/[\w/]+\.py)`", table))
+    modules = {path.relative_to(ROOT).as_posix() for path in (ROOT / "spurgen").rglob("*.py")}
+    assert sorted(modules - named) == [], "modules missing from the layout table"
+    assert sorted(named - modules) == [], "the layout table names modules that do not exist"

@@ -131,3 +131,42 @@ def test_the_paper_example_settings_resolve_for_every_stage(tmp_path: Path) -> N
     assert finetune.sfsl_every == 1  # the paper's schedule (also spurgen's default)
     assert finetune.sfsl_row_weighting == "none"  # Eq. 6 as written
     assert finetune.model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_run_trains_the_model_the_stage_commands_train(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    """`spurgen run` and select-refs + finetune with the same settings train the same LoRA, tensor for tensor, and
+    record the same settings.
+
+    The solved classifier scores a class's images alike (logit 5): which one becomes the reference is decided in the
+    predictions' last float digits, which depend on the images batched together (with 2 threads here). select-refs
+    over both classes used to batch them together where `spurgen run` selects one class at a time, and picked
+    another reference for the second class: LoRAs ~6e-4 apart."""
+    import torch
+    from safetensors.torch import load_file
+
+    classes = CLASSES[:2]
+    spurious_folder(tmp_path / "images", classes, IMAGES_PER_CLASS)
+    classifier = solved_classifier(tmp_path / "images", tmp_path / "tiny.safetensors")
+    flags = ["--classes", ",".join(str(c.index) for c in classes), f"--classifier={classifier}"]
+    stages, whole = tmp_path / "stages", tmp_path / "run"
+    for workspace in (stages, whole):
+        workspace.mkdir()
+        (workspace / "spurgen.toml").write_text(small_settings(tiny_sd_dir, tmp_path / "images"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for args in (["select-refs"], ["finetune", "--preset", "dreambooth", "--resume"]):
+            result = CliRunner().invoke(app, [*args, "-w", str(stages), *flags])
+            assert result.exit_code == 0, result.output
+        result = CliRunner().invoke(app, ["run", "-w", str(whole), *flags])
+        assert result.exit_code == 0, result.output
+    finally:
+        torch.set_num_threads(threads)
+    for cls in classes:
+        run = Path("models") / cls.dirname / "dreambooth"
+        trained = [json.loads((workspace / run / "training.json").read_text()) for workspace in (stages, whole)]
+        assert trained[0]["settings"] == trained[1]["settings"]
+        assert [r["sha256"] for r in trained[0]["references"]] == [r["sha256"] for r in trained[1]["references"]]
+        loras = [load_file(str(workspace / run / "pytorch_lora_weights.safetensors")) for workspace in (stages, whole)]
+        assert sorted(loras[0]) == sorted(loras[1])
+        assert all(torch.equal(loras[0][name], loras[1][name]) for name in loras[0]), cls

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from spurgen.errors import SpurgenError
 from spurgen.labels import get_label_set
 from spurgen.workspace import (TRAINING_FILE, Workspace, atomic_directory, atomic_write_json, holds_json, read_json,
-                               remove_tree, safe_name, workspace_classes)
+                               remove_tree, safe_name, sweep_leftovers, workspace_classes)
 
 LABELS = get_label_set("imagenet")
 
@@ -99,3 +101,32 @@ def test_remove_tree_and_read_json_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(SpurgenError, match="is unreadable"):
         read_json(tmp_path / "bad.json")
+
+
+
+def test_sweep_deletes_only_spurgen_leftovers_of_dead_writers(tmp_path: Path) -> None:
+    """A killed run's hidden temporary files and folders go; user files, a live writer's files and folders that are
+    not the owned one's stay."""
+    owned = tmp_path / "models" / "94-hummingbird" / "sfsl"
+    dead = _dead_pid()
+    leftovers = [owned / f".training.json.{dead}-0123abcd.tmp", owned / "checkpoints" / ".checkpoint-4.tmp" / "x.bin",
+                 owned / f".final-{dead}.tmp" / "a.png", owned / ".losses.csv.0123abcd.tmp",  # an older spurgen's name
+                 owned.parent / f".sfsl.{dead}-k2j_x9q0.old" / "x", owned / ".spurgen-write-test"]
+    kept = [owned / "training.json", owned / ".notes.tmp", owned / ".my.backup.old", owned / "x.12345678.tmp",
+            owned / f".live.json.{os.getppid()}-0123abcd.tmp",  # its writer (the test's parent) still runs
+            tmp_path / "models" / "105-koala" / ".sfsl.0123abcd.old" / "x",  # another class's folder: not owned
+            owned.parent / ".other.0123abcd.tmp"]  # beside the owned folder, but no copy of it
+    for path in leftovers + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    swept = sweep_leftovers(owned)
+    assert not [path for path in leftovers if path.exists()], swept
+    assert all(path.exists() for path in kept)
+    assert len(swept) == len(leftovers)
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

@@ -81,7 +81,7 @@ def evaluate(config: EvaluateConfig, workspace: Workspace, classifier_flags: Seq
         if not any(s.kind == "generated" for found in sources.values() for s in found):
             raise SpurgenError("--export writes consistently spurious generated images, but no generated images are "
                                "evaluated; run 'spurgen generate' first or leave out --export")
-    workspace.ensure_writable()
+    workspace.ensure_writable(workspace.reports_dir, workspace.cache_dir(), *([export] if export else []))
     metric = load_quality_metric(config.quality, config.quality_weights, config.device) if config.quality else None
     classifiers = load_classifiers(config.classifiers, classifier_flags, labels, settings,
                                    protocol_crop(config.protocol, config.crop), config.device)

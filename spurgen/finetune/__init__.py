@@ -29,8 +29,9 @@ Every random draw of a micro-step comes from a generator seeded by (seed, proces
 run resumed from a checkpoint continues exactly as if it had never stopped.
 
 A run's folder ``models/<class>/<run>/`` holds the weights (``pytorch_lora_weights.safetensors`` or a
-complete diffusers pipeline), ``validation/step-N/``, ``losses.csv``, ``README.md`` (the model card),
-``checkpoints/checkpoint-N/``, and ``training.json``: ``"running"`` while training, ``"failed"`` after a
+complete diffusers pipeline), ``validation/step-N/`` (scored by classifiers, :mod:`.validation`), ``losses.csv``,
+``README.md`` (the model card), ``checkpoints/checkpoint-N/``, ``best/`` (``--keep-best``), ``logs/`` (local
+trackers, :mod:`.trackers`), and ``training.json``: ``"running"`` while training, ``"failed"`` after a
 non-finite loss, and ``"complete"`` only once everything else is written.
 
 This module is the per-class loop; its parts are :mod:`.plan` (what to do with each class, the resume
@@ -51,18 +52,20 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .._base_model import BaseModel, resolve_base_model, vae_config
 from .._runtime import PROGRESS_INTERVAL_S, console, progress_bar, resolve_device
-from ..classifiers import load_classifiers
+from ..classifiers import Classifier, load_classifiers
 from ..config import FinetuneConfig
 from ..errors import SpurgenError
 from ..labels import ClassInfo, get_label_set
 from ..workspace import (CHECKPOINT_STATE, TRAINING_FILE, Workspace, atomic_write_bytes, atomic_write_json,
                          read_json, utc_now)
+from .compile import check_compile
 from .diffusion import predicted_original, training_target
-from .outputs import (loss_summary, progress_text, save_validation, training_manifest, write_final_outputs,
-                      write_losses)
+from .outputs import loss_summary, progress_text, training_manifest, write_final_outputs, write_losses
 from .plan import ClassPlan, latest_checkpoint, plan_classes, resume_key
 from .sfsl import SpuriousFeature, load_sfsl_decoder, spurious_feature
+from .trackers import finish_trackers, log_rows, resolve_trackers, start_trackers
 from .trainer import NonFiniteLoss, Trainer, frozen_dtype
+from .validation import Validation
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -126,7 +129,8 @@ def finetune(config: FinetuneConfig, workspace: Workspace,
 @dataclass
 class FinetuneSetup:
     """What finetune resolved and checked before training: base model, resolution, the classes' plans, the
-    accelerator, the SFSL feature of each class whose kappa is > 0, and ``--sfsl-decoder`` when given."""
+    accelerator, the SFSL feature of each class whose kappa is > 0, ``--sfsl-decoder`` when given, and the
+    classifiers that score validation images (the SFSL model first when it is one of them)."""
 
     base: BaseModel
     resolution: int
@@ -134,11 +138,17 @@ class FinetuneSetup:
     accelerator: "Accelerator"
     features: dict[int, SpuriousFeature]
     sfsl_decoder: "AutoencoderTiny | None" = None
+    classifiers: list[Classifier] = field(default_factory=list)
 
     def trainer(self, plan: ClassPlan, config: FinetuneConfig, workspace: Workspace) -> Trainer:
         """Sets up the training of one planned class (models, data, optimizer) without taking a step."""
         return Trainer(plan, config, workspace, self.base, self.resolution, self.accelerator,
                        self.features.get(plan.cls.index), self.sfsl_decoder)
+
+    def scorers(self, plan: ClassPlan, config: FinetuneConfig) -> list[Classifier]:
+        """The classifiers that score a class's validation images: none when it has no validation images, or
+        neither SFSL nor ``--validation-classifiers``."""
+        return self.classifiers if _scored(plan, config) else []
 
 
 def prepare_finetune(config: FinetuneConfig, workspace: Workspace,
@@ -164,15 +174,30 @@ def prepare_finetune(config: FinetuneConfig, workspace: Workspace,
         nearest = max(base.size_multiple, resolution // base.size_multiple * base.size_multiple)
         raise SpurgenError(f"--resolution {resolution} is not a multiple of {base.size_multiple}, which this "
                            f"base model needs; try {nearest}")
+    if config.zero_terminal_snr and base.prediction_type != "v_prediction":
+        raise SpurgenError(f"--zero-terminal-snr needs a v-prediction base model; '{config.model}' predicts "
+                           f"'{base.prediction_type}', which has nothing to predict from pure noise at the last "
+                           "timestep; drop the flag (--noise-offset also widens colour and brightness)")
     plans = plan_classes(config, workspace, labels)
     _check_packages(config)
-    accelerator = _make_accelerator(config)
-    sfsl_plans = [p for p in plans if p.sfsl_weight > 0 and p.action != "skip"]
+    trained = [p for p in plans if p.action != "skip"]
+    if config.keep_best:
+        unscored = [p for p in trained if not _scored(p, config)]
+        if unscored:
+            raise SpurgenError(f"--keep-best needs classifiers to score the validation images of {unscored[0].cls}; "
+                               "pass --validation-classifiers NAMES (runs with SFSL are scored by --sfsl-model)")
+    accelerator = _make_accelerator(config, resolve_trackers(config.trackers))
+    check_compile(config.compile, accelerator.device)
+    sfsl_plans = [p for p in trained if p.sfsl_weight > 0]
+    # One load for SFSL and the validation metric: the SFSL model first (it scores with --validation-classifiers).
+    scored = any(_scored(p, config) for p in trained)
+    names = ([config.sfsl_model] if sfsl_plans or scored else []) + (config.validation_classifiers if scored else [])
+    names = list(dict.fromkeys(names))
+    classifiers = (load_classifiers(names, classifier_flags, labels, settings, None, str(accelerator.device))
+                   if names else [])
     features: dict[int, SpuriousFeature] = {}
     if sfsl_plans:
-        classifier = load_classifiers([config.sfsl_model], classifier_flags, labels, settings, None,
-                                      str(accelerator.device))[0]
-        features = {p.cls.index: spurious_feature(classifier, p.cls, config, workspace) for p in sfsl_plans}
+        features = {p.cls.index: spurious_feature(classifiers[0], p.cls, config, workspace) for p in sfsl_plans}
     sfsl_decoder = None
     if sfsl_plans and config.sfsl_decoder:
         sfsl_decoder = load_sfsl_decoder(config.sfsl_decoder, latent_channels, accelerator.device,
@@ -183,16 +208,22 @@ def prepare_finetune(config: FinetuneConfig, workspace: Workspace,
             if state.get("key") != resume_key(config, plan, base, resolution, accelerator):
                 raise SpurgenError(f"{plan.checkpoint} was saved with other settings (or references, base model, "
                                    "process count); resume with the settings it was started with, or pass --overwrite")
-    workspace.ensure_writable()
+    workspace.ensure_writable(*(plan.folder for plan in plans), workspace.cache_dir())
     for plan in plans:
         if plan.action != "skip":
             _ensure_writable(plan.folder)
     accelerator.wait_for_everyone()  # every process has planned from the folders before training changes them
-    return FinetuneSetup(base, resolution, plans, accelerator, features, sfsl_decoder)
+    return FinetuneSetup(base, resolution, plans, accelerator, features, sfsl_decoder, classifiers if scored else [])
 
 
-def _make_accelerator(config: FinetuneConfig) -> "Accelerator":
-    """The accelerator of this command: devices, processes, mixed precision, gradient accumulation.
+def _scored(plan: ClassPlan, config: FinetuneConfig) -> bool:
+    """Whether a class's validation images are scored: it has validation images, and SFSL or
+    ``--validation-classifiers``."""
+    return bool(config.num_validation_images and (plan.sfsl_weight > 0 or config.validation_classifiers))
+
+
+def _make_accelerator(config: FinetuneConfig, trackers: list[str]) -> "Accelerator":
+    """The accelerator of this command: devices, processes, mixed precision, gradient accumulation, trackers.
 
     Raises:
         SpurgenError: unusable mixed precision, or processes that accelerate does not join into one run.
@@ -207,8 +238,10 @@ def _make_accelerator(config: FinetuneConfig) -> "Accelerator":
     # `accelerate launch --multi_gpu` into one data-parallel run (gloo) instead of N separate runs.
     cpu = config.device == "cpu" or resolve_device("auto").type == "cpu"
     try:
+        # The logging folder is each class's run's, set when its trackers start; accelerate wants one now.
         accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu,
-                                  gradient_accumulation_steps=config.gradient_accumulation_steps)
+                                  gradient_accumulation_steps=config.gradient_accumulation_steps,
+                                  log_with=trackers or None, project_dir="." if trackers else None)
     except (ValueError, RuntimeError) as exc:
         raise SpurgenError(f"cannot set up training: {str(exc).splitlines()[0]}; check --mixed-precision "
                            "(fp16 needs a GPU; bf16 a recent GPU or CPU)") from None
@@ -224,9 +257,6 @@ def _check_packages(config: FinetuneConfig) -> None:
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise SpurgenError("--use-8bit-adam needs bitsandbytes, which is not installed; pip install bitsandbytes "
                            "(or 'spurgen[bnb]'), or drop the flag")
-    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise SpurgenError("--tensorboard needs tensorboard, which is not installed; pip install tensorboard "
-                           "(or 'spurgen[tensorboard]'), or drop the flag")
 
 
 def _ensure_writable(folder: Path) -> None:
@@ -262,12 +292,9 @@ def _train_class(plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, 
     if main:  # from now until the end, the folder says it is not a finished model
         atomic_write_json(plan.folder / TRAINING_FILE, {"stage": "finetune", "status": "running", "started": started})
     accelerator.wait_for_everyone()
-    writer = None
-    if config.tensorboard and main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(plan.folder / "logs"))
+    validation = Validation(trainer, setup.scorers(plan, config))
     try:
+        start_trackers(accelerator, plan, config)
         key = resume_key(config, plan, setup.base, setup.resolution, accelerator)
         last_checkpoint = latest_checkpoint(plan.folder)
         losses_written = -float("inf")  # the file appears after the first step, then at the interval
@@ -277,19 +304,21 @@ def _train_class(plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, 
             while step < config.steps:
                 trainer.train_step(step)
                 step += 1
-                progress.update(task, advance=1)
                 # Validation images before the checkpoint: a run resumed from checkpoint N has those of step N.
                 validate = bool(config.validation_steps and step % config.validation_steps == 0
                                 and step < config.steps and config.num_validation_images)
                 checkpoint = bool(config.checkpointing_steps and step % config.checkpointing_steps == 0)
                 # The steps' statistics are read in batches, and always before anything is saved: a non-finite
                 # step stops the run before a checkpoint or the weights could hold what followed it.
+                description = None  # unchanged until the next read
                 if validate or checkpoint or step == config.steps or step % trainer.read_every == 0:
-                    _read_log(trainer, log, writer, started, last_checkpoint)
-                    progress.update(task, description=progress_text(plan.cls, log))
+                    _read_log(trainer, log, started, last_checkpoint)
+                    description = progress_text(plan.cls, log)
+                # One update with the step and its losses, so that a progress line never shows a step without them
+                progress.update(task, advance=1, description=description)
                 if validate:
                     if main:
-                        save_validation(trainer, plan.folder, step)
+                        validation.run(step, log)
                     accelerator.wait_for_everyone()
                 if checkpoint:
                     last_checkpoint = trainer.save_checkpoint(step, key, log)
@@ -297,21 +326,20 @@ def _train_class(plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, 
                     write_losses(plan.folder, log)
                     losses_written = time.monotonic()
 
-        if main:  # weights, validation images, losses and model card, then the manifest last
-            write_final_outputs(trainer, step, log, started)
+        if main:  # the last validation images (scored), weights, losses and model card, then the manifest last
+            validation.run(step, log)
+            write_final_outputs(trainer, step, log, started, validation.best_weights(log, step))
         accelerator.wait_for_everyone()
     finally:
-        if writer:
-            writer.close()
+        finish_trackers(accelerator)
         trainer.close()
     status = "resumed" if plan.action == "resume" else "trained"
     return FinetuneResult(plan.cls, plan.run, plan.folder, status, step, plan.sfsl_weight, loss_summary(log)["last"],
                           time.perf_counter() - clock)
 
 
-def _read_log(trainer: Trainer, log: list[dict[str, Any]], writer: Any, started: str,
-              last_checkpoint: Path | None) -> None:
-    """Appends the rows of the steps queued since the last read to ``log`` (and TensorBoard).
+def _read_log(trainer: Trainer, log: list[dict[str, Any]], started: str, last_checkpoint: Path | None) -> None:
+    """Appends the rows of the steps queued since the last read to ``log``, and logs them to the trackers.
 
     Raises:
         SpurgenError: a step's loss or gradient norm was not finite; the run's manifest then says ``"failed"``
@@ -331,11 +359,7 @@ def _read_log(trainer: Trainer, log: list[dict[str, Any]], writer: Any, started:
         raise SpurgenError(f"{plan.cls}: {exc}; stopped, {where}. Lower --learning-rate, use --mixed-precision bf16 "
                            "or no, then --resume (or --overwrite)") from None
     log.extend(rows)
-    if writer:
-        for row in rows:
-            for name, value in row.items():
-                if name not in ("step", "sfsl_rows") and value is not None:
-                    writer.add_scalar(name, value, row["step"])
+    log_rows(trainer.accelerator, rows)
 
 
 def print_finetune_table(results: Sequence[FinetuneResult]) -> None:

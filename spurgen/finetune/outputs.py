@@ -1,5 +1,6 @@
 """What a run's folder holds besides weights and checkpoints: ``training.json`` (the manifest), the model card
-``README.md``, ``losses.csv`` and ``validation/step-N/``; and the progress bar's text and the loss summary.
+``README.md`` and ``losses.csv`` (``validation/step-N/`` is :mod:`.validation`'s); and the progress bar's text and
+the loss summary.
 
 The manifest is written last by the loop: ``"complete"`` only once everything else is in place.
 """
@@ -20,27 +21,20 @@ from .._lora import LORA_WEIGHTS_NAME
 from ..config import FinetuneConfig
 from ..images import file_sha256
 from ..labels import ClassInfo
-from ..workspace import (LOSSES_FILE, TRAINING_FILE, atomic_write_bytes, atomic_write_json, atomic_write_text,
+from ..workspace import (LOSSES_FILE, TRAINING_FILE, atomic_write_json, atomic_write_text,
                          environment_versions, utc_now)
 from .diffusion import ROW_WEIGHT_FORMULAS
 from .plan import ClassPlan
+from .validation import BEST_FILE, best_record, metric_records, validation_file
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["save_validation", "loss_summary", "progress_text", "training_manifest", "write_final_outputs",
+__all__ = ["loss_summary", "progress_text", "training_manifest", "write_final_outputs",
            "write_losses"]
 
 # The loss terms of the log; its other columns are SFSL's rows and quarters of t, the gradient's diagnostics and lr.
 LOSS_TERMS = ("loss", "inst", "prior", "sfsl")
-
-
-def save_validation(trainer: Trainer, folder: Path, step: int) -> None:
-    """Writes ``validation/step-<step>/<i>.png``."""
-    for i, image in enumerate(trainer.validation_images(trainer.config.num_validation_images)):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        atomic_write_bytes(folder / _validation_file(step, i), buffer.getvalue())
 
 
 def _summarised(log: list[dict[str, Any]]) -> list[str]:
@@ -152,13 +146,23 @@ def training_manifest(plan: ClassPlan, config: FinetuneConfig, trainer: Trainer,
                  "row_weighting": config.sfsl_row_weighting,
                  "row_weight": ROW_WEIGHT_FORMULAS[config.sfsl_row_weighting][base.prediction_type],
                  "decoder": config.sfsl_decoder or "vae"} if classifier else None,
-        "validation": {"prompt": plan.instance_prompt,
+        "validation": {"prompt": plan.validation_prompt,
                        "seeds": [config.seed + i for i in range(config.num_validation_images)],
                        "num_inference_steps": config.sample_steps, "guidance_scale": config.guidance_scale,
-                       "scheduler": type(trainer.parts.sampler).__name__, "resolution": trainer.resolution},
+                       "scheduler": type(trainer.parts.sampler).__name__, "resolution": trainer.resolution,
+                       "metrics": metric_records(log), "best": best_record(log)},
+        "noise": {"offset": config.noise_offset, "snr_gamma": config.snr_gamma,
+                  "zero_terminal_snr": config.zero_terminal_snr,
+                  "sampler": {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+                  if config.zero_terminal_snr else None},
+        "keep_best": config.keep_best,
+        "weights_step": step,
         "distributed": {"processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
                         "device": str(accelerator.device)},
-        "settings": {**asdict(config), "run": plan.run, "train_text_encoder": trainer.train_text_encoder},
+        # The run's own settings, the same whichever command trained it: its one class (not the command's
+        # --classes), and whether it continued from a checkpoint (not whether --resume was passed).
+        "settings": {**asdict(config), "classes": [str(plan.cls.index)], "resume": plan.action == "resume",
+                     "run": plan.run, "train_text_encoder": trainer.train_text_encoder},
         "versions": environment_versions(),
         "loss": loss_summary(log),
         **extra,
@@ -171,11 +175,6 @@ _LICENSE_NAMES = {
     "openrail++":
         "[CreativeML Open RAIL++-M](https://huggingface.co/stabilityai/stable-diffusion-2/blob/main/LICENSE-MODEL)",
 }
-
-
-def _validation_file(step: int, index: int) -> str:
-    """A validation image's path inside the run's folder (relative, so that the card's links work anywhere)."""
-    return f"validation/step-{step:06d}/{index:02d}.png"
 
 
 def _sfsl_line(sfsl: dict[str, Any]) -> str:
@@ -217,7 +216,7 @@ def _model_card(plan: ClassPlan, config: FinetuneConfig, manifest: dict[str, Any
 
     lora, sfsl, prior = manifest["lora"], manifest["sfsl"], manifest["prior_preservation"]
     hub_id, license_id = base.hub_id, base_model_license(base)
-    samples = [_validation_file(manifest["steps"], i) for i in range(len(manifest["validation"]["seeds"]))]
+    samples = [validation_file(manifest["weights_step"], i) for i in range(len(manifest["validation"]["seeds"]))]
     data = ModelCardData(
         base_model=hub_id, license=license_id, library_name="diffusers", pipeline_tag="text-to-image",
         tags=["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "dreambooth",
@@ -236,7 +235,8 @@ def _model_card(plan: ClassPlan, config: FinetuneConfig, manifest: dict[str, Any
                if license_id else "The base model's licence is unknown to spurgen: check it before sharing these "
                "weights or their images, since it carries over to both.")
     seeds = manifest["validation"]["seeds"]
-    sample_lines = ([f"Validation images after the last step: prompt `{plan.instance_prompt}`, "
+    sample_lines = ([f"Validation images of these weights (step {manifest['weights_step']}): prompt "
+                     f"`{manifest['validation']['prompt']}`, "
                      f"{manifest['validation']['num_inference_steps']} steps, guidance "
                      f"{manifest['validation']['guidance_scale']}, seeds {seeds[0]}-{seeds[-1]}.", "",
                      " ".join(f"![seed {seed}]({sample})" for seed, sample in zip(seeds, samples))]
@@ -298,26 +298,32 @@ def _install(staging: Path, folder: Path) -> None:
     staging.rmdir()
 
 
-def write_final_outputs(trainer: Trainer, step: int, log: list[dict[str, Any]], started: str) -> None:
-    """Writes a finished run's folder, main process only: the weights (staged, then installed), the final
-    validation images, ``losses.csv``, the model card, and ``training.json`` saying ``"complete"`` last.
+def write_final_outputs(trainer: Trainer, step: int, log: list[dict[str, Any]], started: str,
+                        best: tuple[int, Path | None] | None = None) -> None:
+    """Writes a finished run's folder, main process only (after the last step's validation images): the weights
+    (staged, then installed), ``losses.csv``, the model card, and ``training.json`` saying ``"complete"`` last.
 
     Args:
         trainer: The class's trainer after its last step.
         step: The steps taken.
         log: The loss row of every step.
         started: When training started (UTC).
+        best: ``--keep-best``'s choice (:meth:`.validation.Validation.best_weights`): the step whose weights
+            are shipped and the folder that holds them, ``None`` for the trainer's (the last step's).
     """
     plan, config = trainer.plan, trainer.config
+    weights_step, weights_from = best or (step, None)
     staging = plan.folder / f".final-{os.getpid()}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    trainer.save_model(staging)
+    if weights_from is None:
+        staging.mkdir()
+        trainer.save_model(staging)
+    else:
+        shutil.copytree(weights_from, staging, ignore=shutil.ignore_patterns(BEST_FILE))
     _install(staging, plan.folder)
-    save_validation(trainer, plan.folder, step)
     extra: dict[str, Any] = {"lora_sha256": file_sha256(plan.folder / LORA_WEIGHTS_NAME)} if config.lora else {}
     manifest = training_manifest(plan, config, trainer, "complete", step, log, started, finished=utc_now(),
-                                 losses_file=LOSSES_FILE, **extra)
+                                 losses_file=LOSSES_FILE, weights_step=weights_step, **extra)
     write_losses(plan.folder, log)
     atomic_write_text(plan.folder / "README.md", _model_card(plan, config, manifest, trainer.base))
     atomic_write_json(plan.folder / TRAINING_FILE, manifest)

@@ -26,10 +26,13 @@ if TYPE_CHECKING:
 __all__ = ["ClassPlan", "plan_classes", "list_checkpoints", "latest_checkpoint", "resume_key"]
 
 # Settings a resumed run may change: they do not alter what the steps already taken would have been. (The
-# resolved kappa and the base model's fingerprint enter the resume key instead of the settings they come from.)
+# resolved kappa and the base model's fingerprint enter the resume key instead of the settings they come from.
+# Like gradient checkpointing, compilation and the memory format change the float rounding only.)
 _RESUMABLE = {"classes", "steps", "resume", "overwrite", "run_name", "checkpointing_steps", "checkpoints_total_limit",
-              "validation_steps", "num_validation_images", "tensorboard", "sample_batch_size",
-              "gradient_checkpointing", "device", "class_sfsl_weight", "sfsl_weight", "model"}
+              "validation_steps", "num_validation_images", "validation_prompt", "validation_classifiers", "keep_best",
+              "tensorboard", "report_to", "sample_batch_size",
+              "gradient_checkpointing", "device", "class_sfsl_weight", "sfsl_weight", "model", "compile",
+              "compile_mode", "channels_last"}
 
 # Switches whose off form is not --no-NAME.
 _SWITCHES = {"lora": ("--lora", "--full")}
@@ -43,7 +46,7 @@ class ClassPlan:
         cls: The class.
         run: The run's folder name (the preset unless ``--run-name``).
         folder: ``models/<class>/<run>/``.
-        noun, instance_prompt, class_prompt: The prompts, filled in for this class.
+        noun, instance_prompt, class_prompt, validation_prompt: The prompts, filled in for this class.
         references: The reference image files (instance images).
         sfsl_weight: kappa for this class; 0 means SFSL is not computed at all.
         action: ``train`` (from scratch), ``resume`` (from ``checkpoint``) or ``skip`` (already complete).
@@ -56,6 +59,7 @@ class ClassPlan:
     noun: str
     instance_prompt: str
     class_prompt: str
+    validation_prompt: str
     references: list[Path]
     sfsl_weight: float
     action: str = "train"
@@ -179,6 +183,7 @@ def plan_classes(config: FinetuneConfig, workspace: Workspace, labels: LabelSet)
         plan = ClassPlan(cls=cls, run=config.run, folder=workspace.model_dir(cls, config.run), noun=noun,
                          instance_prompt=config.instance_prompt.format(**prompts),
                          class_prompt=config.class_prompt.format(**prompts),
+                         validation_prompt=(config.validation_prompt or config.instance_prompt).format(**prompts),
                          references=_references(workspace, cls),
                          sfsl_weight=overrides.get(cls.index, config.sfsl_weight) if sfsl_on else 0.0)
         if config.prior_preservation and plan.instance_prompt == plan.class_prompt:

@@ -15,17 +15,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from .._base_model import BaseModel, Components, image_generator, load_components, shared_name, vae_config
 from .._lora import add_lora
 from .._runtime import dtype_argument
 from ..config import FinetuneConfig
-from ..errors import SpurgenError
+from ..errors import SpurgenError, out_of_memory_message
 from ..images import UnreadableImage, load_rgb
 from ..workspace import CHECKPOINT_STATE, CHECKPOINTS, Workspace, atomic_write_json, read_json, remove_tree
 from .class_images import ensure_class_images
+from .compile import compile_blocks, compiles, eager, mark_step, uses_channels_last
 from .diffusion import micro_step_seed
+from .noise import diffusion_loss, min_snr_weights, training_noise, zero_terminal_snr
 from .plan import ClassPlan, list_checkpoints
 from .sfsl import SpuriousFeature, SpuriousFeatureLoss
 
@@ -172,6 +174,8 @@ class Trainer:
         set_seed(config.seed)
         self.parts = self._load_models()
         instance_pixels = self._cache_latents(workspace)
+        if config.zero_terminal_snr:  # after the class images, which are the base model's own samples
+            self.parts = zero_terminal_snr(self.parts)
         trained = self._add_adapters()
         self._encode_prompts()
         if config.gradient_checkpointing:
@@ -180,6 +184,10 @@ class Trainer:
         self._build_optimizer(trained)
         self._build_lr_scheduler()
         self._prepare_accelerator(trained)
+        # After the references' features and the prompts are computed eagerly: those are one-off calls.
+        self.compiled = compiles(config.compile, self.device)
+        if self.compiled:
+            compile_blocks([model for _, model in trained], config.compile_mode)
         self.t_buckets = t_bucket_names(self.parts.noise_scheduler.config.num_train_timesteps)
         # Steps queued since the last read_rows: (0-based step, learning rate, statistics on the device).
         self._pending: list[tuple[int, float, torch.Tensor]] = []
@@ -201,6 +209,10 @@ class Trainer:
                                 vae=config.vae)
         for model in (parts.unet, *parts.text_encoders, parts.vae):
             model.requires_grad_(False).to(self.device)
+        self.channels_last = uses_channels_last(config.channels_last, self.device)
+        if self.channels_last:
+            for model in (parts.unet, parts.vae):
+                model.to(memory_format=torch.channels_last)
         return parts
 
     def _cache_latents(self, workspace: Workspace) -> torch.Tensor:
@@ -290,13 +302,13 @@ class Trainer:
         self._sfsl_loss: SpuriousFeatureLoss | None = None
         if feature is None:
             return
-        # Channels-last convolutions: tensor-core kernels on GPUs, and oneDNN's are no slower on CPUs (bench:
-        # ResNet-50 forward + backward at 224 px). The VAE is left alone on CPUs, where its GroupNorms prefer the
-        # contiguous layout. The layout is set before the references' features are computed with it.
+        # The classifier's convolutions in channels-last whatever --channels-last says: tensor-core kernels on GPUs,
+        # and oneDNN's are no slower on CPUs (bench: ResNet-50 forward + backward at 224 px). The decoder follows
+        # --channels-last, as the VAE does. The layout is set before the references' features are computed with it.
         if self.config.gradient_checkpointing:
             self.sfsl_decoder.enable_gradient_checkpointing()
         feature.classifier.model.to(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
+        if self.channels_last:
             self.sfsl_decoder.to(memory_format=torch.channels_last)
         self.sfsl = self._sfsl_loss = SpuriousFeatureLoss(feature, instance_pixels, self.config.sfsl_max_timestep,
                                                           self.config.sfsl_every, self.config.sfsl_row_weighting)
@@ -399,15 +411,16 @@ class Trainer:
         latents = [cache.sample(index, generator, self.scaling_factor)
                    for cache, index in zip((self.instance_latents, self.class_latents), picked)]
         latents = torch.cat(latents)
-        noise = torch.randn(latents.shape, generator=generator, device=device)
+        noise = training_noise(latents.shape, generator, device, config.noise_offset)
         noisy = family.add_noise(scheduler, latents, noise, timesteps)
         # Two prompts are encoded, not 2b rows: the same gradient, a fraction of the text encoder's work.
         conditioning = {name: value.repeat_interleave(b, dim=0) for name, value in self._conditioning().items()}
         prediction = family.predict(self.models[0], noisy, timesteps, conditioning)
         target = family.training_target(scheduler, latents, noise, timesteps)
 
-        inst = F.mse_loss(prediction[:b].float(), target[:b].float())
-        prior = F.mse_loss(prediction[b:].float(), target[b:].float()) if self.prior else None
+        weights = min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma else None
+        inst = diffusion_loss(prediction, target, weights, slice(None, b))
+        prior = diffusion_loss(prediction, target, weights, slice(b, None)) if self.prior else None
         total = inst if prior is None else inst + config.prior_weight * prior
         losses = Losses(total, inst, prior, None, 0, prediction=prediction)
         if len(rows):  # only these rows are decoded and classified
@@ -428,6 +441,8 @@ class Trainer:
         Optimizers that cannot skip on the device (bitsandbytes') read the flag on the host instead, once per step.
         """
         accelerator, update = self.accelerator, True
+        if self.compiled:
+            mark_step(self.config.compile_mode)
         stats = torch.zeros(len(_STATS), device=self.device)
         for micro in range(self.config.gradient_accumulation_steps):
             with accelerator.accumulate(*self.models):
@@ -554,7 +569,10 @@ class Trainer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(staging))
+        try:
+            self.accelerator.save_state(str(staging))
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            self._checkpoint_write_failed(staging, exc)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             if self.config.lora:  # the checkpoint as a model too (generate --checkpoint, export-lora --checkpoint)
@@ -566,6 +584,26 @@ class Trainer:
                 remove_tree(old)  # a crash must not leave a half-deleted checkpoint under its name
         self.accelerator.wait_for_everyone()
         return final
+
+    def _checkpoint_write_failed(self, staging: Path, exc: BaseException) -> None:
+        """Removes a checkpoint's staging folder after a failed write and raises the error for the user.
+
+        torch.save reports a failed write as a RuntimeError ("PytorchStreamWriter failed writing file", "file write
+        failed") and safetensors as a SafetensorError, not as an OSError: both become one line here. An OSError and
+        running out of GPU memory go on as they are (the command line reports them).
+
+        Raises:
+            SpurgenError: always, but for those two.
+        """
+        if self.accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # the last good checkpoint stays the latest
+        if isinstance(exc, OSError) or out_of_memory_message(exc):
+            raise exc
+        last = (list_checkpoints(self.plan.folder) or [None])[-1]
+        kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was saved yet"
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise SpurgenError(f"cannot write a checkpoint in {staging.parent}: {detail}; free disk space or choose a "
+                           f"writable --workspace, then continue with --resume ({kept})") from None
 
     def load_checkpoint(self, path: Path) -> tuple[int, list[dict[str, Any]]]:
         """Restores a checkpoint; returns its step and the loss log up to it.
@@ -588,14 +626,14 @@ class Trainer:
 
     @torch.no_grad()
     def validation_images(self, count: int) -> list["Image.Image"]:
-        """Images of the instance prompt with seeds seed, seed + 1, ... from the model as it is now."""
+        """Images of the validation prompt with seeds seed, seed + 1, ... from the model as it is now."""
         pipeline = self.family.sampling_pipeline(self.parts)
         for model in (self.unet, *self.text_encoders):
             model.eval()
         images = []
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), eager():
             for i in range(count):
-                images.append(pipeline(self.plan.instance_prompt, height=self.resolution, width=self.resolution,
+                images.append(pipeline(self.plan.validation_prompt, height=self.resolution, width=self.resolution,
                                        num_inference_steps=self.config.sample_steps,
                                        guidance_scale=self.config.guidance_scale,
                                        generator=image_generator(self.config.seed + i)).images[0])

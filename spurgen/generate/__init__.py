@@ -101,7 +101,7 @@ def generate(config: GenerateConfig, workspace: Workspace,
     plans = [plan for cls in classes for plan in plan_class(config, workspace, cls)]
     device = resolve_device(config.device)
     dtype = torch_dtype(config.dtype, device)
-    workspace.ensure_writable()
+    workspace.ensure_writable(*(workspace.generated_dir(plan.cls, plan.run) for plan in plans), workspace.cache_dir())
     # A base model's SHA-256 (GBs) is remembered in the workspace, and saved only once the command has
     # succeeded: a refused command leaves the workspace as it was.
     hashes = FileHashes(workspace.cache_dir("sha256.json"))
