@@ -13,15 +13,18 @@ Families that spurgen knows but does not train yet are refused with a one-line e
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from ..errors import SpurgenError
 from .base import ModelFamily
 
-__all__ = ["ModelFamily", "UNSUPPORTED", "family_names", "get_family", "detect_family"]
+__all__ = ["ModelFamily", "get_family", "detect_family"]
 
 
+@functools.cache
 def _registry() -> dict[str, ModelFamily]:
+    """One instance per family, shared (base models of one family compare equal)."""
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
 
@@ -29,13 +32,8 @@ def _registry() -> dict[str, ModelFamily]:
 
 
 # Families whose folders spurgen recognises but does not train yet: pipeline class -> how users call it.
-UNSUPPORTED = {"FluxPipeline": "FLUX.1", "StableDiffusion3Pipeline": "Stable Diffusion 3",
-               "PixArtAlphaPipeline": "PixArt-alpha", "KandinskyV22Pipeline": "Kandinsky 2.2"}
-
-
-def family_names() -> list[str]:
-    """The ``--family`` values."""
-    return list(_registry())
+_UNSUPPORTED = {"FluxPipeline": "FLUX.1", "StableDiffusion3Pipeline": "Stable Diffusion 3",
+                "PixArtAlphaPipeline": "PixArt-alpha", "KandinskyV22Pipeline": "Kandinsky 2.2"}
 
 
 def _supported_text() -> str:
@@ -71,7 +69,7 @@ def detect_family(index: dict[str, Any], where: str, override: str | None = None
     for family in _registry().values():
         if family.pipeline_class_name == class_name:
             return family
-    what = f"a {UNSUPPORTED[class_name]} model ({class_name})" if class_name in UNSUPPORTED else (
+    what = f"a {_UNSUPPORTED[class_name]} model ({class_name})" if class_name in _UNSUPPORTED else (
         f"a {class_name} pipeline" if class_name else "a folder whose model_index.json names no pipeline class")
     raise SpurgenError(f"{where} is {what}, which spurgen does not support; it supports {_supported_text()}")
 

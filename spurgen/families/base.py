@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["ModelFamily"]
 
 
-class ModelFamily:
+class ModelFamily(ABC):
     """What spurgen must know about one family of text-to-image models to fine-tune and sample it.
 
     The class attributes describe the family's folder and adapters; the methods are the family's arithmetic.
@@ -51,19 +52,15 @@ class ModelFamily:
 
         return getattr(diffusers, self.pipeline_class_name)
 
-    def sampling_pipeline(self, components: "Components", denoiser: "torch.nn.Module | None" = None,
-                          text_encoders: "list[torch.nn.Module] | None" = None) -> Any:
-        """A text-to-image pipeline over loaded parts (no copy), optionally with trained denoiser / text encoders.
+    def sampling_pipeline(self, components: "Components") -> Any:
+        """A text-to-image pipeline over loaded parts (no copy: trained adapters sample as they are now).
 
         Args:
             components: The loaded parts.
-            denoiser: A trained denoiser to sample with instead of ``components``'.
-            text_encoders: Trained text encoders, in :attr:`text_encoders` order.
         """
-        parts = {name: model for name, model in zip(self.tokenizers, components.tokenizers)}
-        parts.update(zip(self.text_encoders, text_encoders or components.text_encoders))
-        parts.update({"vae": components.vae, self.denoiser: denoiser or components.unet,
-                      "scheduler": components.sampler})
+        parts = dict(zip(self.tokenizers, components.tokenizers))
+        parts.update(zip(self.text_encoders, components.text_encoders))
+        parts.update({"vae": components.vae, self.denoiser: components.unet, "scheduler": components.sampler})
         pipeline = self.pipeline_class()(**parts, **self.pipeline_arguments)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
@@ -73,6 +70,7 @@ class ModelFamily:
         return [tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                           return_tensors="pt").input_ids for tokenizer in tokenizers]
 
+    @abstractmethod
     def encode_prompts(self, text_encoders: list["torch.nn.Module"], ids: list["torch.Tensor"],
                        resolution: int) -> dict[str, "torch.Tensor"]:
         """The denoiser's conditioning of each prompt, every tensor with one row per prompt.
@@ -82,36 +80,35 @@ class ModelFamily:
             ids: :meth:`tokenize`'s ids, on the encoders' device.
             resolution: The training image side (for micro-conditioning).
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def predict(self, denoiser: "torch.nn.Module", noisy: "torch.Tensor", timesteps: "torch.Tensor",
                 conditioning: dict[str, "torch.Tensor"]) -> "torch.Tensor":
         """The denoiser's output for noisy latents, with :meth:`encode_prompts`' conditioning (one row per latent)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def add_noise(self, scheduler: Any, latents: "torch.Tensor", noise: "torch.Tensor",
                   timesteps: "torch.Tensor") -> "torch.Tensor":
         """z_t of clean latents z and noise eps at timesteps t."""
-        raise NotImplementedError
 
+    @abstractmethod
     def training_target(self, scheduler: Any, latents: "torch.Tensor", noise: "torch.Tensor",
                         timesteps: "torch.Tensor") -> "torch.Tensor":
         """What the denoiser must predict (epsilon, v or flow)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def predicted_original(self, scheduler: Any, noisy: "torch.Tensor", output: "torch.Tensor",
                            timesteps: "torch.Tensor") -> "torch.Tensor":
         """z0_hat, the one-step estimate of the clean latents from the denoiser's output, float32."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sfsl_row_weight(self, scheduler: Any, timesteps: "torch.Tensor", weighting: str) -> "torch.Tensor":
         """SFSL's weight of each row, [N], by ``--sfsl-row-weighting``: with ``v-profile`` weight x the estimate's
         gain equals v-prediction's sqrt(1 - abar_t), whatever the family predicts."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, decoder: "torch.nn.Module", latents: "torch.Tensor") -> "torch.Tensor":
         """Latents as the denoiser sees them -> [-1, 1] images, with gradients."""
-        raise NotImplementedError
 
     def vae_dtype(self, vae_config: dict[str, Any], half: "torch.dtype") -> "torch.dtype":
         """The frozen VAE's dtype under mixed precision ``half``: ``half`` unless the family's VAE overflows in it."""
