@@ -33,17 +33,6 @@ def hf_hub_offline() -> Iterator[None]:
         os.environ["HF_HUB_OFFLINE"] = previous
 
 
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and the CPUs are shared (modules opt in with usefixtures)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Stable Diffusion pipeline folder (64 px, seed 0), built once per session.

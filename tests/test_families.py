@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_finetune import HUMMINGBIRD, config, loss_rows, manifest, png, sfsl_trainer, write_refs
+from test_finetune import (HUMMINGBIRD, config, loss_rows, manifest, one_thread, png, sfsl_trainer,  # noqa: F401 (fixture)
+                           write_refs)
 
 from spurgen._base_model import load_components, resolve_base_model, vae_config
 from spurgen.config import GenerateConfig, resolve_config
@@ -18,8 +19,6 @@ from spurgen.errors import SpurgenError
 from spurgen.families import detect_family, get_family
 from spurgen.finetune import finetune
 from spurgen.generate import generate
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _with_class_name(source: Path, target: Path, class_name: str | None) -> Path:

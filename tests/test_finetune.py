@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -26,8 +26,6 @@ from spurgen.images import file_sha256
 from spurgen.labels import get_label_set
 from spurgen.workspace import Workspace, atomic_write_json
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
-
 HUMMINGBIRD = get_label_set("imagenet").resolve("94")
 # Small everything: 2 steps, 2 class images of 2 denoising steps, no validation images or checkpoints unless a
 # test asks; SFSL on every row (bound 999) so that a 2-step run always computes it; a large learning rate so
@@ -36,6 +34,15 @@ FAST: dict[str, Any] = {"classes": ["94"], "steps": 2, "num_class_images": 2, "s
                         "sample_batch_size": 2, "num_validation_images": 0, "validation_steps": 0,
                         "checkpointing_steps": 0, "learning_rate": 1e-2, "rank": 4, "sfsl_model": "res-a",
                         "sfsl_max_timestep": 999, "sfsl_every": 1}  # SFSL on each of the 2 steps
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and the CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def config(tiny_sd_dir: Path, **overrides: Any) -> FinetuneConfig:
