@@ -41,6 +41,15 @@ class ModelFamily(ABC):
     pipeline_arguments: ClassVar[dict[str, Any]] = {}
     """Keyword arguments the family's pipeline needs beyond its parts (no safety checker, ...)."""
 
+    def lora_target_modules(self, part: str, model: "torch.nn.Module") -> list[str]:
+        """The modules of ``part`` that LoRA adapts: :attr:`lora_targets`, which peft matches as name suffixes.
+
+        Args:
+            part: The trained part's name (``unet``, ``text_encoder``, ...).
+            model: The part, for a family that leaves some of its modules out.
+        """
+        return list(self.lora_targets[part])
+
     @property
     def parts(self) -> tuple[str, ...]:
         """Every part a folder of the family must hold for training."""

@@ -32,6 +32,16 @@ class StableDiffusionXL(StableDiffusion):
         "unet": _UNET_TARGETS, "text_encoder": TEXT_ENCODER_TARGETS, "text_encoder_2": TEXT_ENCODER_TARGETS}
     pipeline_arguments: ClassVar[dict[str, Any]] = {}
 
+    def lora_target_modules(self, part: str, model: "torch.nn.Module") -> list[str]:
+        """SD's targets, but none in the first text encoder's last layer: SDXL conditions on that encoder's
+        penultimate hidden states, so an adapter there would never train, and data-parallel training refuses
+        parameters that get no gradient (diffusers' SDXL script finds unused parameters on every step instead)."""
+        targets = super().lora_target_modules(part, model)
+        if part != "text_encoder":
+            return targets
+        last = f"layers.{model.config.num_hidden_layers - 1}."
+        return [name for name, _ in model.named_modules() if name.rpartition(".")[2] in targets and last not in name]
+
     def encode_prompts(self, text_encoders: list["torch.nn.Module"], ids: list["torch.Tensor"],
                        resolution: int) -> dict[str, "torch.Tensor"]:
         """As ``StableDiffusionXLPipeline.encode_prompt``: each encoder's penultimate hidden states, concatenated

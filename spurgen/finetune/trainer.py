@@ -255,7 +255,7 @@ class Trainer:
         for name, model in trained:
             if config.lora:
                 alpha = config.alpha if config.alpha is not None else config.rank
-                add_lora(model, family.lora_targets[name], config.rank, alpha)
+                add_lora(model, family.lora_target_modules(name, model), config.rank, alpha)
                 for param in model.parameters():
                     if param.requires_grad:
                         param.data = param.data.float()
