@@ -41,14 +41,25 @@ class ModelFamily(ABC):
     pipeline_arguments: ClassVar[dict[str, Any]] = {}
     """Keyword arguments the family's pipeline needs beyond its parts (no safety checker, ...)."""
 
-    def lora_target_modules(self, part: str, model: "torch.nn.Module") -> list[str]:
-        """The modules of ``part`` that LoRA adapts: :attr:`lora_targets`, which peft matches as name suffixes.
+    def unused_modules(self, part: str, model: "torch.nn.Module") -> tuple[str, ...]:
+        """The modules of ``part`` (names in ``model``) outside the training graph: they get no adapter and stay
+        frozen in full fine-tuning, since they would never train and data-parallel training refuses parameters
+        that get no gradient.
 
         Args:
             part: The trained part's name (``unet``, ``text_encoder``, ...).
-            model: The part, for a family that leaves some of its modules out.
+            model: The part.
         """
-        return list(self.lora_targets[part])
+        return ()
+
+    def lora_target_modules(self, part: str, model: "torch.nn.Module") -> list[str]:
+        """The modules of ``part`` that LoRA adapts: :attr:`lora_targets` (peft matches them as name suffixes),
+        outside :meth:`unused_modules`."""
+        targets, unused = self.lora_targets[part], self.unused_modules(part, model)
+        if not unused:
+            return list(targets)
+        return [name for name, _ in model.named_modules() if name.rpartition(".")[2] in targets
+                and not any(name.startswith(f"{prefix}.") for prefix in unused)]
 
     @property
     def parts(self) -> tuple[str, ...]:

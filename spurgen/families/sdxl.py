@@ -32,15 +32,13 @@ class StableDiffusionXL(StableDiffusion):
         "unet": _UNET_TARGETS, "text_encoder": TEXT_ENCODER_TARGETS, "text_encoder_2": TEXT_ENCODER_TARGETS}
     pipeline_arguments: ClassVar[dict[str, Any]] = {}
 
-    def lora_target_modules(self, part: str, model: "torch.nn.Module") -> list[str]:
-        """SD's targets, but none in the first text encoder's last layer: SDXL conditions on that encoder's
-        penultimate hidden states, so an adapter there would never train, and data-parallel training refuses
-        parameters that get no gradient (diffusers' SDXL script finds unused parameters on every step instead)."""
-        targets = super().lora_target_modules(part, model)
+    def unused_modules(self, part: str, model: "torch.nn.Module") -> tuple[str, ...]:
+        """The first text encoder's last layer and final norm: SDXL conditions on that encoder's penultimate
+        hidden states (diffusers' SDXL script adapts them anyway and finds unused parameters on every step)."""
         if part != "text_encoder":
-            return targets
-        last = f"layers.{model.config.num_hidden_layers - 1}."
-        return [name for name, _ in model.named_modules() if name.rpartition(".")[2] in targets and last not in name]
+            return ()
+        last = f"layers.{model.config.num_hidden_layers - 1}"
+        return tuple(name for name, _ in model.named_modules() if name.endswith((last, "final_layer_norm")))
 
     def encode_prompts(self, text_encoders: list["torch.nn.Module"], ids: list["torch.Tensor"],
                        resolution: int) -> dict[str, "torch.Tensor"]:

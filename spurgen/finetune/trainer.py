@@ -261,6 +261,8 @@ class Trainer:
                         param.data = param.data.float()
             else:
                 model.requires_grad_(True)
+                for unused in family.unused_modules(name, model):
+                    model.get_submodule(unused).requires_grad_(False)
             model.train()
         self.trained_names = [name for name, _ in trained]
         return trained
