@@ -6,11 +6,12 @@ Stages, each ours against a baseline measured in the same process (see each modu
                  and vs a bare python -c "import typer, rich"                <= 2x
     select-refs  select_refs end to end vs bare batched classifier forwards  >= 0.8x
     evaluate     evaluate end to end vs bare batched classifier forwards     >= 0.8x
-    generate     generate vs a bare diffusers StableDiffusionPipeline loop   >= 0.95x
+    generate     generate vs a bare diffusers StableDiffusionPipeline loop   >= 1.0x
     finetune     the step of each preset vs diffusers' train_dreambooth step time <= 0.9x (sfsl: its cost)
     sfsl         SFSL's cost-cutting measures vs the no-SFSL step            <= 1.3x
     levers       --channels-last, --compile (+ CUDA graphs) vs the eager step  measured; compile time, break-even
                  (--only levers: on a CPU the compilation takes minutes)
+    mfu          the UNet step's model-FLOPs utilisation at batch 1+1 and 8+8  reported
     scaling      generate / evaluate commands, 2 processes vs 1              >= 1.2x
     demo         spurgen demo end to end in a fresh workspace (--only demo)  <= 10 min
 
@@ -37,9 +38,18 @@ from bench._common import apply_threads, save_run  # noqa: E402
 
 # Stage name -> module; each module has run(**SIZES[size], repeats=..., device=...) -> list of records, and may
 # have GPU_SIZES[size]: what changes on a GPU, where the CPU's sizes would time little but start-up.
-STAGES: dict[str, str] = {"help": "bench.cli_help", "select-refs": "bench.select_refs", "evaluate": "bench.evaluate",
-                          "generate": "bench.generate", "finetune": "bench.finetune", "sfsl": "bench.sfsl",
-                          "levers": "bench.levers", "scaling": "bench.scaling", "demo": "bench.demo"}
+STAGES: dict[str, str] = {
+    "help": "bench.cli_help",
+    "select-refs": "bench.select_refs",
+    "evaluate": "bench.evaluate",
+    "generate": "bench.generate",
+    "finetune": "bench.finetune",
+    "sfsl": "bench.sfsl",
+    "levers": "bench.levers",
+    "mfu": "bench.mfu",
+    "scaling": "bench.scaling",
+    "demo": "bench.demo",
+}
 
 
 ON_REQUEST = ("demo", "levers")
@@ -53,7 +63,7 @@ def _stage_arguments(stage: str, module: Any, size: str, repeats: int | None, th
         arguments.update(getattr(module, "GPU_SIZES", {}).get(size, {}))
     if repeats is not None:
         arguments["repeats"] = repeats
-    if stage in ("finetune", "sfsl", "levers"):  # finetune's own device setting: the GPU when there is one
+    if stage in ("finetune", "sfsl", "levers", "mfu"):  # finetune's own device setting: the GPU when there is one
         arguments["device"] = "cpu" if device == "cpu" else "auto"
     else:
         arguments["device"] = device
@@ -105,8 +115,11 @@ def main() -> None:
     parser.add_argument("--size", default="tiny", choices=["tiny", "full"])
     parser.add_argument("--only", help=f"comma-separated stages: {', '.join(STAGES)}")
     parser.add_argument("--repeats", type=int, help="timed turns per side; default: each stage's")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads for torch (default: torch's); 1 is steadier on a machine shared with other jobs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's); 1 is steadier on a machine shared with other jobs",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     # The demo and the levers' compilation on a CPU take minutes of their own: only on request (--only demo,levers).

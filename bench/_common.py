@@ -29,6 +29,9 @@ from typing import Any, Callable, Iterator
 __all__ = ["Measurement", "measure", "measure_interleaved", "peak_memory", "compare", "save_run", "machine"]
 
 RESULTS_FILE = Path(__file__).with_name("results.json")
+# bench/gpu.sh points these at its run's record file and at the commit it found (the device machine's copy of the
+# working tree may have no .git).
+RESULTS_ENV, COMMIT_ENV = "SPURGEN_BENCH_RESULTS", "SPURGEN_BENCH_COMMIT"
 
 
 @dataclass
@@ -280,6 +283,8 @@ def compare(name: str, ours: Measurement, baseline: Measurement, items: int, uni
 
 
 def _git_commit() -> str | None:
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
                               cwd=RESULTS_FILE.parent)
@@ -313,12 +318,14 @@ def machine(device: str = "cpu") -> dict[str, Any]:
 
 def save_run(records: list[dict[str, Any]], size: str = "custom", device: str = "cpu") -> dict[str, Any]:
     """Appends a run (date, machine, size, git commit, command, records) to ``bench/results.json`` (not
-    versioned) and makes its records the ``latest`` of their stages, so that runs can be compared over time.
+    versioned; ``SPURGEN_BENCH_RESULTS=FILE``: that file) and makes its records the ``latest`` of their stages, so
+    that runs can be compared over time.
 
     Returns the run.
     """
+    results_file = Path(os.environ.get(RESULTS_ENV) or RESULTS_FILE)
     try:
-        results = json.loads(RESULTS_FILE.read_text())
+        results = json.loads(results_file.read_text())
     except (OSError, json.JSONDecodeError):
         results = {}
     if "runs" not in results:  # the older layout, one record per benchmark: kept as a legacy run
@@ -329,5 +336,6 @@ def save_run(records: list[dict[str, Any]], size: str = "custom", device: str = 
     results["runs"].append(run)
     for record in records:
         results["latest"][f"{size}/{record.get('stage')}/{record['name']}"] = {**record, "date": run["date"]}
-    RESULTS_FILE.write_text(json.dumps(results, indent=2) + "\n")
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    results_file.write_text(json.dumps(results, indent=2) + "\n")
     return run

@@ -183,7 +183,11 @@ def _reference_step(trainer: Any, config: Any) -> Callable[[int], None]:
                     with torch.no_grad():
                         hidden = text_encoder(ids)[0]
                 pred = unet(noisy, timesteps, hidden).sample
-            target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(model_input, noise, timesteps)
+            target = (
+                noise
+                if scheduler.config.prediction_type == "epsilon"
+                else scheduler.get_velocity(model_input, noise, timesteps)
+            )
             pred, pred_prior = torch.chunk(pred, 2, dim=0)
             target, target_prior = torch.chunk(target, 2, dim=0)
             loss = F.mse_loss(pred.float(), target.float()) + F.mse_loss(pred_prior.float(), target_prior.float())
@@ -266,7 +270,9 @@ def _preset(setup: Bench, preset: str, steps: int, repeats: int) -> dict[str, An
     else:
         record["target_text"] = ">= 1.11 (time <= 0.9x)"
     record["seconds_per_step"] = {"ours": times["ours"].median / steps, "reference": times["reference"].median / steps}
-    record["images_per_s"] = {side: 2 * setup.batch_size / seconds for side, seconds in record["seconds_per_step"].items()}
+    record["images_per_s"] = {
+        side: 2 * setup.batch_size / seconds for side, seconds in record["seconds_per_step"].items()
+    }
     if where == "cuda":
         import torch
 

@@ -100,7 +100,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     add_common_arguments(parser, threads=1)
     args = parser.parse_args()
-    given = {k: getattr(args, k) for k in ("arch", "classifier_arch", "images", "steps") if getattr(args, k) is not None}
+    given = {
+        k: getattr(args, k) for k in ("arch", "classifier_arch", "images", "steps") if getattr(args, k) is not None
+    }
     records = run(**{**SIZES[args.size], **given}, repeats=args.repeats, threads=args.threads, device=args.device)
     save_run(records, args.size, args.device)
 

@@ -171,7 +171,9 @@ def run(arch: str = "tiny", steps: int = 5, repeats: int = 3, batch_size: int = 
         ("+ TAESD decoder", expected("taesd", p / every), "taesd", True),
         (f"TAESD + checkpointing + channels-last, t<={bound}, every step", expected("taesd", p), "taesd", True),
     ]
-    name = f"({arch}, {where.type}, {trainer.accelerator.mixed_precision}, batch {batch_size}+{batch_size}, {sfsl_arch})"
+    name = (
+        f"({arch}, {where.type}, {trainer.accelerator.mixed_precision}, batch {batch_size}+{batch_size}, {sfsl_arch})"
+    )
     gpu = _gpu_figures(trainer, batch_size, none) if where.type == "cuda" else {"mfu": "n/a on CPU"}
     if where.type != "cuda":
         gpu["unet_step_tflops"] = _unet_tflops(trainer, batch_size)
@@ -187,8 +189,11 @@ def run(arch: str = "tiny", steps: int = 5, repeats: int = 3, batch_size: int = 
             "ours_seconds": times[measured].seconds, "baseline_seconds": times["none"].seconds, "steps": steps,
             "ours_cpu_seconds": times[measured].cpu_seconds, "baseline_cpu_seconds": times["none"].cpu_seconds,
             "images_per_s": 2 * batch_size / seconds, "every": every if "every" in label else 1, **gpu})
-        print(f"{label}: {seconds:.3f} {'CPU ' if cpu else ''}s/step{' (expected)' if derived else ''}, {ratio:.3f}x the no-SFSL step, "
-              f"peak {times[measured].peak_memory_mb or 0:.0f} MB")
+        print(
+            f"{label}: {seconds:.3f} {'CPU ' if cpu else ''}s/step{' (expected)' if derived else ''}, {ratio:.3f}x the "
+            "no-SFSL step, "
+            f"peak {times[measured].peak_memory_mb or 0:.0f} MB"
+        )
     print(f"UNet fwd+bwd: {gpu['unet_step_tflops']:.3f} TFLOPs per step; MFU: {gpu['mfu']}")
     release(trainer)
     return records

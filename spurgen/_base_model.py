@@ -116,7 +116,8 @@ def _read_config(path: Path, where: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise SpurgenError(f"{where}: cannot read {path} ({exc}); give a complete diffusers Stable Diffusion folder") from None
+        raise SpurgenError(f"{where}: cannot read {path} ({exc}); give a complete diffusers Stable Diffusion "
+                           "folder") from None
 
 
 def _fingerprint(folder: Path, parts: tuple[str, ...]) -> str:

@@ -49,6 +49,11 @@ def _list_value(values: list[str], meta: Mapping[str, Any], item: Any, flag: str
     return _numbers(values, item, flag) if item in (int, float) else values
 
 
+def _expanded_path(path: Path) -> str:
+    """A path option's value as the setting's string, ``~`` expanded."""
+    return str(path.expanduser())
+
+
 def _option(config_cls: type, fld: dataclasses.Field, hint: Any) -> tuple[inspect.Parameter, Callable[[Any], Any]]:
     """The Typer parameter of one field, and the function that turns the option's value into the setting's.
 
@@ -65,7 +70,7 @@ def _option(config_cls: type, fld: dataclasses.Field, hint: Any) -> tuple[inspec
     convert: Callable[[Any], Any]
     if meta["path"]:
         annotation: Any = Path
-        convert = lambda path: str(path.expanduser())
+        convert = _expanded_path
     elif typing.get_origin(hint) in (list, dict):
         # Lists and tables arrive as repeated strings (Typer cannot parse NAME=VALUE or report a whole list).
         annotation = list[str]

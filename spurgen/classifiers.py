@@ -104,7 +104,7 @@ def imagenet_classifiers() -> tuple[ClassifierSpec, ...]:
                        description="ResNet-50, torchvision IMAGENET1K_V2 (80.9% top-1)"),
         ClassifierSpec("vit-b16", "vit_base_patch16_224.augreg_in21k_ft_in1k",
                        description="ViT-B/16 AugReg, ImageNet-21k pre-trained, fine-tuned on ImageNet-1k"),
-        ClassifierSpec("robust-rn50", "resnet50.tv_in1k", needs_path=True, 
+        ClassifierSpec("robust-rn50", "resnet50.tv_in1k", needs_path=True,
                        temperature=ROBUST_RN50_TEMPERATURE,
                        description="adversarially robust ResNet-50 of Spurious ImageNet (l2_improved_3_ep.pt)"),
     )
@@ -159,7 +159,8 @@ def _spec_from_table(name: str, value: Any, known: Mapping[str, ClassifierSpec])
         raise SpurgenError(f"{where}: expected \"ARCH@PATH\" or a table with arch, path, crop, temperature")
     unknown = set(value) - {"arch", "path", "crop", "temperature", "description"}
     if unknown:
-        raise SpurgenError(f"{where}: unknown key '{sorted(unknown)[0]}'; known keys: arch, path, crop, temperature, description")
+        raise SpurgenError(f"{where}: unknown key '{sorted(unknown)[0]}'; known keys: arch, path, crop, temperature, "
+                           "description")
     base = known.get(name) or ClassifierSpec(name=safe_name(name, "classifier name"), arch=str(value.get("arch", "")))
     if not base.arch and not value.get("arch"):
         raise SpurgenError(f"{where}: 'arch' is missing; give a timm model id such as resnet50.tv_in1k")
@@ -222,7 +223,11 @@ def resolve_classifiers(names: Sequence[str], label_set: str, table: Mapping[str
 def _strip_prefixes(state: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
     # DataParallel and robustness-library checkpoints wrap the network ("module.model.conv1.weight")
     # and carry the attacker's copy and a normaliser; keep only the plain network.
-    state = {k: v for k, v in state.items() if not k.startswith(("module.attacker.", "attacker.", "module.normalizer.", "normalizer."))}
+    state = {
+        k: v
+        for k, v in state.items()
+        if not k.startswith(("module.attacker.", "attacker.", "module.normalizer.", "normalizer."))
+    }
     for prefix in ("module.model.", "module.", "model."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
@@ -253,7 +258,8 @@ def load_state_dict_file(path: Path) -> dict[str, "torch.Tensor"]:
         raise SpurgenError(f"{path} holds more than tensors and is refused (safe loading: {str(exc).splitlines()[0]}); "
                            "convert it to safetensors or a plain state dict") from None
     except Exception as exc:  # noqa: BLE001 - any parse failure of a user file is a user error
-        raise SpurgenError(f"cannot read weights from {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+        raise SpurgenError(f"cannot read weights from {path} ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); "
                            "give a safetensors file or a torch state dict") from None
     for key in ("state_dict_ema", "state_dict", "model_state_dict", "model", "params"):  # params: pyiqa
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -312,14 +318,18 @@ def _create_timm_model(spec: ClassifierSpec) -> Any:
         if spec.path and Path(spec.path).expanduser().is_dir():
             folder = Path(spec.path).expanduser()
             if not (folder / "config.json").is_file():
-                raise SpurgenError(f"classifier '{spec.name}': {folder} has no config.json; give a timm model folder or a weight file")
+                raise SpurgenError(f"classifier '{spec.name}': {folder} has no config.json; give a timm model folder "
+                                   "or a weight file")
             return timm.create_model(f"local-dir:{folder}", pretrained=True)
         if spec.path:
             path = Path(spec.path).expanduser()
             state = load_state_dict_file(path)
             model, result = _model_holding(spec.arch, state)
             if result.missing_keys or result.unexpected_keys:
-                detail = ", ".join([f"missing {k}" for k in result.missing_keys[:2]] + [f"unexpected {k}" for k in result.unexpected_keys[:2]])
+                detail = ", ".join(
+                    [f"missing {k}" for k in result.missing_keys[:2]]
+                    + [f"unexpected {k}" for k in result.unexpected_keys[:2]]
+                )
                 raise SpurgenError(
                     f"classifier '{spec.name}': {path} does not fit architecture {spec.arch} ({detail}); "
                     "check the ARCH part of NAME=ARCH@PATH")
@@ -336,8 +346,10 @@ def _create_timm_model(spec: ClassifierSpec) -> Any:
                            f"download its weights and pass --classifier {spec.name}={spec.arch}@PATH") from None
     except Exception as exc:  # noqa: BLE001 - unknown model names, hub and network failures
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SpurgenError(f"cannot load classifier '{spec.name}' ({spec.arch}): {first}; check the timm id, or download "
-                           f"the weights on a machine with network and pass --classifier {spec.name}={spec.arch.split(':')[-1]}@PATH") from None
+        raise SpurgenError(f"cannot load classifier '{spec.name}' ({spec.arch}): {first}; check the timm id, or "
+                           "download "
+                           "the weights on a machine with network and pass --classifier "
+                           f"{spec.name}={spec.arch.split(':')[-1]}@PATH") from None
 
 
 class Classifier:
@@ -463,13 +475,22 @@ class Classifier:
             from .images import file_sha256
 
             weights = ",".join(file_sha256(f) for f in files if f.is_file())
-        payload = json.dumps({"arch": self.spec.arch, "weights": weights, "crop": self.crop,
-                              "temperature": self.spec.temperature,
-                              "data": {k: self.data_config[k] for k in sorted(self.data_config)}}, sort_keys=True, default=str)
+        payload = json.dumps(
+            {
+                "arch": self.spec.arch,
+                "weights": weights,
+                "crop": self.crop,
+                "temperature": self.spec.temperature,
+                "data": {k: self.data_config[k] for k in sorted(self.data_config)},
+            },
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def load_classifier(spec: ClassifierSpec, *, crop: str | None = None, device: "torch.device | str" = "cpu") -> Classifier:
+def load_classifier(spec: ClassifierSpec, *, crop: str | None = None, device: "torch.device | "
+                                                                              "str" = "cpu") -> Classifier:
     """Builds the model of a spec with its weights and preprocessing.
 
     Args:
@@ -504,7 +525,8 @@ def load_classifiers(names: Sequence[str], flags: Sequence[str], labels: LabelSe
             classifier = load_classifier(spec, crop=crop, device=target)
             if classifier.num_classes < labels.num_classes:
                 raise SpurgenError(f"classifier '{spec.name}' has {classifier.num_classes} outputs but the "
-                                   f"'{labels.name}' label set needs {labels.num_classes}; check --labels or the classifier")
+                                   f"'{labels.name}' label set needs {labels.num_classes}; check --labels or the "
+                                   "classifier")
             loaded.append(classifier)
             progress.advance(task)
     return loaded

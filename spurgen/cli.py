@@ -344,7 +344,7 @@ def demo_command(
     flags: Flags,
     workspace: Path = typer.Option("spurgen-demo", "--workspace", "-w", help="Workspace of the demo."),
 ) -> None:
-    """Run the whole method on the built-in synthetic world: select-refs, the three finetune presets, generate, evaluate.
+    """Run the whole method on the synthetic world: select-refs, the three finetune presets, generate, evaluate.
 
     Everything is real (diffusers and timm models shipped with spurgen), only small: it runs on a laptop CPU.
     The workspace can be explored with the ordinary commands afterwards (its spurgen.toml points at the world).
@@ -410,8 +410,10 @@ app.add_typer(world_app, name="world")
 @world_app.command("build")
 @_user_errors
 def world_build_command(
-    work: Path = typer.Option("spurgen-world-build", "--work", help="Scratch folder: the rendered world and resumable checkpoints."),
-    threads: int = typer.Option(1, "--threads", help="torch threads for training (1 is fastest on a busy 2-core machine)."),
+    work: Path = typer.Option("spurgen-world-build", "--work", help="Scratch folder: the rendered world and resumable "
+                                                                    "checkpoints."),
+    threads: int = typer.Option(1, "--threads", help="torch threads for training (1 is fastest on a busy 2-core "
+                                                     "machine)."),
     out: Path | None = typer.Option(
         None, "--out", envvar=OUT_ENV, show_default=False,
         help="Where the trained models go; the demo looks there first (default: $XDG_CACHE_HOME/spurgen/world, "

@@ -111,7 +111,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 if not (isinstance(v, str) and not v.strip())]
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise SpurgenError(f"{where}: expected a table, got {value!r}; give NAME = VALUE lines under a [table] header")
+            raise SpurgenError(f"{where}: expected a table, got {value!r}; give NAME = VALUE lines under a [table] "
+                               "header")
         return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     return value
 
@@ -144,7 +145,8 @@ def resolve_config(config_cls: type[C], settings: Mapping[str, Any], section: st
             values[name] = _coerce(value, hints[name], f"spurgen.toml: {key}")
     table = settings.get(section, {})
     if not isinstance(table, Mapping):
-        raise SpurgenError(f"spurgen.toml: '{section}' must be a table, not a value; put its keys under a [{section}] header")
+        raise SpurgenError(f"spurgen.toml: '{section}' must be a table, not a value; put its keys under a [{section}] "
+                           "header")
     for key, value in table.items():
         name = _toml_key(key)
         if name not in names:
@@ -167,19 +169,25 @@ def require(condition: bool, message: str) -> None:
     A message without a fix of its own ("<problem>; <fix>") gets the generic one: where the value is set.
     """
     if not condition:
-        raise SpurgenError(message if ";" in message else f"{message}; change it on the command line or in spurgen.toml")
+        raise SpurgenError(message if ";" in message else f"{message}; change it on the command line or in "
+                                                          "spurgen.toml")
 
 
 @dataclass
 class SelectRefsConfig:
     """Settings of ``spurgen select-refs``."""
 
-    classes: list[str] = setting(["all"], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all' (the 100 Spurious ImageNet classes).", flags=("-c",))
+    classes: list[str] = setting(["all"], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all' "
+                                          "(the 100 Spurious ImageNet classes).", flags=("-c",))
     dataset: str | None = setting(None, "Spurious ImageNet 'images' folder (100 sub-folders of 75 images).", path=True)
-    images: str | None = setting(None, "A plain folder of images of one class (use with a single --classes).", path=True)
-    classifiers: list[str] = setting(["all"], "Classifiers that must all agree, comma-separated registry names, or 'all' (every configured one).")
+    images: str | None = setting(None, "A plain folder of images of one class (use with a single "
+                                       "--classes).", path=True)
+    classifiers: list[str] = setting(["all"], "Classifiers that must all agree, comma-separated registry names, or "
+                                              "'all' (every configured one).")
     k: int = setting(6, "Number of reference images to keep per class (the paper keeps 6).", flags=("-k",))
-    crop: str | None = setting(None, "Crop policy: 'center' (resize + center crop) or 'none' (the whole image resized to the input size, as Spurious ImageNet feeds its square images). Default: each classifier's own.")
+    crop: str | None = setting(None, "Crop policy: 'center' (resize + center crop) or 'none' (the whole image resized "
+                                     "to the input size, as Spurious ImageNet feeds its square images). Default: each "
+                                     "classifier's own.")
     batch_size: int = setting(32, "Images per classifier forward pass.")
     num_workers: int = setting(2, "DataLoader worker processes decoding images (0 decodes in the main process).")
     device: str = setting("auto", "Device: 'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1', 'mps'.")
@@ -227,7 +235,10 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "Euler-a": ("EulerAncestralDiscreteScheduler", {}),
     "Heun": ("HeunDiscreteScheduler", {}),
     "DPM-Solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "DPM-Solver++-Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "DPM-Solver++-Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
+    ),
     "DPM2": ("KDPM2DiscreteScheduler", {}),
     "DPM2-a": ("KDPM2AncestralDiscreteScheduler", {}),
     "UniPC": ("UniPCMultistepScheduler", {}),
@@ -253,25 +264,47 @@ def find_scheduler(name: str) -> str | None:
 class GenerateConfig:
     """Settings of ``spurgen generate``."""
 
-    classes: list[str] = setting([], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all'. Default: every class with a fine-tuned model in the workspace.", flags=("-c",))
-    runs: list[str] = setting(["all"], "Fine-tuned runs to sample from (models/<class>/<run>/), comma-separated, or 'all' (every finished run of the class).", flags=("--run",))
-    base: bool = setting(False, "Sample from the untouched base model instead of the fine-tuned runs (the no-fine-tuning baseline); saved as run 'base'.")
-    model: str | None = setting(None, "Base model for --base and --lora: a diffusers Stable Diffusion folder or hub id. Default: the top-level 'model' of spurgen.toml, else the base model the class's finished runs were trained on. Also where a LoRA run's base model is when it has moved since training (checked against the fingerprint in training.json).")
-    num_images: int = setting(75, "Images per class and run (the paper samples 75, as many as Spurious ImageNet has per class).", flags=("-n",))
-    lora: str | None = setting(None, "Sample a LoRA trained elsewhere (e.g. by diffusers' train_dreambooth_lora.py) on --model: a .safetensors file (diffusers or kohya format), a folder holding pytorch_lora_weights.safetensors, or a hub id. Needs --prompt (the prompt it was trained with); its images are run --run-name, which evaluate and rate treat like any run.", metavar="PATH_OR_HUB_ID")
-    checkpoint: int | None = setting(None, "Sample the LoRA saved with the run's checkpoint of step N (models/<class>/<run>/checkpoints/checkpoint-N) instead of its final weights; the images are run <run>-checkpoint-N unless --run-name is given.", metavar="N")
-    run_name: str | None = setting(None, "Run name of the images of --lora or --checkpoint (generated/<class>/<run-name>/). Default: the LoRA's file, folder or hub name; <run>-checkpoint-N.")
-    lora_scale: float = setting(1.0, "Strength of a LoRA run's update: 0 samples the base model, 1 the LoRA as trained; recorded in generation.json.")
-    prompt: str | None = setting(None, "Prompt; {class} and {feature} stand for the class name and its spurious feature. Default: the run's instance prompt ('a photo of sks <noun>'); with --base, the class prompt ('a photo of <noun>').")
+    classes: list[str] = setting([], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all'. "
+                                     "Default: every class with a fine-tuned model in the workspace.", flags=("-c",))
+    runs: list[str] = setting(["all"], "Fine-tuned runs to sample from (models/<class>/<run>/), comma-separated, or "
+                                       "'all' (every finished run of the class).", flags=("--run",))
+    base: bool = setting(False, "Sample from the untouched base model instead of the fine-tuned runs (the "
+                                "no-fine-tuning baseline); saved as run 'base'.")
+    model: str | None = setting(None, "Base model for --base and --lora: a diffusers Stable Diffusion folder or hub "
+                                      "id. Default: the top-level 'model' of spurgen.toml, else the base model the "
+                                      "class's finished runs were trained on. Also where a LoRA run's base model is "
+                                      "when it has moved since training (checked against the fingerprint in "
+                                      "training.json).")
+    num_images: int = setting(75, "Images per class and run (the paper samples 75, as many as Spurious ImageNet has "
+                                  "per class).", flags=("-n",))
+    lora: str | None = setting(None, "Sample a LoRA trained elsewhere (e.g. by diffusers' train_dreambooth_lora.py) on "
+                                     "--model: a .safetensors file (diffusers or kohya format), a folder holding "
+                                     "pytorch_lora_weights.safetensors, or a hub id. Needs --prompt (the prompt it was "
+                                     "trained with); its images are run --run-name, which evaluate and rate treat like "
+                                     "any run.", metavar="PATH_OR_HUB_ID")
+    checkpoint: int | None = setting(None, "Sample the LoRA saved with the run's checkpoint of step N "
+                                           "(models/<class>/<run>/checkpoints/checkpoint-N) instead of its final "
+                                           "weights; the images are run <run>-checkpoint-N unless --run-name is "
+                                           "given.", metavar="N")
+    run_name: str | None = setting(None, "Run name of the images of --lora or --checkpoint "
+                                         "(generated/<class>/<run-name>/). Default: the LoRA's file, folder or hub "
+                                         "name; <run>-checkpoint-N.")
+    lora_scale: float = setting(1.0, "Strength of a LoRA run's update: 0 samples the base model, 1 the LoRA as "
+                                     "trained; recorded in generation.json.")
+    prompt: str | None = setting(None, "Prompt; {class} and {feature} stand for the class name and its spurious "
+                                       "feature. Default: the run's instance prompt ('a photo of sks <noun>'); with "
+                                       "--base, the class prompt ('a photo of <noun>').")
     negative_prompt: str = setting("", "Negative prompt; the same placeholders as --prompt.")
     steps: int = setting(25, "Denoising steps.")
     guidance: float = setting(7.5, "Classifier-free guidance scale (1 turns guidance off).")
-    scheduler: str = setting("DPM-Solver++", f"Sampler: {', '.join(SCHEDULERS)}, or '{MODEL_SCHEDULER}' (the scheduler saved with the model).")
+    scheduler: str = setting("DPM-Solver++", f"Sampler: {', '.join(SCHEDULERS)}, or '{MODEL_SCHEDULER}' (the scheduler "
+                                             "saved with the model).")
     batch_size: int = setting(4, "Images per pipeline call; it does not change the images.")
     seed: int = setting(0, (
         "Image i uses seed SEED + i, whatever the batch size, so re-runs and other batch sizes give the same picture "
         "(bit for bit only with the same batch size, device and --dtype)."))
-    resolution: int | None = setting(None, "Image side in pixels, a multiple of 8. Default: the run's training resolution, else the model's native size.")
+    resolution: int | None = setting(None, "Image side in pixels, a multiple of 8. Default: the run's training "
+                                           "resolution, else the model's native size.")
     dtype: str = setting("auto", "Precision: 'auto' (fp16 on CUDA, fp32 elsewhere), 'fp32', 'fp16' or 'bf16'.")
     safety_checker: bool = setting(True, (
         "Run the base model's safety checker when its folder has one (safety_checker/): it blanks the images it "
@@ -280,17 +313,32 @@ class GenerateConfig:
         off="--no-safety-checker")
     device: str = same_setting(SelectRefsConfig, "device")
     labels: str = same_setting(SelectRefsConfig, "labels")
-    overwrite: bool = setting(False, "Replace images made earlier with other settings (another model, prompt, sampler...) instead of stopping.")
-    until: int | None = setting(None, "Over-generate: keep sampling each class and run (image i still uses seed SEED + i) until this many images pass every --filter, or --max-images images exist; replaces -n. Each image's verdict and reasons go to generation.json.")
-    filter: list[str] = setting([], "Filters of --until, comma-separated: 'consistent' (every --classifiers model predicts the class), 'quality>=X' (the --quality score is at least X; at most X for metrics where lower is better), 'no-object' (zero-shot with --clip-model: reject when 'a photo of a <class>' outscores 'a photo of <feature>' by more than --clip-margin).")
-    max_images: int | None = setting(None, "With --until: stop after this many images per class and run, accepted or not. Default: 10 x --until.")
-    classifiers: list[str] = setting(["all"], "Classifiers of the 'consistent' filter, comma-separated registry names, or 'all' (every configured one).")
+    overwrite: bool = setting(False, "Replace images made earlier with other settings (another model, prompt, "
+                                     "sampler...) instead of stopping.")
+    until: int | None = setting(None, "Over-generate: keep sampling each class and run (image i still uses seed SEED + "
+                                      "i) until this many images pass every --filter, or --max-images images exist; "
+                                      "replaces -n. Each image's verdict and reasons go to generation.json.")
+    filter: list[str] = setting([], "Filters of --until, comma-separated: 'consistent' (every --classifiers model "
+                                    "predicts the class), 'quality>=X' (the --quality score is at least X; at most X "
+                                    "for metrics where lower is better), 'no-object' (zero-shot with --clip-model: "
+                                    "reject when 'a photo of a <class>' outscores 'a photo of <feature>' by more than "
+                                    "--clip-margin).")
+    max_images: int | None = setting(None, "With --until: stop after this many images per class and run, accepted or "
+                                           "not. Default: 10 x --until.")
+    classifiers: list[str] = setting(["all"], "Classifiers of the 'consistent' filter, comma-separated registry names, "
+                                              "or 'all' (every configured one).")
     crop: str | None = same_setting(SelectRefsConfig, "crop")
-    quality: str = setting("topiq", "No-reference quality metric of the 'quality>=X' filter (pyiqa; pip install 'spurgen[quality]').")
-    quality_weights: str | None = setting(None, "Weights of the --quality metric (safetensors or a torch state dict). Default: pyiqa's own.", path=True)
-    clip_model: str | None = setting(None, "open_clip model of the 'no-object' filter: an architecture name (ViT-B-32) with --clip-weights, or an 'hf-hub:ORG/NAME' id (from the hub cache on this machine).")
-    clip_weights: str | None = setting(None, "Weights of --clip-model: safetensors or a torch state dict (read without unpickling code).", path=True)
-    clip_margin: float = setting(0.0, "The 'no-object' filter rejects an image when the class prompt's CLIP logit exceeds the feature prompt's by more than this.")
+    quality: str = setting("topiq", "No-reference quality metric of the 'quality>=X' filter (pyiqa; pip install "
+                                    "'spurgen[quality]').")
+    quality_weights: str | None = setting(None, "Weights of the --quality metric (safetensors or a torch state dict). "
+                                                "Default: pyiqa's own.", path=True)
+    clip_model: str | None = setting(None, "open_clip model of the 'no-object' filter: an architecture name (ViT-B-32) "
+                                           "with --clip-weights, or an 'hf-hub:ORG/NAME' id (from the hub cache on "
+                                           "this machine).")
+    clip_weights: str | None = setting(None, "Weights of --clip-model: safetensors or a torch state dict (read without "
+                                             "unpickling code).", path=True)
+    clip_margin: float = setting(0.0, "The 'no-object' filter rejects an image when the class prompt's CLIP logit "
+                                      "exceeds the feature prompt's by more than this.")
 
     @property
     def num_to_sample(self) -> int:
@@ -319,7 +367,8 @@ class GenerateConfig:
         require(self.run_name is None or bool(self.lora) or self.checkpoint is not None,
                 "--run-name names the images of --lora or --checkpoint; add one of them, or drop --run-name")
         if self.until is None:
-            require(not self.filter and self.max_images is None, "--filter and --max-images need --until N; add --until N or drop them")
+            require(not self.filter and self.max_images is None, "--filter and --max-images need --until N; add "
+                                                                 "--until N or drop them")
             return
         require(self.until >= 1, f"--until must be at least 1, got {self.until}")
         require(bool(self.filter), "--until needs --filter; add e.g. --filter consistent")
@@ -342,10 +391,17 @@ class ExportLoraConfig:
     """Settings of ``spurgen export-lora``."""
 
     classes: list[str] = setting([], "The class whose run is exported (one class).", flags=("-c",))
-    run: str | None = setting(None, "The LoRA run to export (models/<class>/<run>/). Default: the class's only finished LoRA run.")
-    checkpoint: int | None = setting(None, "Export the LoRA saved with the run's checkpoint of step N (models/<class>/<run>/checkpoints/checkpoint-N) instead of its final weights.", metavar="N")
-    format: str = setting("diffusers", "'diffusers' (the file diffusers' load_lora_weights reads, as the run saved it) or 'kohya' (lora_unet_... / lora_te_... keys with .alpha, the format of AUTOMATIC1111's WebUI, ComfyUI, SD.Next and InvokeAI).")
-    out: str | None = setting(None, "The .safetensors file to write. Default: exports/<class>/<run>[-checkpoint-N]-<format>.safetensors in the workspace.", path=True)
+    run: str | None = setting(None, "The LoRA run to export (models/<class>/<run>/). Default: the class's only "
+                                    "finished LoRA run.")
+    checkpoint: int | None = setting(None, "Export the LoRA saved with the run's checkpoint of step N "
+                                           "(models/<class>/<run>/checkpoints/checkpoint-N) instead of its final "
+                                           "weights.", metavar="N")
+    format: str = setting("diffusers", "'diffusers' (the file diffusers' load_lora_weights reads, as the run saved it) "
+                                       "or 'kohya' (lora_unet_... / lora_te_... keys with .alpha, the format of "
+                                       "AUTOMATIC1111's WebUI, ComfyUI, SD.Next and InvokeAI).")
+    out: str | None = setting(None, "The .safetensors file to write. Default: "
+                                    "exports/<class>/<run>[-checkpoint-N]-<format>.safetensors in the "
+                                    "workspace.", path=True)
     labels: str = same_setting(SelectRefsConfig, "labels")
 
     def validate(self) -> None:
@@ -361,13 +417,29 @@ class ExportLoraConfig:
 class EvaluateConfig:
     """Settings of ``spurgen evaluate``."""
 
-    classes: list[str] = setting([], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all'. Default: every class with generated images or references in the workspace.", flags=("-c",))
-    runs: list[str] = setting(["all"], "Generated runs to evaluate (generated/<class>/<run>/), comma-separated, or 'all' (every finished one; 'base' is the untouched base model's).", flags=("--run",))
-    refs: bool = setting(True, "Also evaluate each class's selected reference images (refs/<class>/) when present.", off="--no-refs")
-    dataset: str | None = setting(None, "Spurious ImageNet (its 'images' folder or the folder above it): adds each class's spurious images as the source 'spurious-imagenet'.", path=True)
-    images: list[str] = setting([], "More image sources, [NAME=]DIR each (repeatable): a folder of one class's images (with a single --classes) or a folder in Spurious ImageNet's layout, such as an --export.", metavar="[NAME=]DIR", split=False)
-    val_images: str | None = setting(None, "Real images of each class (e.g. its 50 ImageNet validation images): one sub-folder per class named by WordNet id (n01833805), index (94) or 94-hummingbird, or a plain folder for a single class. Adds Spurious ImageNet's spurious score per class: ROC-AUC of the class probability separating these images (positives) from each source's images (negatives), and average precision of the same ranking. Spurious ImageNet's paper calls its score an AUC while its code computes average precision; both are reported, each under its own name.", path=True)
-    classifiers: list[str] = setting(["all"], "Classifiers to evaluate with, comma-separated registry names, or 'all' (every configured one).")
+    classes: list[str] = setting([], "Classes: ImageNet names, indices or WordNet ids, comma-separated, or 'all'. "
+                                     "Default: every class with generated images or references in the "
+                                     "workspace.", flags=("-c",))
+    runs: list[str] = setting(["all"], "Generated runs to evaluate (generated/<class>/<run>/), comma-separated, or "
+                                       "'all' (every finished one; 'base' is the untouched base "
+                                       "model's).", flags=("--run",))
+    refs: bool = setting(True, "Also evaluate each class's selected reference images (refs/<class>/) when "
+                               "present.", off="--no-refs")
+    dataset: str | None = setting(None, "Spurious ImageNet (its 'images' folder or the folder above it): adds each "
+                                        "class's spurious images as the source 'spurious-imagenet'.", path=True)
+    images: list[str] = setting([], "More image sources, [NAME=]DIR each (repeatable): a folder of one class's images "
+                                    "(with a single --classes) or a folder in Spurious ImageNet's layout, such as an "
+                                    "--export.", metavar="[NAME=]DIR", split=False)
+    val_images: str | None = setting(None, "Real images of each class (e.g. its 50 ImageNet validation images): one "
+                                           "sub-folder per class named by WordNet id (n01833805), index (94) or "
+                                           "94-hummingbird, or a plain folder for a single class. Adds Spurious "
+                                           "ImageNet's spurious score per class: ROC-AUC of the class probability "
+                                           "separating these images (positives) from each source's images (negatives), "
+                                           "and average precision of the same ranking. Spurious ImageNet's paper calls "
+                                           "its score an AUC while its code computes average precision; both are "
+                                           "reported, each under its own name.", path=True)
+    classifiers: list[str] = setting(["all"], "Classifiers to evaluate with, comma-separated registry names, or 'all' "
+                                              "(every configured one).")
     crop: str | None = same_setting(SelectRefsConfig, "crop")
     batch_size: int = same_setting(SelectRefsConfig, "batch_size")
     num_workers: int = same_setting(SelectRefsConfig, "num_workers")
@@ -379,12 +451,20 @@ class EvaluateConfig:
         "every source's, resized whole to the input size, bicubic; --val-images resized to 256/224 of it, bicubic, "
         "and center-cropped). With --val-images the latter reproduces Spurious ImageNet's per-class score, its mean "
         "and its joint score to the last digit."))
-    quality: str | None = setting(None, "No-reference image quality metric of pyiqa: 'topiq' (TOPIQ as in the paper, pyiqa's topiq_nr) or any pyiqa NR metric name. Needs pip install 'spurgen[quality]' (pyiqa: non-commercial licence).")
-    quality_weights: str | None = setting(None, "Weights of the --quality metric (safetensors or a torch state dict, read without unpickling code). Default: pyiqa's own, from its cache (downloaded on first use).", path=True)
-    min_quality: float | None = setting(None, "With --export: keep only images whose quality is at least this (at most this for metrics where lower is better). Needs --quality.")
-    export: str | None = setting(None, "Write the consistently spurious generated images to this folder in Spurious ImageNet's layout (images/<...>_<index>_<name>_<component>/), with manifest.json; 'spurgen select-refs --dataset' reads it.", path=True)
+    quality: str | None = setting(None, "No-reference image quality metric of pyiqa: 'topiq' (TOPIQ as in the paper, "
+                                        "pyiqa's topiq_nr) or any pyiqa NR metric name. Needs pip install "
+                                        "'spurgen[quality]' (pyiqa: non-commercial licence).")
+    quality_weights: str | None = setting(None, "Weights of the --quality metric (safetensors or a torch state dict, "
+                                                "read without unpickling code). Default: pyiqa's own, from its cache "
+                                                "(downloaded on first use).", path=True)
+    min_quality: float | None = setting(None, "With --export: keep only images whose quality is at least this (at most "
+                                              "this for metrics where lower is better). Needs --quality.")
+    export: str | None = setting(None, "Write the consistently spurious generated images to this folder in Spurious "
+                                       "ImageNet's layout (images/<...>_<index>_<name>_<component>/), with "
+                                       "manifest.json; 'spurgen select-refs --dataset' reads it.", path=True)
     report_images: int = setting(16, "Images per class and source shown in the report's grids (0: all).")
-    drop_object_present: bool = setting(False, "With --export: leave out images that most raters of 'spurgen rate' said show the class object (more than half of their answers 'yes').")
+    drop_object_present: bool = setting(False, "With --export: leave out images that most raters of 'spurgen rate' "
+                                               "said show the class object (more than half of their answers 'yes').")
 
     def validate(self) -> None:
         require(bool(self.runs), "--runs is empty; pass run names or 'all'")
@@ -456,57 +536,121 @@ def _class_sfsl_weights(items: list[str]) -> dict[str, float]:
 class FinetuneConfig:
     """Settings of ``spurgen finetune``."""
 
-    classes: list[str] = setting(["all"], "Classes to fine-tune, one model each: ImageNet names, indices or WordNet ids, comma-separated, or 'all'.", flags=("-c",))
-    model: str = setting("stable-diffusion-v1-5/stable-diffusion-v1-5", "Base model: a diffusers folder or a hub id of SD 1.x/2.x or SDXL (also read from 'model' at the top of spurgen.toml, shared with generate).")
-    family: str | None = setting(None, "Model family: 'sd' (SD 1.x/2.x) or 'sdxl'. Default: the one the model's model_index.json names.")
-    vae: str | None = setting(None, "A diffusers AutoencoderKL folder or hub id used instead of the base model's VAE for latents, SFSL, class and validation images, e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE overflows in fp16 and is kept in float32 there.")
-    preset: str = setting("sfsl", "What is trained: 'dreambooth' (UNet only), 'dreambooth-te' (UNet + text encoder) or 'sfsl' (UNet + text encoder + spurious feature similarity loss), the paper's three ablation runs.")
+    classes: list[str] = setting(["all"], "Classes to fine-tune, one model each: ImageNet names, indices or WordNet "
+                                          "ids, comma-separated, or 'all'.", flags=("-c",))
+    model: str = setting("stable-diffusion-v1-5/stable-diffusion-v1-5", "Base model: a diffusers folder or a hub id "
+                                                                        "of SD 1.x/2.x or SDXL (also read from 'model' "
+                                                                        "at the top of spurgen.toml, shared with "
+                                                                        "generate).")
+    family: str | None = setting(None, "Model family: 'sd' (SD 1.x/2.x) or 'sdxl'. Default: the one the model's "
+                                       "model_index.json names.")
+    vae: str | None = setting(None, "A diffusers AutoencoderKL folder or hub id used instead of the base model's VAE "
+                                    "for latents, SFSL, class and validation images, e.g. "
+                                    "madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE overflows in fp16 and is kept in "
+                                    "float32 there.")
+    preset: str = setting("sfsl", "What is trained: 'dreambooth' (UNet only), 'dreambooth-te' (UNet + text encoder) or "
+                                  "'sfsl' (UNet + text encoder + spurious feature similarity loss), the paper's three "
+                                  "ablation runs.")
     run_name: str | None = setting(None, "Name of the run's folder models/<class>/<run-name>/. Default: the preset.")
     identifier: str = setting("sks", "Rare token that binds the references' spurious feature in the instance prompt.")
-    noun: str | None = setting(None, "Noun of the prompts. Default: the class's spurious feature from the label set (e.g. 'red feeder/flower'), else its name.")
-    instance_prompt: str = setting("a photo of {identifier} {noun}", "Prompt of the reference images; {identifier} and {noun} are filled in per class.")
-    class_prompt: str = setting("a photo of {noun}", "Prompt of the prior-preservation class images; {noun} is filled in per class.")
-    train_text_encoder: bool | None = setting(None, "Train the text encoder with the UNet. Default: the preset's (off for 'dreambooth'); changing it needs --run-name.", off="--no-train-text-encoder")
-    lora: bool = setting(True, "Train LoRA adapters (saved as pytorch_lora_weights.safetensors) instead of all weights (--full, saved as a complete diffusers folder).", off="--full")
+    noun: str | None = setting(None, "Noun of the prompts. Default: the class's spurious feature from the label set "
+                                     "(e.g. 'red feeder/flower'), else its name.")
+    instance_prompt: str = setting("a photo of {identifier} {noun}", "Prompt of the reference images; {identifier} and "
+                                                                     "{noun} are filled in per class.")
+    class_prompt: str = setting("a photo of {noun}", "Prompt of the prior-preservation class images; {noun} is filled "
+                                                     "in per class.")
+    train_text_encoder: bool | None = setting(None, "Train the text encoder with the UNet. Default: the preset's (off "
+                                                    "for 'dreambooth'); changing it needs "
+                                                    "--run-name.", off="--no-train-text-encoder")
+    lora: bool = setting(True, "Train LoRA adapters (saved as pytorch_lora_weights.safetensors) instead of all weights "
+                               "(--full, saved as a complete diffusers folder).", off="--full")
     rank: int = setting(16, "LoRA rank.")
     alpha: float | None = setting(None, "LoRA alpha; the update is scaled by alpha / rank. Default: the rank.")
-    learning_rate: float | None = setting(None, "Learning rate of the UNet. Default: 1e-4 for LoRA, 5e-6 for full fine-tuning.", flags=("--lr",))
+    learning_rate: float | None = setting(None, "Learning rate of the UNet. Default: 1e-4 for LoRA, 5e-6 for full "
+                                                "fine-tuning.", flags=("--lr",))
     text_encoder_lr: float | None = setting(None, "Learning rate of the text encoder. Default: --learning-rate.")
     lr_scheduler: str = setting("constant", "Learning-rate schedule: constant, constant_with_warmup, linear or cosine.")
     lr_warmup_steps: int = setting(0, "Warm-up steps of the learning-rate schedule.")
     adam_weight_decay: float = setting(1e-2, "AdamW weight decay.")
     max_grad_norm: float = setting(1.0, "Gradients are clipped to this norm.")
-    use_8bit_adam: bool = setting(False, "Use bitsandbytes' 8-bit AdamW to save optimizer memory (pip install bitsandbytes).")
+    use_8bit_adam: bool = setting(False, "Use bitsandbytes' 8-bit AdamW to save optimizer memory (pip install "
+                                         "bitsandbytes).")
     steps: int = setting(800, "Optimizer steps per class. With --resume, a larger value continues a finished run.")
     batch_size: int = setting(1, "Reference images per step and process; prior preservation adds as many class images.")
-    gradient_accumulation_steps: int = setting(1, "Micro-batches accumulated per optimizer step (UNet and text encoder alike).")
-    resolution: int | None = setting(None, "Training image side in pixels. Default: the base model's (512 for SD 1.x, 768 for SD 2.x-768).")
-    seed: int = setting(0, "Seed of everything random: LoRA initialisation, batches, noise, timesteps, class and validation images.")
-    mixed_precision: str | None = setting(None, "Mixed precision: 'no', 'fp16' or 'bf16'. Default: accelerate's configuration ('no' without one).")
-    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass to save memory: UNet, trained text encoder, and the VAE decoder that SFSL differentiates through.", off="--no-gradient-checkpointing")
-    attention: str = setting("sdpa", "Attention kernel: 'sdpa' (PyTorch scaled dot-product attention, memory-efficient) or 'eager'.")
-    compile: str = setting("auto", "torch.compile the UNet's (and a trained text encoder's) repeated blocks, one graph per block shape: 'on', 'off', or 'auto' (on for CUDA with triton, off on CPU and MPS). The first steps compile (seconds per block shape); the losses match eager within float rounding.")
-    compile_mode: str = setting("default", "torch.compile mode with --compile: 'default', 'reduce-overhead' (CUDA graphs: fewer kernel launches, more memory), 'max-autotune-no-cudagraphs' or 'max-autotune' (longer compile).")
-    channels_last: str = setting("auto", "Channels-last memory format for the UNet and VAE (SFSL's decoder included): 'on', 'off', or 'auto' (on for CUDA, off elsewhere).")
+    gradient_accumulation_steps: int = setting(1, "Micro-batches accumulated per optimizer step (UNet and text encoder "
+                                                  "alike).")
+    resolution: int | None = setting(None, "Training image side in pixels. Default: the base model's (512 for SD 1.x, "
+                                           "768 for SD 2.x-768).")
+    seed: int = setting(0, "Seed of everything random: LoRA initialisation, batches, noise, timesteps, class and "
+                           "validation images.")
+    mixed_precision: str | None = setting(None, "Mixed precision: 'no', 'fp16' or 'bf16'. Default: accelerate's "
+                                                "configuration ('no' without one).")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass to save memory: UNet, "
+                                                  "trained text encoder, and the VAE decoder that SFSL differentiates "
+                                                  "through.", off="--no-gradient-checkpointing")
+    attention: str = setting("sdpa", "Attention kernel: 'sdpa' (PyTorch scaled dot-product attention, "
+                                     "memory-efficient) or 'eager'.")
+    compile: str = setting("auto", "torch.compile the UNet's (and a trained text encoder's) repeated blocks, one graph "
+                                   "per block shape: 'on', 'off', or 'auto' (on for CUDA with triton, off on CPU and "
+                                   "MPS). The first steps compile (seconds per block shape); the losses match eager "
+                                   "within float rounding.")
+    compile_mode: str = setting("default", "torch.compile mode with --compile: 'default', 'reduce-overhead' (CUDA "
+                                           "graphs: fewer kernel launches, more memory), 'max-autotune-no-cudagraphs' "
+                                           "or 'max-autotune' (longer compile).")
+    channels_last: str = setting("auto", "Channels-last memory format for the UNet and VAE (SFSL's decoder included): "
+                                         "'on', 'off', or 'auto' (on for CUDA, off elsewhere).")
     device: str = setting("auto", "'auto' (the GPU when present; several GPUs through accelerate launch) or 'cpu'.")
-    prior_preservation: bool = setting(True, "Add the prior-preservation loss on class images that the frozen base model generates from the class prompt.", off="--no-prior-preservation")
+    prior_preservation: bool = setting(True, "Add the prior-preservation loss on class images that the frozen base "
+                                             "model generates from the class prompt.", off="--no-prior-preservation")
     prior_weight: float = setting(1.0, "Weight lambda of the prior-preservation loss.")
-    num_class_images: int = setting(200, "Class images for prior preservation, generated once and cached in the workspace (shared by classes and runs with the same base model, prompt, resolution and seed).")
-    sample_steps: int = setting(25, "Denoising steps for class and validation images (with the base model's own scheduler).")
+    num_class_images: int = setting(200, "Class images for prior preservation, generated once and cached in the "
+                                         "workspace (shared by classes and runs with the same base model, prompt, "
+                                         "resolution and seed).")
+    sample_steps: int = setting(25, "Denoising steps for class and validation images (with the base model's own "
+                                    "scheduler).")
     guidance_scale: float = setting(7.5, "Classifier-free guidance scale of class and validation images.")
     sample_batch_size: int = setting(4, "Images per batch when generating class images.")
-    sfsl_weight: float = setting(100.0, "Weight kappa of the spurious feature similarity loss with the 'sfsl' preset (0 disables it); [finetune.class-sfsl-weight] in spurgen.toml sets it per class. The default is the synthetic world's choice among 1, 10 and 100 (README, Evidence); the paper's best kappa differs per class, so sweep it on real models (spurgen run --sfsl-weight 1,10,100).")
-    class_sfsl_weight: dict[str, float] = setting({}, "Per-class kappa, NAME=KAPPA comma-separated (in spurgen.toml: a [finetune.class-sfsl-weight] table); overrides --sfsl-weight for the classes it names.", metavar="CLASS=KAPPA", parse=_class_sfsl_weights)
-    sfsl_model: str = setting("robust-rn50", "Classifier of the SFSL features: any registry name (define it with --classifier NAME=ARCH@PATH); it needs a last linear layer.")
-    sfsl_feature: str = setting("contrib", "SFSL feature: 'contrib' (w_k * phi(x), the per-feature contributions to the class logit) or 'npca' (the class's neural PCA coordinates; run spurgen fit-npca first).")
-    sfsl_npca_components: str = setting("all", "With --sfsl-feature npca: 'all' components or only the class's 'spurious' ones (from the label set).")
-    sfsl_max_timestep: int = setting(999, "SFSL applies only to rows whose timestep is at most this (the one-step image estimate is poorer at large t). Default 999, every timestep: the synthetic world's evidence preferred it to 400 at every kappa tried.")
-    sfsl_every: int = setting(1, "Apply SFSL on every N-th optimizer step only (steps 1, N+1, 2N+1, ...) with weight kappa * N, so that its expected gradient is unchanged; cuts SFSL's cost by N, but Adam and gradient clipping then see a larger, rarer term. Default 1, every step, as the paper: the synthetic world could not tell 4 from 1 on its v-prediction model, and no epsilon model has been measured yet.")
-    sfsl_row_weighting: str = setting("v-profile", "Per-row weight of SFSL by timestep. The one-step estimate passes SFSL's gradient to the UNet's output scaled by sqrt((1-abar_t)/abar_t) for epsilon models (0.03 at t=0, 14.6 at t=999 on SD 1.5), so the noisiest rows, whose estimate is a blur, dominate, against sqrt(1-abar_t) <= 1 for v-prediction. 'v-profile' weights rows so that every kind of model gets v-prediction's profile (epsilon: sqrt(abar_t); v-prediction: 1, no change; sample: sqrt(1-abar_t)), the profile the defaults were chosen on; 'none' is the paper's Eq. 6 as written.")
-    sfsl_decoder: str | None = setting(None, "Decoder of SFSL's images only: a diffusers AutoencoderTiny (TAESD) folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x; far cheaper to differentiate through than the VAE decoder. Default: the base model's VAE.")
+    sfsl_weight: float = setting(100.0, "Weight kappa of the spurious feature similarity loss with the 'sfsl' preset "
+                                        "(0 disables it); [finetune.class-sfsl-weight] in spurgen.toml sets it per "
+                                        "class. The default is the synthetic world's choice among 1, 10 and 100 "
+                                        "(README, Evidence); the paper's best kappa differs per class, so sweep it on "
+                                        "real models (spurgen run --sfsl-weight 1,10,100).")
+    class_sfsl_weight: dict[str, float] = setting({}, "Per-class kappa, NAME=KAPPA comma-separated (in spurgen.toml: a "
+                                                      "[finetune.class-sfsl-weight] table); overrides --sfsl-weight "
+                                                      "for the classes it "
+                                                      "names.", metavar="CLASS=KAPPA", parse=_class_sfsl_weights)
+    sfsl_model: str = setting("robust-rn50", "Classifier of the SFSL features: any registry name (define it with "
+                                             "--classifier NAME=ARCH@PATH); it needs a last linear layer.")
+    sfsl_feature: str = setting("contrib", "SFSL feature: 'contrib' (w_k * phi(x), the per-feature contributions to "
+                                           "the class logit) or 'npca' (the class's neural PCA coordinates; run "
+                                           "spurgen fit-npca first).")
+    sfsl_npca_components: str = setting("all", "With --sfsl-feature npca: 'all' components or only the class's "
+                                               "'spurious' ones (from the label set).")
+    sfsl_max_timestep: int = setting(999, "SFSL applies only to rows whose timestep is at most this (the one-step "
+                                          "image estimate is poorer at large t). Default 999, every timestep: the "
+                                          "synthetic world's evidence preferred it to 400 at every kappa tried.")
+    sfsl_every: int = setting(1, "Apply SFSL on every N-th optimizer step only (steps 1, N+1, 2N+1, ...) with weight "
+                                 "kappa * N, so that its expected gradient is unchanged; cuts SFSL's cost by N, but "
+                                 "Adam and gradient clipping then see a larger, rarer term. Default 1, every step, as "
+                                 "the paper: the synthetic world could not tell 4 from 1 on its v-prediction model, "
+                                 "and no epsilon model has been measured yet.")
+    sfsl_row_weighting: str = setting("v-profile", "Per-row weight of SFSL by timestep. The one-step estimate passes "
+                                                   "SFSL's gradient to the UNet's output scaled by "
+                                                   "sqrt((1-abar_t)/abar_t) for epsilon models (0.03 at t=0, 14.6 at "
+                                                   "t=999 on SD 1.5), so the noisiest rows, whose estimate is a blur, "
+                                                   "dominate, against sqrt(1-abar_t) <= 1 for v-prediction. "
+                                                   "'v-profile' weights rows so that every kind of model gets "
+                                                   "v-prediction's profile (epsilon: sqrt(abar_t); v-prediction: 1, no "
+                                                   "change; sample: sqrt(1-abar_t)), the profile the defaults were "
+                                                   "chosen on; 'none' is the paper's Eq. 6 as written.")
+    sfsl_decoder: str | None = setting(None, "Decoder of SFSL's images only: a diffusers AutoencoderTiny (TAESD) "
+                                             "folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x; far cheaper to "
+                                             "differentiate through than the VAE decoder. Default: the base model's "
+                                             "VAE.")
     checkpointing_steps: int = setting(200, "Save a resumable checkpoint every N steps (0: never).")
     checkpoints_total_limit: int = setting(2, "Checkpoints kept per run; older ones are deleted.")
-    resume: bool = setting(False, "Continue from the run's latest checkpoint (exactly: weights, optimizer, schedule, randomness).")
+    resume: bool = setting(False, "Continue from the run's latest checkpoint (exactly: weights, optimizer, schedule, "
+                                  "randomness).")
     overwrite: bool = setting(False, "Delete the run's finished or unfinished model and train from scratch.")
     noise_offset: float = setting(
         0.0,
@@ -549,39 +693,61 @@ class FinetuneConfig:
     labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
 
     def validate(self) -> None:
-        require(self.preset in FINETUNE_PRESETS, f"--preset must be one of {', '.join(FINETUNE_PRESETS)}, got {self.preset!r}")
+        require(self.preset in FINETUNE_PRESETS, f"--preset must be one of {', '.join(FINETUNE_PRESETS)}, got "
+                                                 f"{self.preset!r}")
         require(self.rank >= 1, f"--rank must be at least 1, got {self.rank}; pass e.g. --rank 16")
         require(self.alpha is None or self.alpha > 0, f"--alpha must be positive, got {self.alpha}")
         for name in ("learning_rate", "text_encoder_lr"):
             value = getattr(self, name)
             require(value is None or value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
-        require(self.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
-        for name in ("lr_warmup_steps", "checkpointing_steps", "validation_steps", "num_validation_images", "sfsl_max_timestep"):
-            require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        require(self.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got "
+                                                    f"{self.lr_scheduler!r}")
+        for name in (
+            "lr_warmup_steps",
+            "checkpointing_steps",
+            "validation_steps",
+            "num_validation_images",
+            "sfsl_max_timestep",
+        ):
+            require(
+                getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}"
+            )
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "num_class_images", "sample_steps",
                      "sample_batch_size", "checkpoints_total_limit", "sfsl_every"):
-            require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+            require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got "
+                                              f"{getattr(self, name)}")
         for name in ("adam_weight_decay", "max_grad_norm", "prior_weight", "guidance_scale", "sfsl_weight"):
-            require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+            require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got "
+                                              f"{getattr(self, name)}")
         for key, kappa in self.class_sfsl_weight.items():
             require(kappa >= 0, f"class-sfsl-weight of '{key}' must be 0 or more, got {kappa}")
-        require(self.resolution is None or self.resolution >= 8, f"--resolution must be at least 8 pixels, got {self.resolution}")
-        require(self.mixed_precision in (None, *MIXED_PRECISION), f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        require(self.resolution is None or self.resolution >= 8, "--resolution must be at least 8 pixels, got "
+                                                                 f"{self.resolution}")
+        require(self.mixed_precision in (None, *MIXED_PRECISION), "--mixed-precision must be one of "
+                                                                  f"{', '.join(MIXED_PRECISION)}, got "
+                                                                  f"{self.mixed_precision!r}")
         require(self.attention in ATTENTION, f"--attention must be 'sdpa' or 'eager', got {self.attention!r}")
         for name in ("compile", "channels_last"):
-            require(getattr(self, name) in SWITCHES, f"--{name.replace('_', '-')} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
-        require(self.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        require(self.device in ("auto", "cpu"), f"--device must be 'auto' or 'cpu', got {self.device!r}; choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch")
-        require(self.sfsl_feature in SFSL_FEATURES, f"--sfsl-feature must be 'contrib' or 'npca', got {self.sfsl_feature!r}")
+            require(getattr(self, name) in SWITCHES, f"--{name.replace('_', '-')} must be 'auto', 'on' or 'off', got "
+                                                     f"{getattr(self, name)!r}")
+        require(self.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got "
+                                                    f"{self.compile_mode!r}")
+        require(self.device in ("auto", "cpu"), f"--device must be 'auto' or 'cpu', got {self.device!r}; choose GPUs "
+                                                "with CUDA_VISIBLE_DEVICES or accelerate launch")
+        require(self.sfsl_feature in SFSL_FEATURES, "--sfsl-feature must be 'contrib' or 'npca', got "
+                                                    f"{self.sfsl_feature!r}")
         require(self.sfsl_decoder is None or bool(self.sfsl_decoder.strip()),
-                "--sfsl-decoder is empty; pass an AutoencoderTiny folder or hub id (e.g. madebyollin/taesd), or drop the flag")
+                "--sfsl-decoder is empty; pass an AutoencoderTiny folder or hub id (e.g. madebyollin/taesd), or drop "
+                "the flag")
         require(self.sfsl_row_weighting in SFSL_ROW_WEIGHTINGS,
                 f"--sfsl-row-weighting must be 'v-profile' or 'none', got {self.sfsl_row_weighting!r}")
-        require(self.sfsl_npca_components in NPCA_COMPONENTS, f"--sfsl-npca-components must be 'all' or 'spurious', got {self.sfsl_npca_components!r}")
+        require(self.sfsl_npca_components in NPCA_COMPONENTS, "--sfsl-npca-components must be 'all' or 'spurious', "
+                                                              f"got {self.sfsl_npca_components!r}")
         require(bool(self.identifier.strip()), "--identifier is empty; pass a rare token such as sks")
         for name in ("instance_prompt", "class_prompt", "validation_prompt"):
             problem = _prompt_problem(getattr(self, name) or "")
-            require(problem is None, f"--{name.replace('_', '-')}: {problem}; use only {{identifier}} and {{noun}} as placeholders")
+            require(problem is None, f"--{name.replace('_', '-')}: {problem}; use only {{identifier}} and {{noun}} as "
+                                     "placeholders")
         require(self.noise_offset >= 0, f"--noise-offset must be 0 or more, got {self.noise_offset}")
         require(self.snr_gamma is None or self.snr_gamma > 0,
                 f"--snr-gamma must be positive, got {self.snr_gamma}; try 5")
@@ -590,10 +756,12 @@ class FinetuneConfig:
                     f"--report-to: unknown tracker {name!r}; use {', '.join(TRACKERS)} or all")
         require(not self.keep_best or self.num_validation_images >= 1,
                 "--keep-best chooses among validation steps, but --num-validation-images is 0; pass e.g. 4")
-        require(not (self.resume and self.overwrite), "--resume and --overwrite both given; pass one: continue the run or start it over")
+        require(not (self.resume and self.overwrite), "--resume and --overwrite both given; pass one: continue the run "
+                                                      "or start it over")
         require(self.train_text_encoder is None or self.run_name is not None
                 or self.train_text_encoder == FINETUNE_PRESETS[self.preset]["train_text_encoder"],
-                f"--{'' if self.train_text_encoder else 'no-'}train-text-encoder changes what preset '{self.preset}' trains; "
+                f"--{'' if self.train_text_encoder else 'no-'}train-text-encoder changes what preset '{self.preset}' "
+                "trains; "
                 "pass --run-name NAME so the model folder does not pose as that preset")
 
     @property
@@ -619,8 +787,10 @@ class FitNpcaConfig:
     """Settings of ``spurgen fit-npca``."""
 
     classes: list[str] = setting([], "The class whose images --images holds (one class).", flags=("-c",))
-    images: str | None = setting(None, "Folder of real images of the class (e.g. its ImageNet training images).", path=True)
-    sfsl_model: str = setting("robust-rn50", "Classifier whose last-layer contributions are analysed: the --sfsl-model that finetune will use.")
+    images: str | None = setting(None, "Folder of real images of the class (e.g. its ImageNet training "
+                                       "images).", path=True)
+    sfsl_model: str = setting("robust-rn50", "Classifier whose last-layer contributions are analysed: the --sfsl-model "
+                                             "that finetune will use.")
     batch_size: int = setting(32, "Images per classifier forward pass.")
     device: str = setting("auto", "Device: 'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1', 'mps'.")
     labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
@@ -635,12 +805,19 @@ class FitNpcaConfig:
 class RateConfig:
     """Settings of ``spurgen rate``."""
 
-    classes: list[str] = setting(["all"], "Classes whose images are rated: names, indices or WordNet ids, comma-separated, or 'all'; classes without images are left out.", flags=("-c",))
-    dataset: str | None = setting(None, "Spurious ImageNet 'images' folder: its class folders join the study as real images.", path=True)
-    max_images: int | None = setting(None, "At most this many images per class and source (reference, dataset, generated), a sample fixed by --seed. Default: all.")
-    seed: int = setting(0, "Study seed: with each rater's name it fixes the rater's image order; keep it for the whole study.")
-    image_size: int = setting(512, "Longer side in pixels of the images shown; every image is re-encoded to it, so neither format nor size gives away its source.")
-    host: str = setting("127.0.0.1", "Address to listen on: 127.0.0.1 for this machine only, 0.0.0.0 to let raters on the network in.")
+    classes: list[str] = setting(["all"], "Classes whose images are rated: names, indices or WordNet ids, "
+                                          "comma-separated, or 'all'; classes without images are left "
+                                          "out.", flags=("-c",))
+    dataset: str | None = setting(None, "Spurious ImageNet 'images' folder: its class folders join the study as real "
+                                        "images.", path=True)
+    max_images: int | None = setting(None, "At most this many images per class and source (reference, dataset, "
+                                           "generated), a sample fixed by --seed. Default: all.")
+    seed: int = setting(0, "Study seed: with each rater's name it fixes the rater's image order; keep it for the whole "
+                           "study.")
+    image_size: int = setting(512, "Longer side in pixels of the images shown; every image is re-encoded to it, so "
+                                   "neither format nor size gives away its source.")
+    host: str = setting("127.0.0.1", "Address to listen on: 127.0.0.1 for this machine only, 0.0.0.0 to let raters on "
+                                     "the network in.")
     port: int = setting(8765, "Port to listen on (0 picks a free one).")
     labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
 
@@ -659,16 +836,22 @@ class RateConfig:
 class RunConfig:
     """Settings of ``spurgen run`` (its [run] table); each stage reads its own table as its command does."""
 
-    classes: list[str] = setting(["all"], "Classes to take through every stage: ImageNet names, indices or WordNet ids, comma-separated, or 'all'.", flags=("-c",))
-    presets: list[str] = setting(["sfsl"], "Fine-tuning presets, one run each per class, comma-separated: dreambooth, dreambooth-te, sfsl.")
-    sfsl_weight: list[float] = setting([], "Grid of kappa values for the 'sfsl' preset, comma-separated; each is its own run named sfsl-k<kappa> (sfsl-k0.05). Default: one run 'sfsl' with [finetune]'s sfsl-weight.")
+    classes: list[str] = setting(["all"], "Classes to take through every stage: ImageNet names, indices or WordNet "
+                                          "ids, comma-separated, or 'all'.", flags=("-c",))
+    presets: list[str] = setting(["sfsl"], "Fine-tuning presets, one run each per class, comma-separated: dreambooth, "
+                                           "dreambooth-te, sfsl.")
+    sfsl_weight: list[float] = setting([], "Grid of kappa values for the 'sfsl' preset, comma-separated; each is its "
+                                           "own run named sfsl-k<kappa> (sfsl-k0.05). Default: one run 'sfsl' with "
+                                           "[finetune]'s sfsl-weight.")
     labels: str = setting("imagenet", "Label set: 'imagenet', another registered set, or a TSV file of classes.")
 
     def validate(self) -> None:
         require(bool(self.classes), "--classes is empty; pass class names, indices or 'all'")
         require(bool(self.presets), "--presets is empty; pass e.g. --presets sfsl")
         for preset in self.presets:
-            require(preset in FINETUNE_PRESETS, f"--presets: unknown preset {preset!r}; use {', '.join(FINETUNE_PRESETS)}")
+            require(preset in FINETUNE_PRESETS, f"--presets: unknown preset {preset!r}; use "
+                                                f"{', '.join(FINETUNE_PRESETS)}")
         for kappa in self.sfsl_weight:
             require(kappa >= 0, f"--sfsl-weight values must be 0 or more, got {kappa}")
-        require(not self.sfsl_weight or "sfsl" in self.presets, "--sfsl-weight is a grid of the 'sfsl' preset; add sfsl to --presets")
+        require(not self.sfsl_weight or "sfsl" in self.presets, "--sfsl-weight is a grid of the 'sfsl' preset; add "
+                                                                "sfsl to --presets")

@@ -130,19 +130,22 @@ class SpuriousImageNetFolder:
             # The data set's top folder (images/ beside spurious_imagenet_classes.tsv) is accepted as well.
             self.root = self.root / "images"
         if not self.root.is_dir():
-            raise SpurgenError(f"dataset folder {self.root} does not exist; pass Spurious ImageNet's 'images' folder to --dataset")
+            raise SpurgenError(f"dataset folder {self.root} does not exist; pass Spurious ImageNet's 'images' folder "
+                               "to --dataset")
         self.folders: dict[int, list[SpuriousClassFolder]] = {}
         for sub in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             fields = sub.name.split("_")
             if len(fields) < 4 or not re.fullmatch(r"\d+", fields[2]) or not re.fullmatch(r"\d+", fields[-1]):
                 raise SpurgenError(
                     f"{sub} does not follow Spurious ImageNet's layout (third '_' field the class index, last "
-                    "field the component index, e.g. spurious_imagenet_94_hummingbird_1); pass the 'images' folder to --dataset"
+                    "field the component index, e.g. spurious_imagenet_94_hummingbird_1); pass the 'images' folder to "
+                    "--dataset"
                 )
             entry = SpuriousClassFolder(sub, int(fields[2]), int(fields[-1]))
             self.folders.setdefault(entry.class_index, []).append(entry)
         if not self.folders:
-            raise SpurgenError(f"{self.root} has no class sub-folders; pass Spurious ImageNet's 'images' folder to --dataset")
+            raise SpurgenError(f"{self.root} has no class sub-folders; pass Spurious ImageNet's 'images' folder to "
+                               "--dataset")
 
     def class_images(self, class_index: int) -> list[Path]:
         """The images of one class (all its component folders), sorted by folder then name."""

@@ -21,7 +21,15 @@ from .config import SelectRefsConfig
 from .images import class_image_files, file_sha256
 from .labels import ClassInfo, get_label_set
 from .predict import PredictionCache, Predictions, consistency, predict_files
-from .workspace import SELECTION_FILE, Workspace, atomic_directory, atomic_write_json, environment_versions, holds_json, utc_now
+from .workspace import (
+    SELECTION_FILE,
+    Workspace,
+    atomic_directory,
+    atomic_write_json,
+    environment_versions,
+    holds_json,
+    utc_now,
+)
 
 __all__ = ["ClassSelection", "select_refs", "print_selection_table"]
 
@@ -42,7 +50,9 @@ class ClassSelection:
         return bool(self.selected)
 
 
-def _rank_class(cls: ClassInfo, files: list[Path], predictions: Predictions, k: int) -> tuple[ClassSelection, list[dict[str, Any]]]:
+def _rank_class(
+    cls: ClassInfo, files: list[Path], predictions: Predictions, k: int
+) -> tuple[ClassSelection, list[dict[str, Any]]]:
     """Ranks one class's images; returns the selection and the per-image manifest entries."""
     readable = [f for f in files if f not in predictions.unreadable]
     rows = predictions.rows(readable)
@@ -52,18 +62,28 @@ def _rank_class(cls: ClassInfo, files: list[Path], predictions: Predictions, k: 
     chosen = sorted(np.flatnonzero(consistent), key=lambda i: (-weakest[i], readable[i].name))[:k]
     rank = {int(i): r + 1 for r, i in enumerate(chosen)}
     names = list(predictions.logits)
-    selection = ClassSelection(cls=cls, scanned=len(files), unreadable=len(files) - len(readable),
-                               spurious_per_classifier={n: int((top1[c] == cls.index).sum()) for c, n in enumerate(names)},
-                               consistent=int(consistent.sum()), selected=[readable[i] for i in chosen])
-    images = [{
-        "file": str(path),
-        "sha256": predictions.hashes[rows[i]],
-        "consistently_spurious": bool(consistent[i]),
-        "weakest_probability": float(weakest[i]),
-        "selected": i in rank,
-        "rank": rank.get(i),
-        "predictions": {n: {"top1": int(top1[c, i]), "probability": float(prob[c, i])} for c, n in enumerate(names)},
-    } for i, path in enumerate(readable)]
+    selection = ClassSelection(
+        cls=cls,
+        scanned=len(files),
+        unreadable=len(files) - len(readable),
+        spurious_per_classifier={n: int((top1[c] == cls.index).sum()) for c, n in enumerate(names)},
+        consistent=int(consistent.sum()),
+        selected=[readable[i] for i in chosen],
+    )
+    images = [
+        {
+            "file": str(path),
+            "sha256": predictions.hashes[rows[i]],
+            "consistently_spurious": bool(consistent[i]),
+            "weakest_probability": float(weakest[i]),
+            "selected": i in rank,
+            "rank": rank.get(i),
+            "predictions": {
+                n: {"top1": int(top1[c, i]), "probability": float(prob[c, i])} for c, n in enumerate(names)
+            },
+        }
+        for i, path in enumerate(readable)
+    ]
     return selection, images
 
 
@@ -102,7 +122,9 @@ def _write_refs(selection: ClassSelection, images: list[dict[str, Any]], unreada
     selection.folder = target
 
 
-def select_refs(config: SelectRefsConfig, workspace: Workspace, classifier_flags: Sequence[str] = ()) -> list[ClassSelection]:
+def select_refs(
+    config: SelectRefsConfig, workspace: Workspace, classifier_flags: Sequence[str] = ()
+) -> list[ClassSelection]:
     """Runs select-refs for every class of ``config`` and writes ``refs/<class>/``.
 
     Args:
@@ -118,15 +140,25 @@ def select_refs(config: SelectRefsConfig, workspace: Workspace, classifier_flags
     classes = labels.resolve_many(config.classes)
     files = class_image_files(classes, config.dataset, config.images)
     workspace.ensure_writable(*(workspace.refs_dir(c) for c in classes), workspace.cache_dir())
-    classifiers = load_classifiers(config.classifiers, classifier_flags, labels, settings,
-                                   protocol_crop(config.protocol, config.crop), config.device)
+    classifiers = load_classifiers(
+        config.classifiers,
+        classifier_flags,
+        labels,
+        settings,
+        protocol_crop(config.protocol, config.crop),
+        config.device,
+    )
     # Each class's images are classified in batches of their own: a logit depends on its batch's other images in
     # the last float digits (batched kernels), and that decides between references of near-equal scores. So a
     # class gets the references that `spurgen run`, which selects one class at a time, gets for it, and the same
     # fine-tuned model.
     cache = PredictionCache(workspace.cache_dir("predictions"))
-    predictions = {c.index: predict_files(files[c.index], classifiers, cache=cache, batch_size=config.batch_size,
-                                          num_workers=config.num_workers) for c in classes}
+    predictions = {
+        c.index: predict_files(
+            files[c.index], classifiers, cache=cache, batch_size=config.batch_size, num_workers=config.num_workers
+        )
+        for c in classes
+    }
     for path, reason in ((p, r) for found in predictions.values() for p, r in found.unreadable.items()):
         warn(f"skipped unreadable image {path}: {reason}")
     state = distributed_state()
@@ -137,8 +169,9 @@ def select_refs(config: SelectRefsConfig, workspace: Workspace, classifier_flags
         "settings": {**vars(config), "classes": [c.index for c in classes]},
         "source": {"dataset": config.dataset, "images": config.images},
         "classifiers": classifier_records(classifiers),
-        "computed_predictions": {c.name: sum(p.computed.get(c.name, 0) for p in predictions.values())
-                                 for c in classifiers},
+        "computed_predictions": {
+            c.name: sum(p.computed.get(c.name, 0) for p in predictions.values()) for c in classifiers
+        },
         "processes": state.num_processes,
     }
     results = []
@@ -151,10 +184,15 @@ def select_refs(config: SelectRefsConfig, workspace: Workspace, classifier_flags
         results.append(selection)
     for result in results:
         if not result.ok:
-            warn(f"{result.cls}: no image is predicted as the class by every classifier; nothing selected "
-                 "(try fewer --classifiers or another image folder)")
+            warn(
+                f"{result.cls}: no image is predicted as the class by every classifier; nothing selected "
+                "(try fewer --classifiers or another image folder)"
+            )
         elif len(result.selected) < config.k:
-            warn(f"{result.cls}: only {len(result.selected)} of {config.k} images are consistently spurious; selected those")
+            warn(
+                f"{result.cls}: only {len(result.selected)} of {config.k} images are consistently spurious; selected "
+                "those"
+            )
     return results
 
 

@@ -323,8 +323,9 @@ def outputs(root: Path, *also: Path) -> dict[str, Any]:
 
     JSON without :data:`IGNORED_KEYS`; text without timestamps; safetensors as tensors (compare with
     :func:`assert_same_outputs`); other files as bytes. Paths in contents are made relative to ``root`` and to
-    ``also`` (the workspace it was copied from, which earlier stages' manifests name), so two workspaces compare. The prediction cache's shards have random names and their split depends on
-    when a process was killed: their union per classifier is compared instead, under ``cache/predictions/<fp>``.
+    ``also`` (the workspace it was copied from, which earlier stages' manifests name), so two workspaces compare.
+    The prediction cache's shards have random names and their split depends on when a process was killed: their
+    union per classifier is compared instead, under ``cache/predictions/<fp>``.
     Temporary files left by a kill are not results.
     """
     from safetensors.torch import load_file
@@ -369,14 +370,28 @@ def assert_same_outputs(got: dict[str, Any], expected: dict[str, Any]) -> None:
 def _differences(got: Any, expected: Any, where: str = "") -> list[str]:
     """Where two JSON values differ: ``["settings.steps: 2 != 4", ...]`` (at most 10)."""
     if isinstance(got, dict) and isinstance(expected, dict):
-        found = [d for key in {*got, *expected} for d in _differences(got.get(key), expected.get(key), f"{where}.{key}")]
+        found = [
+            d for key in {*got, *expected} for d in _differences(got.get(key), expected.get(key), f"{where}.{key}")
+        ]
     elif isinstance(got, list) and isinstance(expected, list) and len(got) == len(expected):
         found = [d for i, (a, b) in enumerate(zip(got, expected)) for d in _differences(a, b, f"{where}[{i}]")]
     elif isinstance(got, str) and isinstance(expected, str) and "\n" in got + expected:
         import difflib
 
-        found = [f"{where or '<text>'}: " + "\n".join(list(difflib.unified_diff(
-            expected.splitlines(), got.splitlines(), "expected", "got", lineterm="", n=0))[:12])] if got != expected else []
+        found = (
+            [
+                f"{where or '<text>'}: "
+                + "\n".join(
+                    list(
+                        difflib.unified_diff(
+                            expected.splitlines(), got.splitlines(), "expected", "got", lineterm="", n=0
+                        )
+                    )[:12]
+                )
+            ]
+            if got != expected
+            else []
+        )
     else:
         found = [] if got == expected else [f"{where or '<file>'}: {str(got)[:200]} != {str(expected)[:200]}"]
     return found[:10]
@@ -397,12 +412,14 @@ def finished(root: Path) -> dict[str, tuple[int, str]]:
 
 def _is_finished(root: Path, parts: tuple[str, ...]) -> bool:
     run = root.joinpath(*parts[:3])  # a run's folder: models/<class>/<run>, generated/<class>/<run>
-    return ((parts[0] == "refs" and (root.joinpath(*parts[:2]) / "selection.json").is_file())
-            or (parts[0] == "models" and _status(run / "training.json") == "complete")
-            or (parts[0] == "models" and len(parts) > 4 and parts[3] == "checkpoints")
-            or (parts[0] == "generated" and (parts[-1].endswith(".png") or _status(root.joinpath(*parts)) == "complete"))
-            or parts[:2] == ("cache", "predictions")
-            or (parts[0] == "reports" and (root / "run.json").is_file() and (root / "reports/evaluation.json").is_file()))
+    return (
+        (parts[0] == "refs" and (root.joinpath(*parts[:2]) / "selection.json").is_file())
+        or (parts[0] == "models" and _status(run / "training.json") == "complete")
+        or (parts[0] == "models" and len(parts) > 4 and parts[3] == "checkpoints")
+        or (parts[0] == "generated" and (parts[-1].endswith(".png") or _status(root.joinpath(*parts)) == "complete"))
+        or parts[:2] == ("cache", "predictions")
+        or (parts[0] == "reports" and (root / "run.json").is_file() and (root / "reports/evaluation.json").is_file())
+    )
 
 
 def _status(manifest: Path) -> str | None:

@@ -91,7 +91,9 @@ class RiggedSetup:
         rows = [RIGGED_CLASSIFIERS.index(c) for c in classifiers]
         return np.array(RIGGED_SCORES[class_index])[rows]
 
-    def expected_selection(self, class_index: int, k: int, classifiers: tuple[str, ...] = RIGGED_CLASSIFIERS) -> list[str]:
+    def expected_selection(
+        self, class_index: int, k: int, classifiers: tuple[str, ...] = RIGGED_CLASSIFIERS
+    ) -> list[str]:
         """File names select-refs must choose, in rank order, computed from the designed scores."""
         scores = self.scores(class_index, classifiers)
         consistent = [i for i in range(scores.shape[1]) if (scores[:, i] > 0).all()]

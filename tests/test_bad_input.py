@@ -382,225 +382,982 @@ CHECKPOINTED_RUN = ["--preset", "dreambooth", "--no-prior-preservation", "--num-
 
 CASES: list[Case] = [
     # Images: broken files are skipped with a warning, odd formats are converted.
-    Case("image-corrupt", "a `.png` of random bytes among the images", "`warning: skipped unreadable image …/odd.png: cannot identify image file`; the other images are used, the file is listed under `unreadable` in `selection.json`",
-         "skipped unreadable image", _odd_image("corrupt"), 0, _odd_image_verdict(True)),
-    Case("image-truncated", "a PNG cut after 300 bytes", "`warning: skipped unreadable image …` (truncated), listed under `unreadable`",
-         "skipped unreadable image", _odd_image("truncated"), 0, _odd_image_verdict(True)),
-    Case("image-zero-byte", "an empty image file", "`warning: skipped unreadable image …: empty file (0 bytes)`",
-         "empty file (0 bytes)", _odd_image("zero-byte"), 0, _odd_image_verdict(True)),
-    Case("image-bomb", "a PNG declaring 100000 x 100000 pixels (decompression bomb)", "`warning: skipped unreadable image …: decompression bomb refused` before any pixel is decoded",
-         "decompression bomb refused", _odd_image("bomb"), 0, _odd_image_verdict(True)),
-    Case("image-animated", "an animated GIF", "fine input: its first frame is used", "references written under",
-         _odd_image("animated"), 0, _odd_image_verdict(False)),
-    Case("image-cmyk", "a CMYK JPEG", "fine input: converted to RGB", "references written under",
-         _odd_image("cmyk"), 0, _odd_image_verdict(False)),
-    Case("image-16-bit", "a 16-bit greyscale PNG", "fine input: rescaled to 8 bits (not clipped) and converted to RGB",
-         "references written under", _odd_image("16-bit"), 0, _odd_image_verdict(False)),
-    Case("image-palette", "a palette (P mode) PNG", "fine input: converted to RGB", "references written under",
-         _odd_image("palette"), 0, _odd_image_verdict(False)),
+    Case(
+        "image-corrupt",
+        "a `.png` of random bytes among the images",
+        "`warning: skipped unreadable image …/odd.png: "
+        "cannot identify image file`; the other images "
+        "are used, the file is listed under "
+        "`unreadable` in `selection.json`",
+        "skipped unreadable image",
+        _odd_image("corrupt"),
+        0,
+        _odd_image_verdict(True),
+    ),
+    Case(
+        "image-truncated",
+        "a PNG cut after 300 bytes",
+        "`warning: skipped unreadable image …` (truncated), listed under `unreadable`",
+        "skipped unreadable image",
+        _odd_image("truncated"),
+        0,
+        _odd_image_verdict(True),
+    ),
+    Case(
+        "image-zero-byte",
+        "an empty image file",
+        "`warning: skipped unreadable image …: empty file (0 bytes)`",
+        "empty file (0 bytes)",
+        _odd_image("zero-byte"),
+        0,
+        _odd_image_verdict(True),
+    ),
+    Case(
+        "image-bomb",
+        "a PNG declaring 100000 x 100000 pixels (decompression bomb)",
+        "`warning: skipped unreadable image …: decompression bomb refused` before any pixel is decoded",
+        "decompression bomb refused",
+        _odd_image("bomb"),
+        0,
+        _odd_image_verdict(True),
+    ),
+    Case(
+        "image-animated",
+        "an animated GIF",
+        "fine input: its first frame is used",
+        "references written under",
+        _odd_image("animated"),
+        0,
+        _odd_image_verdict(False),
+    ),
+    Case(
+        "image-cmyk",
+        "a CMYK JPEG",
+        "fine input: converted to RGB",
+        "references written under",
+        _odd_image("cmyk"),
+        0,
+        _odd_image_verdict(False),
+    ),
+    Case(
+        "image-16-bit",
+        "a 16-bit greyscale PNG",
+        "fine input: rescaled to 8 bits (not clipped) and converted to RGB",
+        "references written under",
+        _odd_image("16-bit"),
+        0,
+        _odd_image_verdict(False),
+    ),
+    Case(
+        "image-palette",
+        "a palette (P mode) PNG",
+        "fine input: converted to RGB",
+        "references written under",
+        _odd_image("palette"),
+        0,
+        _odd_image_verdict(False),
+    ),
     # Folder layouts.
-    Case("layout-dataset-missing", "`--dataset` that does not exist", "`error: dataset folder … does not exist; pass Spurious ImageNet's 'images' folder to --dataset`",
-         "does not exist", lambda env: _select(env, "--dataset", str(env.root / "missing"))),
-    Case("layout-dataset-wrong", "`--dataset` with a sub-folder `hummingbird/` instead of `spurious_imagenet_94_hummingbird_1/`", "`error: … does not follow Spurious ImageNet's layout (…)`",
-         "does not follow Spurious ImageNet's layout", lambda env: _select(env, "--dataset", _dataset(env, "hummingbird"))),
-    Case("layout-dataset-empty-class", "the class's dataset folder holds no image", "`error: no image files for hummingbird (94); check that the folder holds .png/.jpg images`",
-         "no image files for hummingbird (94)", lambda env: _select(env, "--dataset", _dataset(env, "spurious_imagenet_94_hummingbird_0"))),
-    Case("layout-dataset-no-class", "`--dataset` without a folder for the class", "`error: … has no folder for hummingbird (94); check --classes or the --dataset path`",
-         "has no folder for", lambda env: _select(env, "--dataset", _dataset(env, "spurious_imagenet_105_koala_0"))),
-    Case("layout-images-missing", "`--images` that does not exist", "`error: image folder … does not exist; check the --images path`",
-         "image folder", lambda env: _select(env, "--images", str(env.root / "missing"))),
-    Case("layout-images-two-classes", "`--images DIR` with two classes", "`error: --images holds one class; pass exactly one class with --classes`",
-         "--images holds one class", lambda env: _select(env, "--classes", "94,105", "--images", str(env.root))),
-    Case("layout-no-source", "select-refs without `--dataset` or `--images`", "`error: no images given; pass --dataset SPURIOUS_IMAGENET/images or --images DIR`",
-         "no images given", lambda env: _select(env)),
-    Case("layout-no-refs", "finetune before select-refs", "`error: no reference images for hummingbird (94): …/selection.json is missing; run spurgen select-refs --classes 94 first`",
-         "no reference images for hummingbird (94)", lambda env: _finetune(env, "--model", str(env.fixture("tiny_sd_dir")))),
-    Case("layout-no-models", "generate before finetune", "`error: no finished fine-tuned model for hummingbird (94) in …; run 'spurgen finetune --classes 94' first, or pass --base …`",
-         "no finished fine-tuned model", lambda env: _generate(env)),
-    Case("layout-workspace-is-a-file", "`--workspace` naming a file", "`error: cannot write …/.spurgen-write-test: File exists; free disk space or choose a writable --workspace`",
-         "choose a writable --workspace", lambda env: ["select-refs", "-w", str(env.write("file", "x")), "--classes", "94",
-                                                         *env.res_a(), "--dataset", str(env.fixture("rigged").dataset)]),
+    Case(
+        "layout-dataset-missing",
+        "`--dataset` that does not exist",
+        "`error: dataset folder … does not exist; pass Spurious ImageNet's 'images' folder to --dataset`",
+        "does not exist",
+        lambda env: _select(env, "--dataset", str(env.root / "missing")),
+    ),
+    Case(
+        "layout-dataset-wrong",
+        "`--dataset` with a sub-folder `hummingbird/` instead of `spurious_imagenet_94_hummingbird_1/`",
+        "`error: … does not follow Spurious ImageNet's layout (…)`",
+        "does not follow Spurious ImageNet's layout",
+        lambda env: _select(env, "--dataset", _dataset(env, "hummingbird")),
+    ),
+    Case(
+        "layout-dataset-empty-class",
+        "the class's dataset folder holds no image",
+        "`error: no image files for hummingbird (94); check that the folder holds .png/.jpg images`",
+        "no image files for hummingbird (94)",
+        lambda env: _select(env, "--dataset", _dataset(env, "spurious_imagenet_94_hummingbird_0")),
+    ),
+    Case(
+        "layout-dataset-no-class",
+        "`--dataset` without a folder for the class",
+        "`error: … has no folder for hummingbird (94); check --classes or the --dataset path`",
+        "has no folder for",
+        lambda env: _select(env, "--dataset", _dataset(env, "spurious_imagenet_105_koala_0")),
+    ),
+    Case(
+        "layout-images-missing",
+        "`--images` that does not exist",
+        "`error: image folder … does not exist; check the --images path`",
+        "image folder",
+        lambda env: _select(env, "--images", str(env.root / "missing")),
+    ),
+    Case(
+        "layout-images-two-classes",
+        "`--images DIR` with two classes",
+        "`error: --images holds one class; pass exactly one class with --classes`",
+        "--images holds one class",
+        lambda env: _select(env, "--classes", "94,105", "--images", str(env.root)),
+    ),
+    Case(
+        "layout-no-source",
+        "select-refs without `--dataset` or `--images`",
+        "`error: no images given; pass --dataset SPURIOUS_IMAGENET/images or --images DIR`",
+        "no images given",
+        lambda env: _select(env),
+    ),
+    Case(
+        "layout-no-refs",
+        "finetune before select-refs",
+        "`error: no reference images for hummingbird (94): "
+        "…/selection.json is missing; run spurgen select-refs "
+        "--classes 94 first`",
+        "no reference images for hummingbird (94)",
+        lambda env: _finetune(env, "--model", str(env.fixture("tiny_sd_dir"))),
+    ),
+    Case(
+        "layout-no-models",
+        "generate before finetune",
+        "`error: no finished fine-tuned model for hummingbird (94) in "
+        "…; run 'spurgen finetune --classes 94' first, or pass --base "
+        "…`",
+        "no finished fine-tuned model",
+        lambda env: _generate(env),
+    ),
+    Case(
+        "layout-workspace-is-a-file",
+        "`--workspace` naming a file",
+        "`error: cannot write …/.spurgen-write-test: File exists; free disk space or choose a writable --workspace`",
+        "choose a writable --workspace",
+        lambda env: [
+            "select-refs",
+            "-w",
+            str(env.write("file", "x")),
+            "--classes",
+            "94",
+            *env.res_a(),
+            "--dataset",
+            str(env.fixture("rigged").dataset),
+        ],
+    ),
     # Classes.
-    Case("class-typo", "`--classes humingbird`", "`error: unknown class 'humingbird'; did you mean 'hummingbird' (94)?`",
-         "did you mean 'hummingbird' (94)?", lambda env: _select_data(env, "--classes", "humingbird")),
-    Case("class-unknown", "`--classes xyzzy`", "`error: unknown class 'xyzzy'; see the class names of the 'imagenet' label set (spurgen classes)`",
-         "see the class names", lambda env: _select_data(env, "--classes", "xyzzy")),
-    Case("class-index-range", "`--classes 1000`", "`error: unknown class index 1000; the 'imagenet' label set has indices 0..999`",
-         "unknown class index 1000", lambda env: _select_data(env, "--classes", "1000")),
-    Case("class-ambiguous", "`--classes crane` (a bird and a machine)", "`error: class name 'crane' is ambiguous; use one of the indices 134 (n02012849), 517 (n03126707)`",
-         "is ambiguous", lambda env: _select_data(env, "--classes", "crane")),
-    Case("class-empty", "`run --classes ,`", "`error: --classes is empty; pass class names, indices or 'all'`",
-         "--classes is empty", lambda env: ["run", "-w", str(env.ws), "--classes", ",", "--dry-run"]),
-    Case("class-labels-missing", "`--labels` naming no registered set and no file", "`error: unknown label set '…'; use one of imagenet, world or a TSV file path`",
-         "unknown label set", lambda env: _select_data(env, "--labels", str(env.root / "labels.tsv"))),
-    Case("class-classifier-unknown", "`--classifiers nope`", "`error: unknown classifier 'nope'; choose from rn50-v1, … or define it with --classifier NAME=ARCH[@PATH]`",
-         "unknown classifier 'nope'", lambda env: _select_data(env, "--classifiers", "nope")),
+    Case(
+        "class-typo",
+        "`--classes humingbird`",
+        "`error: unknown class 'humingbird'; did you mean 'hummingbird' (94)?`",
+        "did you mean 'hummingbird' (94)?",
+        lambda env: _select_data(env, "--classes", "humingbird"),
+    ),
+    Case(
+        "class-unknown",
+        "`--classes xyzzy`",
+        "`error: unknown class 'xyzzy'; see the class names of the 'imagenet' label set (spurgen classes)`",
+        "see the class names",
+        lambda env: _select_data(env, "--classes", "xyzzy"),
+    ),
+    Case(
+        "class-index-range",
+        "`--classes 1000`",
+        "`error: unknown class index 1000; the 'imagenet' label set has indices 0..999`",
+        "unknown class index 1000",
+        lambda env: _select_data(env, "--classes", "1000"),
+    ),
+    Case(
+        "class-ambiguous",
+        "`--classes crane` (a bird and a machine)",
+        "`error: class name 'crane' is ambiguous; use one of the indices 134 (n02012849), 517 (n03126707)`",
+        "is ambiguous",
+        lambda env: _select_data(env, "--classes", "crane"),
+    ),
+    Case(
+        "class-empty",
+        "`run --classes ,`",
+        "`error: --classes is empty; pass class names, indices or 'all'`",
+        "--classes is empty",
+        lambda env: ["run", "-w", str(env.ws), "--classes", ",", "--dry-run"],
+    ),
+    Case(
+        "class-labels-missing",
+        "`--labels` naming no registered set and no file",
+        "`error: unknown label set '…'; use one of imagenet, world or a TSV file path`",
+        "unknown label set",
+        lambda env: _select_data(env, "--labels", str(env.root / "labels.tsv")),
+    ),
+    Case(
+        "class-classifier-unknown",
+        "`--classifiers nope`",
+        "`error: unknown classifier 'nope'; choose from rn50-v1, … or define it with --classifier NAME=ARCH[@PATH]`",
+        "unknown classifier 'nope'",
+        lambda env: _select_data(env, "--classifiers", "nope"),
+    ),
     # spurgen.toml.
-    Case("toml-syntax", "`k = ` with no value on line 2", "`error: …/spurgen.toml: Invalid value (at line 2, column 5); fix the TOML syntax there`",
-         "line 2", _toml("[select-refs]\nk = \n", "select-refs", "--classes", "94")),
-    Case("toml-unknown-key", "`kk = 3` in `[select-refs]`", "`error: spurgen.toml: unknown key 'kk' in [select-refs]; known keys: …`",
-         "unknown key 'kk' in [select-refs]", _toml("[select-refs]\nkk = 3\n", "select-refs", "--classes", "94")),
-    Case("toml-wrong-type", "`k = \"six\"`", "`error: spurgen.toml: [select-refs] k: expected a whole number, got 'six'; give an integer such as 6`",
-         "[select-refs] k: expected a whole number", _toml("[select-refs]\nk = \"six\"\n", "select-refs", "--classes", "94")),
-    Case("toml-table-not-table", "`select-refs = 3` at the top level", "`error: spurgen.toml: 'select-refs' must be a table, not a value; put its keys under a [select-refs] header`",
-         "must be a table", _toml("select-refs = 3\n", "select-refs", "--classes", "94")),
-    Case("toml-nan", "`sfsl-weight = nan` in `[finetune]`", "`error: spurgen.toml: [finetune] sfsl-weight: expected a finite number, got nan; give a number such as 0.1`",
-         "[finetune] sfsl-weight: expected a finite number", _toml("[finetune]\nsfsl-weight = nan\n", "finetune", "--classes", "94")),
-    Case("toml-not-utf8", "a spurgen.toml in Latin-1", "`error: cannot read …/spurgen.toml: 'utf-8' codec can't decode byte 0xe9 …; check its permissions and encoding`",
-         "check its permissions and encoding", _toml(b"noun = \"caf\xe9\"\n", "finetune", "--classes", "94")),
-    Case("toml-kappa-table", "`class-sfsl-weight = 3` instead of a table", "`error: spurgen.toml: [finetune] class-sfsl-weight: expected a table, got 3; give NAME = VALUE lines under a [table] header`",
-         "class-sfsl-weight: expected a table", _toml("[finetune]\nclass-sfsl-weight = 3\n", "finetune", "--classes", "94")),
+    Case(
+        "toml-syntax",
+        "`k = ` with no value on line 2",
+        "`error: …/spurgen.toml: Invalid value (at line 2, column 5); fix the TOML syntax there`",
+        "line 2",
+        _toml("[select-refs]\nk = \n", "select-refs", "--classes", "94"),
+    ),
+    Case(
+        "toml-unknown-key",
+        "`kk = 3` in `[select-refs]`",
+        "`error: spurgen.toml: unknown key 'kk' in [select-refs]; known keys: …`",
+        "unknown key 'kk' in [select-refs]",
+        _toml("[select-refs]\nkk = 3\n", "select-refs", "--classes", "94"),
+    ),
+    Case(
+        "toml-wrong-type",
+        '`k = "six"`',
+        "`error: spurgen.toml: [select-refs] k: expected a whole number, got 'six'; give an integer such as 6`",
+        "[select-refs] k: expected a whole number",
+        _toml('[select-refs]\nk = "six"\n', "select-refs", "--classes", "94"),
+    ),
+    Case(
+        "toml-table-not-table",
+        "`select-refs = 3` at the top level",
+        "`error: spurgen.toml: 'select-refs' must be a table, not a value; put its keys under a [select-refs] header`",
+        "must be a table",
+        _toml("select-refs = 3\n", "select-refs", "--classes", "94"),
+    ),
+    Case(
+        "toml-nan",
+        "`sfsl-weight = nan` in `[finetune]`",
+        "`error: spurgen.toml: [finetune] sfsl-weight: expected a finite number, got nan; give a number such as 0.1`",
+        "[finetune] sfsl-weight: expected a finite number",
+        _toml("[finetune]\nsfsl-weight = nan\n", "finetune", "--classes", "94"),
+    ),
+    Case(
+        "toml-not-utf8",
+        "a spurgen.toml in Latin-1",
+        "`error: cannot read …/spurgen.toml: 'utf-8' codec can't decode "
+        "byte 0xe9 …; check its permissions and encoding`",
+        "check its permissions and encoding",
+        _toml(b'noun = "caf\xe9"\n', "finetune", "--classes", "94"),
+    ),
+    Case(
+        "toml-kappa-table",
+        "`class-sfsl-weight = 3` instead of a table",
+        "`error: spurgen.toml: [finetune] "
+        "class-sfsl-weight: expected a table, got "
+        "3; give NAME = VALUE lines under a [table] "
+        "header`",
+        "class-sfsl-weight: expected a table",
+        _toml("[finetune]\nclass-sfsl-weight = 3\n", "finetune", "--classes", "94"),
+    ),
     # Contradictory flags.
-    Case("flags-full-over-lora", "`finetune --full` where the run `sfsl` is a complete LoRA run", "`error: …/models/94-hummingbird/sfsl holds a complete run with other settings (--lora in the run, --full requested); pass --run-name NAME to train a new run beside it, or --overwrite to replace it`",
-         "holds a complete run with other settings (--lora in the run, --full requested)", _full_over_complete_lora),
-    Case("flags-compile-no-compiler", "`finetune --compile on` on a CPU without a C++ compiler", "`error: --compile on needs a C++ compiler on a CPU, and none was found; install g++ (or set CXX), or pass --compile off`, before anything is written",
-         "--compile on needs a C++ compiler", _compile_without_compiler),
-    Case("flags-resume-overwrite", "`finetune --resume --overwrite`", "`error: --resume and --overwrite both given; pass one: continue the run or start it over`",
-         "--resume and --overwrite both given", lambda env: _finetune(env, "--resume", "--overwrite")),
-    Case("flags-report-to-unknown", "`finetune --report-to neptune`", "`error: --report-to: unknown tracker 'neptune'; use tensorboard, wandb, mlflow, comet_ml, aim or all`",
-         "unknown tracker 'neptune'", lambda env: _finetune(env, "--report-to", "neptune")),
-    Case("flags-zero-snr-epsilon", "`finetune --zero-terminal-snr` on an epsilon-prediction base model", "`error: --zero-terminal-snr needs a v-prediction base model; '…' predicts 'epsilon', which has nothing to predict from pure noise at the last timestep; drop the flag (--noise-offset also widens colour and brightness)`",
-         "--zero-terminal-snr needs a v-prediction base model", lambda env: _finetune(env, "--model", str(env.fixture("tiny_sd_dir")), "--zero-terminal-snr")),
-    Case("flags-dataset-images", "`--dataset` and `--images` together", "`error: --dataset and --images both given; pass only one source of images`",
-         "--dataset and --images both given", lambda env: _select(env, "--dataset", str(env.root), "--images", str(env.root))),
-    Case("flags-filter-without-until", "`generate --filter consistent` without `--until`", "`error: --filter and --max-images need --until N; add --until N or drop them`",
-         "need --until N", lambda env: _generate(env, "--filter", "consistent")),
-    Case("flags-lora-hub-offline", "`generate --lora ORG/NAME` offline, or an id the hub does not have", "`error: --lora someone/their-lora: not a local file or folder, and the hub gave no pytorch_lora_weights.safetensors (…); download it and pass its path, or check the id and the network`",
-         "the hub gave no pytorch_lora_weights.safetensors", lambda env: _generate(env, "--lora", "someone/their-lora")),
-    Case("flags-lora-without-model", "`generate --lora DIR` without `--model`", "`error: no base model for the LoRA …; pass --model, the Stable Diffusion folder or hub id it was trained on`",
-         "no base model for the LoRA", lambda env: _generate(env, "--lora", shutil.copytree(env.fixture("tiny_lora_run"), env.root / "their-lora"), "--prompt", "a photo of sks flowers")),
-    Case("flags-checkpoint-missing", "`generate --checkpoint N` of a run without that checkpoint", "`error: …/checkpoints/checkpoint-7 does not exist: run 'lora-x' of hummingbird (94) has no checkpoint; drop --checkpoint to use its final weights`",
-         "checkpoint-7 does not exist", lambda env: _generate(env, "--runs", _lora_run(env).name, "--checkpoint", "7")),
-    Case("flags-export-lora-no-run", "`export-lora` for a class without a finished LoRA run", "`error: hummingbird (94) has 0 finished LoRA runs (none); name the one to export with --run`",
-         "has 0 finished LoRA runs", lambda env: ["export-lora", "-w", str(env.ws), "--classes", "94", "--format", "kohya"]),
-    Case("flags-until-without-filter", "`generate --until 5` without `--filter`", "`error: --until needs --filter; add e.g. --filter consistent`",
-         "--until needs --filter", lambda env: _generate(env, "--until", "5")),
-    Case("flags-min-quality-without-export", "`evaluate --quality topiq --min-quality 0.5` without `--export`", "`error: --min-quality filters the --export; add --export DIR`",
-         "add --export DIR", lambda env: ["evaluate", "-w", str(env.ws), "--quality", "topiq", "--min-quality", "0.5"]),
-    Case("flags-text-encoder-vs-preset", "`--preset dreambooth --train-text-encoder` without `--run-name`", "`error: --train-text-encoder changes what preset 'dreambooth' trains; pass --run-name NAME …`",
-         "pass --run-name NAME", lambda env: _finetune(env, "--preset", "dreambooth", "--train-text-encoder")),
-    Case("flags-grid-without-sfsl", "`run --presets dreambooth --sfsl-weight 0.1`", "`error: --sfsl-weight is a grid of the 'sfsl' preset; add sfsl to --presets`",
-         "add sfsl to --presets", lambda env: ["run", "-w", str(env.ws), "--presets", "dreambooth", "--sfsl-weight", "0.1", "--dry-run"]),
-    Case("flags-crop-unknown", "`select-refs --crop middle`", "`error: --crop must be 'center' or 'none', got 'middle'; change it on the command line or in spurgen.toml`",
-         "--crop must be 'center' or 'none'", lambda env: _select(env, "--crop", "middle")),
-    Case("flags-rate-path-without-export", "`rate out.csv` without `--export`", "`error: out.csv is only used with --export; pass --export out.csv, or leave it out to serve`",
-         "only used with --export", lambda env: ["rate", "out.csv", "-w", str(env.ws)]),
+    Case(
+        "flags-full-over-lora",
+        "`finetune --full` where the run `sfsl` is a complete LoRA run",
+        "`error: "
+        "…/models/94-hummingbird/sfsl "
+        ""
+        ""
+        "holds a complete "
+        "run with other "
+        "settings (--lora in "
+        "the run, --full "
+        "requested); pass "
+        "--run-name NAME to "
+        "train a new run "
+        "beside it, or "
+        "--overwrite to "
+        "replace it`",
+        "holds a complete run with other settings (--lora in the run, --full requested)",
+        _full_over_complete_lora,
+    ),
+    Case(
+        "flags-compile-no-compiler",
+        "`finetune --compile on` on a CPU without a C++ compiler",
+        "`error: --compile on "
+        "needs a C++ compiler "
+        "on a CPU, and none "
+        "was found; install "
+        "g++ (or set CXX), or "
+        "pass --compile off`, "
+        "before anything is "
+        "written",
+        "--compile on needs a C++ compiler",
+        _compile_without_compiler,
+    ),
+    Case(
+        "flags-resume-overwrite",
+        "`finetune --resume --overwrite`",
+        "`error: --resume and --overwrite both given; pass one: continue the run or start it over`",
+        "--resume and --overwrite both given",
+        lambda env: _finetune(env, "--resume", "--overwrite"),
+    ),
+    Case(
+        "flags-report-to-unknown",
+        "`finetune --report-to neptune`",
+        "`error: --report-to: unknown tracker 'neptune'; use tensorboard, wandb, mlflow, comet_ml, aim or all`",
+        "unknown tracker 'neptune'",
+        lambda env: _finetune(env, "--report-to", "neptune"),
+    ),
+    Case(
+        "flags-zero-snr-epsilon",
+        "`finetune --zero-terminal-snr` on an epsilon-prediction base model",
+        "`error: "
+        "--zero-terminal-snr "
+        ""
+        ""
+        "needs a "
+        "v-prediction "
+        "base model; "
+        "'…' predicts "
+        "'epsilon', "
+        "which has "
+        "nothing to "
+        "predict from "
+        "pure noise "
+        "at the last "
+        "timestep; "
+        "drop the "
+        "flag "
+        "(--noise-offset "
+        ""
+        ""
+        "also widens "
+        "colour and "
+        "brightness)`",
+        "--zero-terminal-snr needs a v-prediction base model",
+        lambda env: _finetune(env, "--model", str(env.fixture("tiny_sd_dir")), "--zero-terminal-snr"),
+    ),
+    Case(
+        "flags-dataset-images",
+        "`--dataset` and `--images` together",
+        "`error: --dataset and --images both given; pass only one source of images`",
+        "--dataset and --images both given",
+        lambda env: _select(env, "--dataset", str(env.root), "--images", str(env.root)),
+    ),
+    Case(
+        "flags-filter-without-until",
+        "`generate --filter consistent` without `--until`",
+        "`error: --filter and --max-images need --until N; add --until N or drop them`",
+        "need --until N",
+        lambda env: _generate(env, "--filter", "consistent"),
+    ),
+    Case(
+        "flags-lora-hub-offline",
+        "`generate --lora ORG/NAME` offline, or an id the hub does not have",
+        "`error: "
+        "--lora "
+        "someone/their-lora: "
+        ""
+        ""
+        "not a local "
+        "file or "
+        "folder, and "
+        "the hub gave "
+        "no "
+        "pytorch_lora_weights.safetensors "
+        ""
+        ""
+        "(…); "
+        "download it "
+        "and pass its "
+        "path, or "
+        "check the id "
+        "and the "
+        "network`",
+        "the hub gave no pytorch_lora_weights.safetensors",
+        lambda env: _generate(env, "--lora", "someone/their-lora"),
+    ),
+    Case(
+        "flags-lora-without-model",
+        "`generate --lora DIR` without `--model`",
+        "`error: no base model for the LoRA …; pass --model, the Stable Diffusion folder or hub id it was trained on`",
+        "no base model for the LoRA",
+        lambda env: _generate(
+            env,
+            "--lora",
+            shutil.copytree(env.fixture("tiny_lora_run"), env.root / "their-lora"),
+            "--prompt",
+            "a photo of sks flowers",
+        ),
+    ),
+    Case(
+        "flags-checkpoint-missing",
+        "`generate --checkpoint N` of a run without that checkpoint",
+        "`error: "
+        "…/checkpoints/checkpoint-7 "
+        ""
+        ""
+        "does not exist: "
+        "run 'lora-x' of "
+        "hummingbird (94) "
+        "has no checkpoint; "
+        "drop --checkpoint "
+        "to use its final "
+        "weights`",
+        "checkpoint-7 does not exist",
+        lambda env: _generate(env, "--runs", _lora_run(env).name, "--checkpoint", "7"),
+    ),
+    Case(
+        "flags-export-lora-no-run",
+        "`export-lora` for a class without a finished LoRA run",
+        "`error: hummingbird (94) has 0 finished LoRA runs (none); name the one to export with --run`",
+        "has 0 finished LoRA runs",
+        lambda env: ["export-lora", "-w", str(env.ws), "--classes", "94", "--format", "kohya"],
+    ),
+    Case(
+        "flags-until-without-filter",
+        "`generate --until 5` without `--filter`",
+        "`error: --until needs --filter; add e.g. --filter consistent`",
+        "--until needs --filter",
+        lambda env: _generate(env, "--until", "5"),
+    ),
+    Case(
+        "flags-min-quality-without-export",
+        "`evaluate --quality topiq --min-quality 0.5` without `--export`",
+        "`error: --min-quality filters the --export; add --export DIR`",
+        "add --export DIR",
+        lambda env: ["evaluate", "-w", str(env.ws), "--quality", "topiq", "--min-quality", "0.5"],
+    ),
+    Case(
+        "flags-text-encoder-vs-preset",
+        "`--preset dreambooth --train-text-encoder` without `--run-name`",
+        "`error: --train-text-encoder changes what preset 'dreambooth' trains; pass --run-name NAME …`",
+        "pass --run-name NAME",
+        lambda env: _finetune(env, "--preset", "dreambooth", "--train-text-encoder"),
+    ),
+    Case(
+        "flags-grid-without-sfsl",
+        "`run --presets dreambooth --sfsl-weight 0.1`",
+        "`error: --sfsl-weight is a grid of the 'sfsl' preset; add sfsl to --presets`",
+        "add sfsl to --presets",
+        lambda env: ["run", "-w", str(env.ws), "--presets", "dreambooth", "--sfsl-weight", "0.1", "--dry-run"],
+    ),
+    Case(
+        "flags-crop-unknown",
+        "`select-refs --crop middle`",
+        "`error: --crop must be 'center' or 'none', got 'middle'; change it on the command line or in spurgen.toml`",
+        "--crop must be 'center' or 'none'",
+        lambda env: _select(env, "--crop", "middle"),
+    ),
+    Case(
+        "flags-rate-path-without-export",
+        "`rate out.csv` without `--export`",
+        "`error: out.csv is only used with --export; pass --export out.csv, or leave it out to serve`",
+        "only used with --export",
+        lambda env: ["rate", "out.csv", "-w", str(env.ws)],
+    ),
     # Numbers out of range.
-    Case("number-not-a-number", "`finetune --steps abc`", "the parser's usage box: `Invalid value for '--steps': Input should be a valid integer, …`",
-         "Invalid value for '--steps'", lambda env: _finetune(env, "--steps", "abc"), usage=True),
-    Case("number-steps-negative", "`finetune --steps -1`", "`error: --steps must be at least 1, got -1; change it on the command line or in spurgen.toml`",
-         "--steps must be at least 1", lambda env: _finetune(env, "--steps", "-1")),
-    Case("number-rank-zero", "`finetune --rank 0`", "`error: --rank must be at least 1, got 0; pass e.g. --rank 16`",
-         "--rank must be at least 1", lambda env: _finetune(env, "--rank", "0")),
-    Case("number-kappa-nan", "`finetune --sfsl-weight nan`", "`error: --sfsl-weight: expected a finite number, got nan; give a number such as 0.1`",
-         "--sfsl-weight: expected a finite number", lambda env: _finetune(env, "--sfsl-weight", "nan")),
-    Case("number-kappa-inf", "`finetune --sfsl-weight inf`", "`error: --sfsl-weight: expected a finite number, got inf; give a number such as 0.1`",
-         "--sfsl-weight: expected a finite number", lambda env: _finetune(env, "--sfsl-weight", "inf")),
-    Case("number-kappa-negative", "`finetune --sfsl-weight -0.1`", "`error: --sfsl-weight must be 0 or more, got -0.1; change it on the command line or in spurgen.toml`",
-         "--sfsl-weight must be 0 or more", lambda env: _finetune(env, "--sfsl-weight", "-0.1")),
-    Case("number-class-kappa-nan", "`--class-sfsl-weight hummingbird=nan`", "`error: --class-sfsl-weight.hummingbird: expected a finite number, got nan; give a number such as 0.1`",
-         "expected a finite number", lambda env: _finetune(env, "--class-sfsl-weight", "hummingbird=nan")),
-    Case("number-class-kappa-malformed", "`--class-sfsl-weight hummingbird`", "`error: --class-sfsl-weight: bad entry 'hummingbird'; write CLASS=KAPPA, e.g. hummingbird=0.2`",
-         "write CLASS=KAPPA", lambda env: _finetune(env, "--class-sfsl-weight", "hummingbird")),
-    Case("number-lr-zero", "`finetune --learning-rate 0`", "`error: --learning-rate must be positive, got 0.0; change it on the command line or in spurgen.toml`",
-         "--learning-rate must be positive", lambda env: _finetune(env, "--learning-rate", "0")),
-    Case("number-grad-norm-inf", "`finetune --max-grad-norm inf`", "`error: --max-grad-norm: expected a finite number, got inf; give a number such as 0.1`",
-         "--max-grad-norm: expected a finite number", lambda env: _finetune(env, "--max-grad-norm", "inf")),
-    Case("number-n-negative", "`generate -n -3`", "`error: -n must be at least 1, got -3; change it on the command line or in spurgen.toml`",
-         "-n must be at least 1", lambda env: _generate(env, "-n", "-3")),
-    Case("number-guidance-nan", "`generate --guidance nan`", "`error: --guidance: expected a finite number, got nan; give a number such as 0.1`",
-         "--guidance: expected a finite number", lambda env: _generate(env, "--guidance", "nan")),
-    Case("number-resolution-odd", "`generate --resolution 100`", "`error: --resolution must be a positive multiple of 8, got 100; change it on the command line or in spurgen.toml`",
-         "must be a positive multiple of 8", lambda env: _generate(env, "--resolution", "100")),
-    Case("number-seed-negative", "`generate --seed -1`", "`error: --seed must be 0 or more, got -1; change it on the command line or in spurgen.toml`",
-         "--seed must be 0 or more", lambda env: _generate(env, "--seed", "-1")),
-    Case("number-k-zero", "`select-refs -k 0`", "`error: -k must be at least 1, got 0; pass -k 6 for the paper's setting`",
-         "-k must be at least 1", lambda env: _select_data(env, "-k", "0")),
-    Case("number-grid-nan", "`run --sfsl-weight 0.1,nan`", "`error: --sfsl-weight: expected a finite number, got nan; give a number such as 0.1`",
-         "expected a finite number", lambda env: ["run", "-w", str(env.ws), "--sfsl-weight", "0.1,nan", "--dry-run"]),
-    Case("number-port-range", "`rate --port 70000`", "`error: --port must be 0 to 65535, got 70000; change it on the command line or in spurgen.toml`",
-         "--port must be 0 to 65535", lambda env: ["rate", "-w", str(env.ws), "--port", "70000"]),
+    Case(
+        "number-not-a-number",
+        "`finetune --steps abc`",
+        "the parser's usage box: `Invalid value for '--steps': Input should be a valid integer, …`",
+        "Invalid value for '--steps'",
+        lambda env: _finetune(env, "--steps", "abc"),
+        usage=True,
+    ),
+    Case(
+        "number-steps-negative",
+        "`finetune --steps -1`",
+        "`error: --steps must be at least 1, got -1; change it on the command line or in spurgen.toml`",
+        "--steps must be at least 1",
+        lambda env: _finetune(env, "--steps", "-1"),
+    ),
+    Case(
+        "number-rank-zero",
+        "`finetune --rank 0`",
+        "`error: --rank must be at least 1, got 0; pass e.g. --rank 16`",
+        "--rank must be at least 1",
+        lambda env: _finetune(env, "--rank", "0"),
+    ),
+    Case(
+        "number-kappa-nan",
+        "`finetune --sfsl-weight nan`",
+        "`error: --sfsl-weight: expected a finite number, got nan; give a number such as 0.1`",
+        "--sfsl-weight: expected a finite number",
+        lambda env: _finetune(env, "--sfsl-weight", "nan"),
+    ),
+    Case(
+        "number-kappa-inf",
+        "`finetune --sfsl-weight inf`",
+        "`error: --sfsl-weight: expected a finite number, got inf; give a number such as 0.1`",
+        "--sfsl-weight: expected a finite number",
+        lambda env: _finetune(env, "--sfsl-weight", "inf"),
+    ),
+    Case(
+        "number-kappa-negative",
+        "`finetune --sfsl-weight -0.1`",
+        "`error: --sfsl-weight must be 0 or more, got -0.1; change it on the command line or in spurgen.toml`",
+        "--sfsl-weight must be 0 or more",
+        lambda env: _finetune(env, "--sfsl-weight", "-0.1"),
+    ),
+    Case(
+        "number-class-kappa-nan",
+        "`--class-sfsl-weight hummingbird=nan`",
+        "`error: --class-sfsl-weight.hummingbird: expected a finite number, got nan; give a number such as 0.1`",
+        "expected a finite number",
+        lambda env: _finetune(env, "--class-sfsl-weight", "hummingbird=nan"),
+    ),
+    Case(
+        "number-class-kappa-malformed",
+        "`--class-sfsl-weight hummingbird`",
+        "`error: --class-sfsl-weight: bad entry 'hummingbird'; write CLASS=KAPPA, e.g. hummingbird=0.2`",
+        "write CLASS=KAPPA",
+        lambda env: _finetune(env, "--class-sfsl-weight", "hummingbird"),
+    ),
+    Case(
+        "number-lr-zero",
+        "`finetune --learning-rate 0`",
+        "`error: --learning-rate must be positive, got 0.0; change it on the command line or in spurgen.toml`",
+        "--learning-rate must be positive",
+        lambda env: _finetune(env, "--learning-rate", "0"),
+    ),
+    Case(
+        "number-grad-norm-inf",
+        "`finetune --max-grad-norm inf`",
+        "`error: --max-grad-norm: expected a finite number, got inf; give a number such as 0.1`",
+        "--max-grad-norm: expected a finite number",
+        lambda env: _finetune(env, "--max-grad-norm", "inf"),
+    ),
+    Case(
+        "number-n-negative",
+        "`generate -n -3`",
+        "`error: -n must be at least 1, got -3; change it on the command line or in spurgen.toml`",
+        "-n must be at least 1",
+        lambda env: _generate(env, "-n", "-3"),
+    ),
+    Case(
+        "number-guidance-nan",
+        "`generate --guidance nan`",
+        "`error: --guidance: expected a finite number, got nan; give a number such as 0.1`",
+        "--guidance: expected a finite number",
+        lambda env: _generate(env, "--guidance", "nan"),
+    ),
+    Case(
+        "number-resolution-odd",
+        "`generate --resolution 100`",
+        "`error: --resolution must be a positive multiple of "
+        "8, got 100; change it on the command line or in "
+        "spurgen.toml`",
+        "must be a positive multiple of 8",
+        lambda env: _generate(env, "--resolution", "100"),
+    ),
+    Case(
+        "number-seed-negative",
+        "`generate --seed -1`",
+        "`error: --seed must be 0 or more, got -1; change it on the command line or in spurgen.toml`",
+        "--seed must be 0 or more",
+        lambda env: _generate(env, "--seed", "-1"),
+    ),
+    Case(
+        "number-k-zero",
+        "`select-refs -k 0`",
+        "`error: -k must be at least 1, got 0; pass -k 6 for the paper's setting`",
+        "-k must be at least 1",
+        lambda env: _select_data(env, "-k", "0"),
+    ),
+    Case(
+        "number-grid-nan",
+        "`run --sfsl-weight 0.1,nan`",
+        "`error: --sfsl-weight: expected a finite number, got nan; give a number such as 0.1`",
+        "expected a finite number",
+        lambda env: ["run", "-w", str(env.ws), "--sfsl-weight", "0.1,nan", "--dry-run"],
+    ),
+    Case(
+        "number-port-range",
+        "`rate --port 70000`",
+        "`error: --port must be 0 to 65535, got 70000; change it on the command line or in spurgen.toml`",
+        "--port must be 0 to 65535",
+        lambda env: ["rate", "-w", str(env.ws), "--port", "70000"],
+    ),
     # Weight files.
-    Case("weights-missing", "`--classifier x=ARCH@/does/not/exist.pt`", "`error: weight file /does/not/exist.pt does not exist; check the PATH part of NAME=ARCH@PATH`",
-         "weight file /does/not/exist.pt does not exist",
-         lambda env: _select_data(env, "--classifier", "x=test_resnet.r160_in1k@/does/not/exist.pt", "--classifiers", "x")),
-    Case("weights-wrong-architecture", "a ResNet's weights given to a ConvNeXt", "`error: classifier 'x': … does not fit architecture test_convnext.r160_in1k (missing stem.0.weight, …); check the ARCH part of NAME=ARCH@PATH`",
-         "does not fit architecture test_convnext.r160_in1k",
-         lambda env: _select(env, "--dataset", str(env.fixture("rigged").dataset), "--classifier",
-                             f"x=test_convnext.r160_in1k@{env.fixture('rigged').flags['res-a'].split('@', 1)[1]}", "--classifiers", "x")),
-    Case("weights-zero-byte", "an empty `.safetensors` weight file", "`error: cannot read weights from …/w.safetensors (SafetensorError: Error while deserializing header: header too small); give a safetensors file or a torch state dict`",
-         "cannot read weights from", lambda env: _select(env, "--dataset", str(env.fixture("rigged").dataset), "--classifier",
-                                                         f"x=test_resnet.r160_in1k@{env.write('w.safetensors', b'')}", "--classifiers", "x")),
-    Case("weights-pickle", "a `.pt` whose pickle would run code", "`error: … holds more than tensors and is refused (safe loading: …); convert it to safetensors or a plain state dict`; the code never runs",
-         "holds more than tensors and is refused",
-         lambda env: _select(env, "--dataset", str(env.fixture("rigged").dataset), "--classifier",
-                             f"x=test_resnet.r160_in1k@{_evil_pickle(env.root, 'evil.pt')}", "--classifiers", "x"), check=_not_executed),
-    Case("weights-required", "`--classifiers all` while robust-rn50 has no weight file", "`error: classifier 'robust-rn50' needs its weight file; pass --classifier robust-rn50=ARCH@PATH (…) or leave it out of --classifiers`",
-         "classifier 'robust-rn50' needs its weight file", lambda env: _select_data(env, "--classifiers", "all")),
-    Case("weights-spec-malformed", "`--classifier broken`", "`error: bad classifier 'broken'; write NAME=ARCH or NAME=ARCH@PATH, e.g. robust-rn50=resnet50@~/weights/l2_improved_3_ep.pt`",
-         "bad classifier 'broken'", lambda env: _select_data(env, "--classifier", "broken")),
-    Case("weights-spec-no-path", "`--classifier x=resnet50@`", "`error: bad classifier 'x=resnet50@'; write NAME=ARCH or NAME=ARCH@PATH, e.g. …`",
-         "bad classifier 'x=resnet50@'", lambda env: _select_data(env, "--classifier", "x=resnet50@")),
-    Case("weights-base-missing", "`finetune --model /nope`", "`error: base model folder /nope does not exist; check --model (a diffusers folder or a hub id)`",
-         "does not exist; check --model", lambda env: _finetune(env, "--model", str(env.root / "nope"))),
-    Case("weights-base-not-sd", "`--model` naming a folder that is not a Stable Diffusion pipeline", "`error: base model …/notsd: cannot read …/notsd/model_index.json ([Errno 2] No such file or directory: …); give a complete diffusers Stable Diffusion folder`",
-         "give a complete diffusers Stable Diffusion folder",
-         lambda env: _finetune(env, "--model", str(env.write("notsd/readme.txt", "x").parent))),
-    Case("weights-lora-other-base", "a LoRA trained on the tiny SD in a run whose base model has another architecture", "`error: cannot load the LoRA of run 'lora-x' (…/pytorch_lora_weights.safetensors) onto … (size mismatch for …attn2.to_k.lora_A…: copying a param with shape torch.Size([2, 32]) from checkpoint, the shape in current model is torch.Size([2, 48]).); it must be loaded onto the base model it was trained on`, before anything is written",
-         "cannot load the LoRA of run 'lora-x'", _lora_on_other_base),
-    Case("weights-checkpoint-pickle", "`finetune --resume` from a checkpoint whose `optimizer.bin` holds a pickle payload", "`error: cannot resume from …/checkpoints/checkpoint-2: it holds more than tensors and is refused (safe loading: Weights only load failed. …); delete it to resume from an earlier checkpoint, or pass --overwrite`; the code never runs, `training.json` is untouched",
-         "is refused", _resume_pickled_checkpoint, check=_not_executed),
+    Case(
+        "weights-missing",
+        "`--classifier x=ARCH@/does/not/exist.pt`",
+        "`error: weight file /does/not/exist.pt does not exist; check the PATH part of NAME=ARCH@PATH`",
+        "weight file /does/not/exist.pt does not exist",
+        lambda env: _select_data(
+            env, "--classifier", "x=test_resnet.r160_in1k@/does/not/exist.pt", "--classifiers", "x"
+        ),
+    ),
+    Case(
+        "weights-wrong-architecture",
+        "a ResNet's weights given to a ConvNeXt",
+        "`error: classifier 'x': … does not "
+        "fit architecture "
+        "test_convnext.r160_in1k (missing "
+        "stem.0.weight, …); check the ARCH "
+        "part of NAME=ARCH@PATH`",
+        "does not fit architecture test_convnext.r160_in1k",
+        lambda env: _select(
+            env,
+            "--dataset",
+            str(env.fixture("rigged").dataset),
+            "--classifier",
+            f"x=test_convnext.r160_in1k@{env.fixture('rigged').flags['res-a'].split('@', 1)[1]}",
+            "--classifiers",
+            "x",
+        ),
+    ),
+    Case(
+        "weights-zero-byte",
+        "an empty `.safetensors` weight file",
+        "`error: cannot read weights from …/w.safetensors "
+        "(SafetensorError: Error while deserializing "
+        "header: header too small); give a safetensors "
+        "file or a torch state dict`",
+        "cannot read weights from",
+        lambda env: _select(
+            env,
+            "--dataset",
+            str(env.fixture("rigged").dataset),
+            "--classifier",
+            f"x=test_resnet.r160_in1k@{env.write('w.safetensors', b'')}",
+            "--classifiers",
+            "x",
+        ),
+    ),
+    Case(
+        "weights-pickle",
+        "a `.pt` whose pickle would run code",
+        "`error: … holds more than tensors and is refused "
+        "(safe loading: …); convert it to safetensors or a "
+        "plain state dict`; the code never runs",
+        "holds more than tensors and is refused",
+        lambda env: _select(
+            env,
+            "--dataset",
+            str(env.fixture("rigged").dataset),
+            "--classifier",
+            f"x=test_resnet.r160_in1k@{_evil_pickle(env.root, 'evil.pt')}",
+            "--classifiers",
+            "x",
+        ),
+        check=_not_executed,
+    ),
+    Case(
+        "weights-required",
+        "`--classifiers all` while robust-rn50 has no weight file",
+        "`error: classifier "
+        "'robust-rn50' needs its "
+        "weight file; pass "
+        "--classifier "
+        "robust-rn50=ARCH@PATH (…) or "
+        "leave it out of "
+        "--classifiers`",
+        "classifier 'robust-rn50' needs its weight file",
+        lambda env: _select_data(env, "--classifiers", "all"),
+    ),
+    Case(
+        "weights-spec-malformed",
+        "`--classifier broken`",
+        "`error: bad classifier 'broken'; write NAME=ARCH or "
+        "NAME=ARCH@PATH, e.g. "
+        "robust-rn50=resnet50@~/weights/l2_improved_3_ep.pt`",
+        "bad classifier 'broken'",
+        lambda env: _select_data(env, "--classifier", "broken"),
+    ),
+    Case(
+        "weights-spec-no-path",
+        "`--classifier x=resnet50@`",
+        "`error: bad classifier 'x=resnet50@'; write NAME=ARCH or NAME=ARCH@PATH, e.g. …`",
+        "bad classifier 'x=resnet50@'",
+        lambda env: _select_data(env, "--classifier", "x=resnet50@"),
+    ),
+    Case(
+        "weights-base-missing",
+        "`finetune --model /nope`",
+        "`error: base model folder /nope does not exist; check --model (a diffusers folder or a hub id)`",
+        "does not exist; check --model",
+        lambda env: _finetune(env, "--model", str(env.root / "nope")),
+    ),
+    Case(
+        "weights-base-not-sd",
+        "`--model` naming a folder that is not a Stable Diffusion pipeline",
+        "`error: base "
+        "model …/notsd: "
+        "cannot read "
+        "…/notsd/model_index.json "
+        ""
+        ""
+        "([Errno 2] No "
+        "such file or "
+        "directory: …); "
+        "give a complete "
+        "diffusers Stable "
+        "Diffusion "
+        "folder`",
+        "give a complete diffusers Stable Diffusion folder",
+        lambda env: _finetune(env, "--model", str(env.write("notsd/readme.txt", "x").parent)),
+    ),
+    Case(
+        "weights-lora-other-base",
+        "a LoRA trained on the tiny SD in a run whose base model has another architecture",
+        "`error: cannot load the LoRA of run 'lora-x' (…/pytorch_lora_weights.safetensors) onto … (size mismatch for "
+        "…attn2.to_k.lora_A…: copying a param with shape torch.Size([2, 32]) from checkpoint, the shape in current "
+        "model is torch.Size([2, 48]).); it must be loaded onto the base model it was trained on`, before anything is "
+        "written",
+        "cannot load the LoRA of run 'lora-x'",
+        _lora_on_other_base,
+    ),
+    Case(
+        "weights-checkpoint-pickle",
+        "`finetune --resume` from a checkpoint whose `optimizer.bin` holds a pickle payload",
+        "`error: cannot resume from …/checkpoints/checkpoint-2: it holds more than tensors and is refused (safe "
+        "loading: Weights only load failed. …); delete it to resume from an earlier checkpoint, or pass --overwrite`; "
+        "the code never runs, `training.json` is untouched",
+        "is refused",
+        _resume_pickled_checkpoint,
+        check=_not_executed,
+    ),
     # A workspace that cannot be written.
-    Case("disk-read-only", "a read-only workspace (every write fails with EROFS)", "`error: cannot write …/.spurgen-write-test: Read-only file system; free disk space or choose a writable --workspace`, before any work",
-         "Read-only file system", _failing_writes(errno.EROFS, after_probe=False)),
-    Case("disk-full", "the disk fills up during select-refs (writes fail with ENOSPC after the start-up check)", "`error: cannot write …/cache/predictions/…/….safetensors: No space left on device; free disk space or choose a writable --workspace`; earlier files intact, no temporary file left",
-         "No space left on device", _failing_writes(errno.ENOSPC, after_probe=True)),
-    Case("disk-full-checkpoint", "the disk fills up while finetune writes a checkpoint (inside torch.save)", "`error: cannot use …/checkpoints/.checkpoint-1.tmp/optimizer.bin: No space left on device; check the path, free disk space or choose a writable --workspace`; `training.json` still says the run is unfinished",
-         "No space left on device", _disk_full_at_checkpoint, check=_unfinished, keeps_work=True),
-    Case("disk-checkpoint-write-failed", "a checkpoint write that fails inside torch.save with a RuntimeError, not an OSError", "`error: cannot write a checkpoint in …/checkpoints: … PytorchStreamWriter failed writing file data/0: file write failed; free disk space or choose a writable --workspace, then continue with --resume (the last good checkpoint, …/checkpoint-1, is kept)`; no partial checkpoint left",
-         "PytorchStreamWriter failed writing file", _checkpoint_write_fails, check=_kept_checkpoint, keeps_work=True),
+    Case(
+        "disk-read-only",
+        "a read-only workspace (every write fails with EROFS)",
+        "`error: cannot write "
+        "…/.spurgen-write-test: Read-only "
+        "file system; free disk space or "
+        "choose a writable --workspace`, "
+        "before any work",
+        "Read-only file system",
+        _failing_writes(errno.EROFS, after_probe=False),
+    ),
+    Case(
+        "disk-full",
+        "the disk fills up during select-refs (writes fail with ENOSPC after the start-up check)",
+        "`error: "
+        "cannot "
+        ""
+        ""
+        "write "
+        ""
+        ""
+        "…/cache/predictions/…/….safetensors: "
+        ""
+        ""
+        "No "
+        "space "
+        ""
+        ""
+        "left "
+        "on "
+        "device; "
+        ""
+        ""
+        "free "
+        "disk "
+        "space "
+        ""
+        ""
+        "or "
+        "choose "
+        ""
+        ""
+        "a "
+        "writable "
+        ""
+        ""
+        "--workspace`; "
+        ""
+        ""
+        "earlier "
+        ""
+        ""
+        "files "
+        ""
+        ""
+        "intact, "
+        ""
+        ""
+        "no "
+        "temporary "
+        ""
+        ""
+        "file "
+        "left",
+        "No space left on device",
+        _failing_writes(errno.ENOSPC, after_probe=True),
+    ),
+    Case(
+        "disk-full-checkpoint",
+        "the disk fills up while finetune writes a checkpoint (inside torch.save)",
+        "`error: cannot use …/checkpoints/.checkpoint-1.tmp/optimizer.bin: No space left on device; check the path, "
+        "free disk space or choose a writable --workspace`; `training.json` still says the run is unfinished",
+        "No space left on device",
+        _disk_full_at_checkpoint,
+        check=_unfinished,
+        keeps_work=True,
+    ),
+    Case(
+        "disk-checkpoint-write-failed",
+        "a checkpoint write that fails inside torch.save with a RuntimeError, not an OSError",
+        "`error: cannot write a checkpoint in …/checkpoints: … PytorchStreamWriter failed writing file data/0: file "
+        "write failed; free disk space or choose a writable --workspace, then continue with --resume (the last good "
+        "checkpoint, …/checkpoint-1, is kept)`; no partial checkpoint left",
+        "PytorchStreamWriter failed writing file",
+        _checkpoint_write_fails,
+        check=_kept_checkpoint,
+        keeps_work=True,
+    ),
     # Running out of GPU memory (CUDA's error, raised on the CPU here): the stage and its remedies in one line.
-    Case("oom-select-refs", "select-refs runs out of GPU memory", "`error: select-refs ran out of GPU memory (CUDA out of memory); lower --batch-size, or pass --device cpu (finished outputs are kept)`",
-         "select-refs ran out of GPU memory", _out_of_memory("spurgen.select_refs:predict_files", 0, _select_data)),
-    Case("oom-finetune", "finetune runs out of GPU memory in its second step", "`error: finetune ran out of GPU memory (CUDA out of memory); lower --batch-size or --resolution, switch on --gradient-checkpointing, --use-8bit-adam or --mixed-precision fp16 (bf16), give SFSL a TAESD --sfsl-decoder (madebyollin/taesd), lower --sample-batch-size for the class images; then continue from the last checkpoint with --resume (finished outputs are kept)`; checkpoint-1 kept",
-         "finetune ran out of GPU memory", _out_of_memory("spurgen.finetune.trainer:Trainer.train_step", 1, _refs_and_finetune),
-         check=_kept_checkpoint, keeps_work=True),
-    Case("oom-generate", "generate runs out of GPU memory after its first image", "`error: generate ran out of GPU memory (CUDA out of memory); lower --batch-size or --resolution; the same command then makes only the missing images (finished outputs are kept)`; the first image kept",
-         "generate ran out of GPU memory", _out_of_memory("spurgen.generate.sampling:_png_bytes", 1, _lora_and_generate),
-         check=_kept_first_image, keeps_work=True),
-    Case("oom-evaluate", "evaluate runs out of GPU memory", "`error: evaluate ran out of GPU memory (CUDA out of memory); lower --batch-size, evaluate fewer --classifiers at a time, or pass --device cpu (finished outputs are kept)`",
-         "evaluate ran out of GPU memory", _out_of_memory("spurgen.evaluate:predict_files", 0, _refs_and_evaluate)),
+    Case(
+        "oom-select-refs",
+        "select-refs runs out of GPU memory",
+        "`error: select-refs ran out of GPU memory (CUDA out "
+        "of memory); lower --batch-size, or pass --device "
+        "cpu (finished outputs are kept)`",
+        "select-refs ran out of GPU memory",
+        _out_of_memory("spurgen.select_refs:predict_files", 0, _select_data),
+    ),
+    Case(
+        "oom-finetune",
+        "finetune runs out of GPU memory in its second step",
+        "`error: finetune ran out of GPU memory "
+        "(CUDA out of memory); lower "
+        "--batch-size or --resolution, switch "
+        "on --gradient-checkpointing, "
+        "--use-8bit-adam or --mixed-precision "
+        "fp16 (bf16), give SFSL a TAESD "
+        "--sfsl-decoder (madebyollin/taesd), "
+        "lower --sample-batch-size for the "
+        "class images; then continue from the "
+        "last checkpoint with --resume "
+        "(finished outputs are kept)`; "
+        "checkpoint-1 kept",
+        "finetune ran out of GPU memory",
+        _out_of_memory("spurgen.finetune.trainer:Trainer.train_step", 1, _refs_and_finetune),
+        check=_kept_checkpoint,
+        keeps_work=True,
+    ),
+    Case(
+        "oom-generate",
+        "generate runs out of GPU memory after its first image",
+        "`error: generate ran out of GPU "
+        "memory (CUDA out of memory); lower "
+        "--batch-size or --resolution; the "
+        "same command then makes only the "
+        "missing images (finished outputs "
+        "are kept)`; the first image kept",
+        "generate ran out of GPU memory",
+        _out_of_memory("spurgen.generate.sampling:_png_bytes", 1, _lora_and_generate),
+        check=_kept_first_image,
+        keeps_work=True,
+    ),
+    Case(
+        "oom-evaluate",
+        "evaluate runs out of GPU memory",
+        "`error: evaluate ran out of GPU memory (CUDA out of "
+        "memory); lower --batch-size, evaluate fewer --classifiers "
+        "at a time, or pass --device cpu (finished outputs are "
+        "kept)`",
+        "evaluate ran out of GPU memory",
+        _out_of_memory("spurgen.evaluate:predict_files", 0, _refs_and_evaluate),
+    ),
     # Names that become paths.
-    Case("name-run-traversal", "`--run-name ../x`", "`error: invalid run name '../x'; use 1-100 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit`",
-         "invalid run name '../x'", lambda env: _finetune(env, "--run-name", "../x", "--model", str(env.fixture("tiny_sd_dir")))),
-    Case("name-run-absolute", "`--run-name /tmp/x`", "`error: invalid run name '/tmp/x'; …`",
-         "invalid run name '/tmp/x'", lambda env: _finetune(env, "--run-name", "/tmp/x", "--model", str(env.fixture("tiny_sd_dir")))),
-    Case("name-run-nul", "a run name with a NUL byte", "`error: invalid run name 'a\\x00b'; …`",
-         "invalid run name 'a\\x00b'", lambda env: _finetune(env, "--run-name", "a\x00b", "--model", str(env.fixture("tiny_sd_dir")))),
-    Case("name-run-long", "a 300-character run name", "`error: invalid run name 'aaa…'; use 1-100 ASCII letters …`",
-         "use 1-100 ASCII letters", lambda env: _finetune(env, "--run-name", "a" * 300, "--model", str(env.fixture("tiny_sd_dir")))),
-    Case("name-run-unicode", "`--run-name kolibrí`", "`error: invalid run name 'kolibrí'; …`",
-         "invalid run name 'kolibrí'", lambda env: _finetune(env, "--run-name", "kolibrí", "--model", str(env.fixture("tiny_sd_dir")))),
-    Case("name-generate-run-traversal", "`generate --runs ../../x`", "`error: invalid run name '../../x'; …`",
-         "invalid run name '../../x'", lambda env: _generate(env, "--runs", "../../x")),
-    Case("name-class-traversal", "`--classes ../x`", "`error: unknown class '../x'; see the class names …`",
-         "unknown class '../x'", lambda env: _select_data(env, "--classes", "../x")),
-    Case("name-class-absolute", "`--classes /etc/passwd`", "`error: unknown class '/etc/passwd'; …`",
-         "unknown class '/etc/passwd'", lambda env: _select_data(env, "--classes", "/etc/passwd")),
-    Case("name-class-nul", "a class name with a NUL byte", "`error: unknown class 'humming\\x00bird'; …`",
-         "unknown class 'humming\\x00bird'", lambda env: _select_data(env, "--classes", "humming\x00bird")),
-    Case("name-class-newline", "a class name with a line break", "one line: `error: unknown class 'humming\\nbird'; …`",
-         "unknown class 'humming\\nbird'", lambda env: _select_data(env, "--classes", "humming\nbird")),
-    Case("name-class-long", "a 300-character class name", "`error: unknown class 'xyzxyz…'; …`",
-         "unknown class 'xyzxyz", lambda env: _select_data(env, "--classes", _long("xyz"))),
-    Case("name-class-unicode", "`--classes colibrí`", "`error: unknown class 'colibrí'; …`",
-         "unknown class 'colibrí'", lambda env: _select_data(env, "--classes", "colibrí")),
-    Case("name-classifier-traversal", "`--classifier ../evil=resnet50`", "`error: invalid classifier name '../evil'; …`",
-         "invalid classifier name '../evil'", lambda env: _select_data(env, "--classifier", "../evil=resnet50")),
-    Case("name-labels-long", "`--labels` with a 300-character name", "`error: cannot use aaa…: File name too long; check the path, free disk space or choose a writable --workspace`",
-         "File name too long", lambda env: ["classes", "--labels", "a" * 300]),
-    Case("name-workspace-nul", "a `--workspace` path with a NUL byte", "the parser's usage box: `Invalid value for '--workspace' / '-w' (…): Value error, embedded null byte`",
-         "embedded null byte", lambda env: ["generate", "-w", "w\x00s", "--classes", "94"], usage=True),
+    Case(
+        "name-run-traversal",
+        "`--run-name ../x`",
+        "`error: invalid run name '../x'; use 1-100 ASCII letters, digits, "
+        "'.', '_' or '-', starting with a letter or digit`",
+        "invalid run name '../x'",
+        lambda env: _finetune(env, "--run-name", "../x", "--model", str(env.fixture("tiny_sd_dir"))),
+    ),
+    Case(
+        "name-run-absolute",
+        "`--run-name /tmp/x`",
+        "`error: invalid run name '/tmp/x'; …`",
+        "invalid run name '/tmp/x'",
+        lambda env: _finetune(env, "--run-name", "/tmp/x", "--model", str(env.fixture("tiny_sd_dir"))),
+    ),
+    Case(
+        "name-run-nul",
+        "a run name with a NUL byte",
+        "`error: invalid run name 'a\\x00b'; …`",
+        "invalid run name 'a\\x00b'",
+        lambda env: _finetune(env, "--run-name", "a\x00b", "--model", str(env.fixture("tiny_sd_dir"))),
+    ),
+    Case(
+        "name-run-long",
+        "a 300-character run name",
+        "`error: invalid run name 'aaa…'; use 1-100 ASCII letters …`",
+        "use 1-100 ASCII letters",
+        lambda env: _finetune(env, "--run-name", "a" * 300, "--model", str(env.fixture("tiny_sd_dir"))),
+    ),
+    Case(
+        "name-run-unicode",
+        "`--run-name kolibrí`",
+        "`error: invalid run name 'kolibrí'; …`",
+        "invalid run name 'kolibrí'",
+        lambda env: _finetune(env, "--run-name", "kolibrí", "--model", str(env.fixture("tiny_sd_dir"))),
+    ),
+    Case(
+        "name-generate-run-traversal",
+        "`generate --runs ../../x`",
+        "`error: invalid run name '../../x'; …`",
+        "invalid run name '../../x'",
+        lambda env: _generate(env, "--runs", "../../x"),
+    ),
+    Case(
+        "name-class-traversal",
+        "`--classes ../x`",
+        "`error: unknown class '../x'; see the class names …`",
+        "unknown class '../x'",
+        lambda env: _select_data(env, "--classes", "../x"),
+    ),
+    Case(
+        "name-class-absolute",
+        "`--classes /etc/passwd`",
+        "`error: unknown class '/etc/passwd'; …`",
+        "unknown class '/etc/passwd'",
+        lambda env: _select_data(env, "--classes", "/etc/passwd"),
+    ),
+    Case(
+        "name-class-nul",
+        "a class name with a NUL byte",
+        "`error: unknown class 'humming\\x00bird'; …`",
+        "unknown class 'humming\\x00bird'",
+        lambda env: _select_data(env, "--classes", "humming\x00bird"),
+    ),
+    Case(
+        "name-class-newline",
+        "a class name with a line break",
+        "one line: `error: unknown class 'humming\\nbird'; …`",
+        "unknown class 'humming\\nbird'",
+        lambda env: _select_data(env, "--classes", "humming\nbird"),
+    ),
+    Case(
+        "name-class-long",
+        "a 300-character class name",
+        "`error: unknown class 'xyzxyz…'; …`",
+        "unknown class 'xyzxyz",
+        lambda env: _select_data(env, "--classes", _long("xyz")),
+    ),
+    Case(
+        "name-class-unicode",
+        "`--classes colibrí`",
+        "`error: unknown class 'colibrí'; …`",
+        "unknown class 'colibrí'",
+        lambda env: _select_data(env, "--classes", "colibrí"),
+    ),
+    Case(
+        "name-classifier-traversal",
+        "`--classifier ../evil=resnet50`",
+        "`error: invalid classifier name '../evil'; …`",
+        "invalid classifier name '../evil'",
+        lambda env: _select_data(env, "--classifier", "../evil=resnet50"),
+    ),
+    Case(
+        "name-labels-long",
+        "`--labels` with a 300-character name",
+        "`error: cannot use aaa…: File name too long; "
+        "check the path, free disk space or choose a "
+        "writable --workspace`",
+        "File name too long",
+        lambda env: ["classes", "--labels", "a" * 300],
+    ),
+    Case(
+        "name-workspace-nul",
+        "a `--workspace` path with a NUL byte",
+        "the parser's usage box: `Invalid value for '--workspace' / '-w' (…): Value error, embedded null byte`",
+        "embedded null byte",
+        lambda env: ["generate", "-w", "w\x00s", "--classes", "94"],
+        usage=True,
+    ),
 ]
 
 
@@ -695,7 +1452,9 @@ def test_readme_table_is_the_catalogue() -> None:
     section = text.split("## Reliability", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if re.match(r"\| `[a-z0-9-]+` \|", line)]
     expected = [case.row for case in CASES]
-    assert rows == expected, "docs/reliability.md's table differs from tests/test_bad_input.py; the rows should be:\n" + "\n".join(expected)
+    assert rows == expected, (
+        "docs/reliability.md's table differs from tests/test_bad_input.py; the rows should be:\n" + "\n".join(expected)
+    )
     assert f"{len(CASES)} bad inputs" in section
     for case in CASES:
         assert case.expect in case.sees or case.code == 0, f"{case.id}: the catalogue row must quote what the user sees"

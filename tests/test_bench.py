@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +37,35 @@ def test_the_table_shows_records_without_a_baseline_and_failed_stages(capsys: py
     assert "222.000 s" in out and "<= 600 s" in out
     assert "failed: OSError: disk full" in out
     assert "0.900" in out and "10 / 9 MB" in out
+
+
+def test_a_run_goes_to_the_file_and_commit_that_gpu_sh_sets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench._common import COMMIT_ENV, RESULTS_ENV, save_run
+
+    # bench/gpu.sh: one record file per call, and the commit found before the tree was copied (no .git there).
+    results = tmp_path / "out" / "2026-12-02-h200-full.json"
+    monkeypatch.setenv(RESULTS_ENV, str(results))
+    monkeypatch.setenv(COMMIT_ENV, "abc1234+dirty")
+    save_run([{"stage": "help", "name": "spurgen --help"}], "full", "cpu")
+    save_run([{"stage": "mfu", "name": "dreambooth step, batch 8+8"}], "full", "cpu")
+    stored = json.loads(results.read_text())
+    assert [run["git_commit"] for run in stored["runs"]] == ["abc1234+dirty"] * 2
+    assert set(stored["latest"]) == {"full/help/spurgen --help", "full/mfu/dreambooth step, batch 8+8"}
+
+
+def test_preflight_names_each_missing_or_out_of_range_requirement(tmp_path: Path) -> None:
+    from bench.preflight import card_name, requirement_problems
+
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\ndependencies = ["torch>=2.2", "rich<1", "no-such-package-xyz>=1",\n'
+                         '                "tomli>=1.1; python_version < \'3.0\'"]\n')
+    problems = requirement_problems(pyproject)
+    assert len(problems) == 2
+    assert problems[0].startswith("rich ") and "outside <1" in problems[0]
+    assert problems[1] == "no-such-package-xyz: not installed (needs >=1)"
+    assert card_name("cpu") == "cpu"
+
+
+def test_gpu_sh_is_valid_bash() -> None:
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)

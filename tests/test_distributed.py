@@ -61,7 +61,9 @@ def test_select_refs_with_two_processes_equals_one(rigged, tmp_path):
 def _spurgen(*args: str) -> subprocess.CompletedProcess:
     """One process, as a user runs it without accelerate."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "spurgen", *args], capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "spurgen", *args], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def _without(manifest: dict, *keys: str) -> dict:
@@ -101,8 +103,21 @@ def _generated_copies(workspace: Path, rigged) -> None:
 def test_evaluate_with_two_processes_reports_the_same_numbers_as_one(rigged, tmp_path):
     for name in ("one", "two"):
         _generated_copies(tmp_path / name, rigged)
-    args = ["evaluate", "--dataset", str(rigged.dataset), "--classes", "hummingbird", "--no-refs", "--num-workers", "0",
-            "--device", "cpu", "--classifiers", "res-a,conv-b,vit-c", *[f"--classifier={f}" for f in rigged.flags.values()]]
+    args = [
+        "evaluate",
+        "--dataset",
+        str(rigged.dataset),
+        "--classes",
+        "hummingbird",
+        "--no-refs",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--classifiers",
+        "res-a,conv-b,vit-c",
+        *[f"--classifier={f}" for f in rigged.flags.values()],
+    ]
     single = _spurgen(*args, "-w", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     double = accelerate_launch(*args, "-w", str(tmp_path / "two"))
@@ -158,7 +173,9 @@ num-workers = 0
         one = _selection_without_timestamps(tmp_path / "one" / "refs" / folder / "selection.json")
         two = _selection_without_timestamps(tmp_path / "two" / "refs" / folder / "selection.json")
         assert one == two
-        generation = json.loads((tmp_path / "two" / "generated" / folder / "dreambooth" / "generation.json").read_text())
+        generation = json.loads(
+            (tmp_path / "two" / "generated" / folder / "dreambooth" / "generation.json").read_text()
+        )
         assert generation["status"] == "complete" and len(generation["images"]) == 3
     evaluation = json.loads((tmp_path / "two" / "reports" / "evaluation.json").read_text())
     assert evaluation["settings"]["classes"] == [94, 105]

@@ -57,7 +57,9 @@ def _write_refs(ws: Workspace, rigged, class_index: int) -> list[int]:
     folder = ws.refs_dir(LABELS[class_index])
     folder.mkdir(parents=True)
     for name in names:
-        shutil.copyfile(rigged.dataset / f"spurious_imagenet_{class_index}_{LABELS[class_index].slug}_0" / name, folder / name)
+        shutil.copyfile(
+            rigged.dataset / f"spurious_imagenet_{class_index}_{LABELS[class_index].slug}_0" / name, folder / name
+        )
     (folder / "selection.json").write_text(json.dumps({"selected": names}))
     return [int(name.split("_")[-1].split(".")[0]) for name in names]
 
@@ -117,9 +119,19 @@ def test_every_number_in_the_json_and_csv_equals_the_designed_one(scenario, rigg
         assert row["mean_class_probability"] == pytest.approx(expected["mean_class_probability"][c], abs=2e-3)
         assert row["consistently_spurious_rate"] == pytest.approx(expected["consistently_spurious_rate"], abs=1e-12)
         assert row["spurious_score_roc_auc"] is None and row["quality_mean"] is None
-        for key in ("class_index", "images", "spurious_accuracy", "mean_class_probability", "consistently_spurious_rate"):
+        for key in (
+            "class_index",
+            "images",
+            "spurious_accuracy",
+            "mean_class_probability",
+            "consistently_spurious_rate",
+        ):
             assert float(csv_row[key]) == pytest.approx(float(row[key]), rel=1e-12), key
-        assert (csv_row["source"], csv_row["classifier"], csv_row["spurious_score_roc_auc"]) == (row["source"], row["classifier"], "")
+        assert (csv_row["source"], csv_row["classifier"], csv_row["spurious_score_roc_auc"]) == (
+            row["source"],
+            row["classifier"],
+            "",
+        )
 
     # the mean over classes, per source and classifier (the tables' 'mean' rows)
     for mean in report["means"]:
@@ -135,7 +147,11 @@ def test_every_number_in_the_json_and_csv_equals_the_designed_one(scenario, rigg
     for image in images:
         name = Path(image["file"]).name
         source_indices = sources[image["class"]][image["source"]]
-        i = source_indices[int(name.split(".")[0])] if image["source"].startswith("run-") else int(name.split("_")[-1][:2])
+        i = (
+            source_indices[int(name.split(".")[0])]
+            if image["source"].startswith("run-")
+            else int(name.split("_")[-1][:2])
+        )
         scores = rigged.scores(image["class"])[:, i]
         for c, classifier in enumerate(RIGGED_CLASSIFIERS):
             prediction = image["predictions"][classifier]
@@ -197,9 +213,27 @@ def test_export_holds_exactly_the_consistently_spurious_generated_images_and_rea
         f"{c.index}\t{c.name}\t{c.spurious_feature}\t{list(c.npca_components)}" for c in (LABELS[94], LABELS[105])]
 
     # select-refs reads the export as a Spurious ImageNet folder: the top folder and its images/ alike
-    result = CliRunner().invoke(app, ["select-refs", "-w", str(ws.root.parent / "readback"), "--dataset", str(export),
-                                      "--classes", "94,105", "-k", "10", "--classifiers", ",".join(RIGGED_CLASSIFIERS),
-                                      "--num-workers", "0", "--device", "cpu", *(f"--classifier={f}" for f in _flags(rigged))])
+    result = CliRunner().invoke(
+        app,
+        [
+            "select-refs",
+            "-w",
+            str(ws.root.parent / "readback"),
+            "--dataset",
+            str(export),
+            "--classes",
+            "94,105",
+            "-k",
+            "10",
+            "--classifiers",
+            ",".join(RIGGED_CLASSIFIERS),
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+            *(f"--classifier={f}" for f in _flags(rigged)),
+        ],
+    )
     assert result.exit_code == 0, result.output
     hummingbird = json.loads((ws.root.parent / "readback" / "refs" / "94-hummingbird" / "selection.json").read_text())
     assert hummingbird["summary"]["scanned"] == 6 and hummingbird["summary"]["consistently_spurious"] == 6
@@ -307,7 +341,9 @@ def test_quality_through_pyiqa_with_a_local_random_weight_topiq(rigged, tmp_path
         evaluate(_config(classes=["94"], quality="psnr"), ws, _flags(rigged))
 
 
-def test_without_pyiqa_the_message_says_how_to_install_it(rigged, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_pyiqa_the_message_says_how_to_install_it(
+    rigged, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "pyiqa", None)  # makes `import pyiqa` fail as if it were not installed
     ws = Workspace(tmp_path / "ws")
     _write_run(ws, rigged, 94, "run-a", [0])

@@ -76,13 +76,17 @@ def rated(rigged, tmp_path_factory: pytest.TempPathFactory):
     for run in ("run-a", "run-b"):
         for n, i in enumerate(RUNS[run]):
             path = ws.generated_dir(HUMMINGBIRD, run) / f"{n:05d}.png"
-            image = StudyImage(file_sha256(path), path, path.relative_to(ws.root).as_posix(), "generated", HUMMINGBIRD, run)
+            image = StudyImage(
+                file_sha256(path), path, path.relative_to(ws.root).as_posix(), "generated", HUMMINGBIRD, run
+            )
             for rater, answers in ANSWERS.items():
                 if i in answers:
                     store.record(rater, image, naturalness=answers[i][0], object_present=answers[i][1])
     # An answer on an image that no evaluated source holds counts nowhere.
     stray = rigged.files[105][0]
-    store.record("alice", StudyImage(file_sha256(stray), stray, "elsewhere.png", "dataset", LABELS[105], None), 1, "yes")
+    store.record(
+        "alice", StudyImage(file_sha256(stray), stray, "elsewhere.png", "dataset", LABELS[105], None), 1, "yes"
+    )
     export = ws.root.parent / "export"
     evaluation = evaluate(_config(classes=["hummingbird"], export=str(export), drop_object_present=True), ws,
                           _flags(rigged))

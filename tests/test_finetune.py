@@ -116,7 +116,12 @@ def test_presets_train_and_log_every_loss_term(preset: str, extra: dict[str, Any
     assert info["instance_prompt"] == "a photo of sks red feeder/flower"
     assert info["class_prompt"] == "a photo of red feeder/flower"
     assert (info["resolution"], info["prediction_type"], info["seed"], info["steps"]) == (64, "epsilon", 0, 2)
-    assert info["class"] == {"index": 94, "name": "hummingbird", "synset": "n01833805", "spurious_feature": "red feeder/flower"}
+    assert info["class"] == {
+        "index": 94,
+        "name": "hummingbird",
+        "synset": "n01833805",
+        "spurious_feature": "red feeder/flower",
+    }
     assert info["settings"]["preset"] == preset and info["versions"]["diffusers"]
     assert info["distributed"]["mixed_precision"] == extra.get("mixed_precision", "no")
     # every term finite and logged, SFSL only for the sfsl preset
@@ -127,7 +132,9 @@ def test_presets_train_and_log_every_loss_term(preset: str, extra: dict[str, Any
         assert (row["sfsl"] != "") is (preset == "sfsl")
         if preset == "sfsl":
             assert np.isfinite(float(row["sfsl"])) and int(row["sfsl_rows"]) == 1
-    assert set(info["loss"]["last"]) == ({"loss", "inst", "prior", "sfsl"} if preset == "sfsl" else {"loss", "inst", "prior"})
+    assert set(info["loss"]["last"]) == (
+        {"loss", "inst", "prior", "sfsl"} if preset == "sfsl" else {"loss", "inst", "prior"}
+    )
     assert (info["sfsl"] is not None) is (preset == "sfsl")
     if lora:
         from safetensors.torch import load_file
@@ -138,7 +145,9 @@ def test_presets_train_and_log_every_loss_term(preset: str, extra: dict[str, Any
         assert any(k.startswith("unet.") for k in weights)
         assert any(k.startswith("text_encoder.") for k in weights) is (preset != "dreambooth")
     else:
-        assert (folder / "model_index.json").is_file() and (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        assert (folder / "model_index.json").is_file() and (
+            folder / "unet" / "diffusion_pytorch_model.safetensors"
+        ).is_file()
     card = (folder / "README.md").read_text()
     assert f"preset: `{preset}`".lower() in card.lower()
     assert "Instance prompt: `a photo of sks red feeder/flower`" in card
@@ -261,10 +270,20 @@ def test_lora_reloads_with_plain_diffusers_and_gives_the_same_images(tiny_sd_dir
 
     def images(pipe: StableDiffusionPipeline) -> list[np.ndarray]:
         pipe.set_progress_bar_config(disable=True)
-        return [np.asarray(pipe(validation["prompt"], height=64, width=64, num_inference_steps=validation["num_inference_steps"],
-                                guidance_scale=validation["guidance_scale"],
-                                generator=torch.Generator().manual_seed(seed)).images[0], dtype=np.int16)
-                for seed in validation["seeds"]]
+        return [
+            np.asarray(
+                pipe(
+                    validation["prompt"],
+                    height=64,
+                    width=64,
+                    num_inference_steps=validation["num_inference_steps"],
+                    guidance_scale=validation["guidance_scale"],
+                    generator=torch.Generator().manual_seed(seed),
+                ).images[0],
+                dtype=np.int16,
+            )
+            for seed in validation["seeds"]
+        ]
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     base_images = images(pipe)
@@ -375,7 +394,8 @@ def test_infinite_gradients_stop_before_the_step_and_keep_the_last_good_checkpoi
         return losses
 
     monkeypatch.setattr(Trainer, "losses", overflowing)
-    with pytest.raises(SpurgenError, match=r"gradient norm is not finite at step 2.*checkpoint-1.*Lower --learning-rate.*bf16"):
+    with pytest.raises(SpurgenError, match=r"gradient norm is not finite at step 2.*checkpoint-1.*Lower "
+                                           r"--learning-rate.*bf16"):
         finetune(cfg, workspace)
     folder = workspace.model_dir(HUMMINGBIRD, "dreambooth")
     assert manifest(folder)["status"] == "failed"
@@ -469,13 +489,48 @@ def test_two_processes_train_one_loadable_model(tiny_sd_dir: Path, rigged, tmp_p
     workspace = write_refs(tmp_path)
     # `accelerate launch --cpu --num_processes 2` starts one process unless mpirun is configured; the
     # multi-GPU launcher (torchrun) starts two, which spurgen joins into one gloo run on a machine without GPUs.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()),
-               "-m", "spurgen", "finetune", "-w", str(workspace.root), "--classes", "94", "--model", str(tiny_sd_dir),
-               "--steps", "2", "--num-class-images", "3", "--sample-steps", "2", "--num-validation-images", "0",
-               "--rank", "4", "--sfsl-model", "res-a", f"--classifier={rigged.flags['res-a']}", "--sfsl-max-timestep", "999",
-               "--sfsl-every", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "spurgen",
+        "finetune",
+        "-w",
+        str(workspace.root),
+        "--classes",
+        "94",
+        "--model",
+        str(tiny_sd_dir),
+        "--steps",
+        "2",
+        "--num-class-images",
+        "3",
+        "--sample-steps",
+        "2",
+        "--num-validation-images",
+        "0",
+        "--rank",
+        "4",
+        "--sfsl-model",
+        "res-a",
+        f"--classifier={rigged.flags['res-a']}",
+        "--sfsl-max-timestep",
+        "999",
+        "--sfsl-every",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -514,12 +569,14 @@ def test_bad_base_model_and_settings_fail_before_writing(tiny_sd_dir: Path, tmp_
         finetune(config(tiny_sd_dir, model=str(tmp_path / "nowhere")), workspace)
     with pytest.raises(SpurgenError, match="not a multiple of 4"):
         finetune(config(tiny_sd_dir, resolution=66), workspace)
-    with pytest.raises(SpurgenError, match="class-sfsl-weight: unknown class 'hummingbrid'; did you mean 'hummingbird'"):
+    with pytest.raises(SpurgenError, match="class-sfsl-weight: unknown class 'hummingbrid'; did you mean "
+                                           "'hummingbird'"):
         finetune(config(tiny_sd_dir, class_sfsl_weight={"hummingbrid": 0.2}), workspace)
     assert _written(workspace.root) == before
     with pytest.raises(SpurgenError, match="--rank must be at least 1, got 0"):
         config(tiny_sd_dir, rank=0)
-    with pytest.raises(SpurgenError, match="--no-train-text-encoder changes what preset 'sfsl' trains; pass --run-name"):
+    with pytest.raises(SpurgenError, match="--no-train-text-encoder changes what preset 'sfsl' trains; pass "
+                                           "--run-name"):
         config(tiny_sd_dir, train_text_encoder=False)
     with pytest.raises(SpurgenError, match="unknown placeholder"):
         config(tiny_sd_dir, instance_prompt="a photo of {identifer} {noun}")
@@ -565,8 +622,25 @@ def test_cli_from_select_refs_to_finetune_with_per_class_kappa(tiny_sd_dir: Path
     runner = CliRunner()
     ws = tmp_path / "ws"
     flags = [f"--classifier={f}" for f in rigged.flags.values()]
-    done = runner.invoke(app, ["select-refs", "-w", str(ws), "--dataset", str(rigged.dataset), "--classes", "hummingbird",
-                               "-k", "3", "--classifiers", "res-a,conv-b,vit-c", "--num-workers", "0", *flags])
+    done = runner.invoke(
+        app,
+        [
+            "select-refs",
+            "-w",
+            str(ws),
+            "--dataset",
+            str(rigged.dataset),
+            "--classes",
+            "hummingbird",
+            "-k",
+            "3",
+            "--classifiers",
+            "res-a,conv-b,vit-c",
+            "--num-workers",
+            "0",
+            *flags,
+        ],
+    )
     assert done.exit_code == 0, done.output
     # the base model and the per-class kappa come from spurgen.toml; the class table accepts names and indices
     (ws / "spurgen.toml").write_text(f'model = "{tiny_sd_dir}"\n\n[finetune]\nsteps = 2\n\n'
@@ -589,8 +663,23 @@ def test_npca_feature_fitted_by_fit_npca(tiny_sd_dir: Path, rigged, tmp_path: Pa
     cfg = config(tiny_sd_dir, preset="sfsl", sfsl_feature="npca", sfsl_npca_components="spurious")
     with pytest.raises(SpurgenError, match="no neural PCA .*run spurgen fit-npca"):
         finetune(cfg, ws, [rigged.flags["res-a"]])
-    done = CliRunner().invoke(app, ["fit-npca", "-w", str(ws.root), "--classes", "hummingbird", "--images", str(images),
-                                    "--sfsl-model", "res-a", f"--classifier={rigged.flags['res-a']}", "--device", "cpu"])
+    done = CliRunner().invoke(
+        app,
+        [
+            "fit-npca",
+            "-w",
+            str(ws.root),
+            "--classes",
+            "hummingbird",
+            "--images",
+            str(images),
+            "--sfsl-model",
+            "res-a",
+            f"--classifier={rigged.flags['res-a']}",
+            "--device",
+            "cpu",
+        ],
+    )
     assert done.exit_code == 0, done.output
     npca = NeuralPCA.load(ws.root / "npca" / "res-a" / "94-hummingbird.safetensors")
     assert npca.num_images == 8 and npca.components.shape == (96, 96) and npca.class_index == 94
@@ -604,7 +693,7 @@ def test_npca_feature_fitted_by_fit_npca(tiny_sd_dir: Path, rigged, tmp_path: Pa
     assert all(np.isfinite(float(row["sfsl"])) for row in loss_rows(result.folder))
 
 
-# --- SFSL's cost-cutting options: --sfsl-every and --sfsl-decoder ------------------------------------------------------
+# --- SFSL's cost-cutting options: --sfsl-every and --sfsl-decoder ------------------------------------------------
 
 
 def test_sfsl_every_applies_the_loss_on_every_nth_step_with_weight_kappa_n(tiny_sd_dir: Path, rigged,
@@ -646,7 +735,9 @@ def test_sfsl_decoder_taesd_decodes_and_passes_gradients_to_lora(tiny_sd_dir: Pa
     assert isinstance(decoder, AutoencoderTiny)
     seen = []
     decode = decoder.decode
-    monkeypatch.setattr(decoder, "decode", lambda latents, *a, **k: seen.append(latents.shape) or decode(latents, *a, **k))
+    monkeypatch.setattr(
+        decoder, "decode", lambda latents, *a, **k: seen.append(latents.shape) or decode(latents, *a, **k)
+    )
     try:
         losses = trainer.losses(step=0, micro=0)
         # the scaled latents go in unchanged (TAESD's scaling_factor is 1.0): 2 rows of 4 x 32 x 32
@@ -661,11 +752,25 @@ def test_sfsl_decoder_taesd_decodes_and_passes_gradients_to_lora(tiny_sd_dir: Pa
         trainer.close()
 
 
-def test_bad_sfsl_every_and_decoder_fail_with_one_line_before_writing(tiny_sd_dir: Path, rigged, tmp_path: Path) -> None:
+def test_bad_sfsl_every_and_decoder_fail_with_one_line_before_writing(
+    tiny_sd_dir: Path, rigged, tmp_path: Path
+) -> None:
     workspace = write_refs(tmp_path / "ws")
     before = _written(workspace.root)
-    args = ["finetune", "-w", str(workspace.root), "--model", str(tiny_sd_dir), "--classes", "94", "--sfsl-model",
-            "res-a", f"--classifier={rigged.flags['res-a']}", "--steps", "1"]
+    args = [
+        "finetune",
+        "-w",
+        str(workspace.root),
+        "--model",
+        str(tiny_sd_dir),
+        "--classes",
+        "94",
+        "--sfsl-model",
+        "res-a",
+        f"--classifier={rigged.flags['res-a']}",
+        "--steps",
+        "1",
+    ]
     runner = CliRunner()
     for extra, message in [
         (["--sfsl-every", "0"], "--sfsl-every must be at least 1, got 0"),
@@ -676,7 +781,9 @@ def test_bad_sfsl_every_and_decoder_fail_with_one_line_before_writing(tiny_sd_di
         done = runner.invoke(app, [*args, *extra])
         assert done.exit_code == 2, done.output
         assert message in done.output and "Traceback" not in done.output
-        assert len([line for line in done.output.splitlines() if line.strip()]) <= 2  # one message (wrapped at most once)
+        assert (
+            len([line for line in done.output.splitlines() if line.strip()]) <= 2
+        )  # one message (wrapped at most once)
     assert _written(workspace.root) == before
 
 

@@ -186,5 +186,9 @@ def test_random_settings_files_exit_cleanly(text: str, command: list[str], folde
 def test_fuzz_example_count_is_the_documented_one() -> None:
     """docs/reliability.md's Reliability section states how many random inputs one test run tries."""
     total = CLI_EXAMPLES * len(COMMANDS) + TOML_EXAMPLES
-    section = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text(encoding="utf-8").split("## Reliability", 1)[1]
+    section = (
+        (Path(__file__).resolve().parents[1] / "docs" / "reliability.md")
+        .read_text(encoding="utf-8")
+        .split("## Reliability", 1)[1]
+    )
     assert f"{total} random" in section.split("\n## ", 1)[0]

@@ -70,7 +70,9 @@ class RiggedForward:
 
 
 @pytest.fixture()
-def rigged_forward(rigged, pool: list[Path], monkeypatch: pytest.MonkeyPatch) -> tuple[RiggedForward, list[bool], list[str]]:
+def rigged_forward(
+    rigged, pool: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> tuple[RiggedForward, list[bool], list[str]]:
     """The rigged forward pass, which pool images pass, and the classifier flags."""
     spec = parse_classifier(rigged.flags["res-a"], builtin_classifiers("imagenet"))
     transform = load_classifier(spec).transform()
@@ -118,8 +120,9 @@ def test_max_images_ends_the_run_with_fewer_accepted(rigged_forward, tiny_sd_dir
     _, passes, flags = rigged_forward
     limit = 4
     wanted = sum(passes[:limit]) + 1  # more than the first `limit` images can give
-    [result] = generate(_config(tiny_sd_dir, until=wanted, filter=["consistent"], max_images=limit), Workspace(tmp_path),
-                        flags)
+    [result] = generate(
+        _config(tiny_sd_dir, until=wanted, filter=["consistent"], max_images=limit), Workspace(tmp_path), flags
+    )
     assert (result.made, result.total, result.accepted) == (limit, limit, wanted - 1)
     manifest = _manifest(Workspace(tmp_path))
     assert manifest["status"] == "complete" and len(manifest["images"]) == limit
@@ -164,7 +167,8 @@ def test_bad_until_settings_are_one_line_errors(tiny_sd_dir: Path) -> None:
                                ({"until": 3, "filter": ["consistent"], "max_images": 2}, "must be at least --until"),
                                ({"until": 3, "filter": ["sharp"]}, "unknown --filter 'sharp'"),
                                ({"until": 3, "filter": ["no-object"]}, "needs an open_clip model"),
-                               ({"until": 3, "filter": ["no-object"], "clip_model": "ViT-B-32"}, "needs --clip-weights")):
+                               ({"until": 3, "filter": ["no-object"], "clip_model": "ViT-B-32"}, "needs "
+                                                                                                 "--clip-weights")):
         with pytest.raises(SpurgenError, match=message):
             _config(tiny_sd_dir, **overrides)
 
@@ -240,7 +244,9 @@ def test_cli_reports_the_acceptance_rate(rigged_forward, tiny_sd_dir: Path, tmp_
     assert f"2 of {made} images passed --filter consistent (acceptance rate {2 / made:.0%})" in result.output
 
 
-def test_sigkill_in_the_middle_then_rerun_equals_an_uninterrupted_run(rigged, tiny_sd_dir: Path, tmp_path: Path) -> None:
+def test_sigkill_in_the_middle_then_rerun_equals_an_uninterrupted_run(
+    rigged, tiny_sd_dir: Path, tmp_path: Path
+) -> None:
     """A real process killed with SIGKILL mid-run: the re-run ends with the same images and verdicts as one run."""
     import signal
     import subprocess
@@ -248,10 +254,37 @@ def test_sigkill_in_the_middle_then_rerun_equals_an_uninterrupted_run(rigged, ti
     import time
 
     def command(workspace: Path) -> list[str]:
-        return [sys.executable, "-m", "spurgen", "generate", "-w", str(workspace), "--base", "--model", str(tiny_sd_dir),
-                "--classes", "hummingbird", "--until", "3", "--filter", "consistent", "--max-images", "8",
-                "--classifiers", "res-a", "--classifier", rigged.flags["res-a"], "--steps", "2", "--scheduler", "DDIM",
-                "--batch-size", "1", "--device", "cpu"]
+        return [
+            sys.executable,
+            "-m",
+            "spurgen",
+            "generate",
+            "-w",
+            str(workspace),
+            "--base",
+            "--model",
+            str(tiny_sd_dir),
+            "--classes",
+            "hummingbird",
+            "--until",
+            "3",
+            "--filter",
+            "consistent",
+            "--max-images",
+            "8",
+            "--classifiers",
+            "res-a",
+            "--classifier",
+            rigged.flags["res-a"],
+            "--steps",
+            "2",
+            "--scheduler",
+            "DDIM",
+            "--batch-size",
+            "1",
+            "--device",
+            "cpu",
+        ]
 
     env = spurgen_env()
     reference = subprocess.run(command(tmp_path / "reference"), capture_output=True, text=True, timeout=600, env=env)

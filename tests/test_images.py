@@ -55,7 +55,9 @@ def test_broken_files_are_refused_with_a_reason(tmp_path, content, reason):
 
 
 def test_truncated_file_is_refused(tmp_path):
-    path = _save(tmp_path, "full.png", Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)))
+    path = _save(
+        tmp_path, "full.png", Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    )
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(UnreadableImage):
         load_rgb(path)

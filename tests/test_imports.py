@@ -24,8 +24,13 @@ def _modules() -> dict[str, tuple[Path, bool]]:
 def _imported(name: str, path: Path, is_package: bool, modules: set[str]) -> set[str]:
     """The spurgen modules that ``name`` imports anywhere in its file, outside ``TYPE_CHECKING`` blocks."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-               for child in node.body for n in ast.walk(child)}
+    skipped = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for child in node.body
+        for n in ast.walk(child)
+    }
     package = name if is_package else name.rpartition(".")[0]
     targets: set[str] = set()
     for node in ast.walk(tree):

@@ -355,7 +355,9 @@ class RaterPage:
         _, image_id = self.shown()
         answers = self.given.setdefault(image_id, [None, None])
         if naturalness is not None:
-            self.page.click(f"[data-naturalness='{naturalness}']") if mouse else self.page.keyboard.press(str(naturalness))
+            self.page.click(f"[data-naturalness='{naturalness}']") if mouse else self.page.keyboard.press(
+                str(naturalness)
+            )
             answers[0] = naturalness
         if present is not None:
             self.page.click(f"[data-object='{present}']") if mouse else self.page.keyboard.press(present[0])

@@ -66,8 +66,9 @@ def finished(setup: tuple[Path, str]) -> tuple[Path, dict, dict[str, float]]:
     process.wait()
     first_refs = workspace / "refs" / CLASSES[0].dirname / "selection.json"
     manifests = {str(p): p.stat().st_mtime_ns for p in (first_model, first_refs)}
-    restart = subprocess.run(_command(workspace, classifier), env=spurgen_env(), capture_output=True, text=True, timeout=600,
-                             check=False)
+    restart = subprocess.run(
+        _command(workspace, classifier), env=spurgen_env(), capture_output=True, text=True, timeout=600, check=False
+    )
     assert restart.returncode == 1, restart.stderr[-3000:]  # the class without images failed, the others finished
     assert f"failed: {MISSING}" in restart.stderr
     return workspace, json.loads((workspace / "run.json").read_text()), manifests

@@ -38,7 +38,9 @@ def test_selects_the_expected_images_in_order(rigged, tmp_path):
     assert manifest["selected"] == expected
     assert sorted(p.name for p in folder.glob("*.png")) == sorted(expected)
     for name in expected:  # copies are byte-identical to the source images
-        assert (folder / name).read_bytes() == (rigged.dataset / "spurious_imagenet_94_hummingbird_0" / name).read_bytes()
+        assert (folder / name).read_bytes() == (
+            rigged.dataset / "spurious_imagenet_94_hummingbird_0" / name
+        ).read_bytes()
     scores = rigged.scores(94)
     for i, entry in enumerate(manifest["images"]):
         assert entry["file"].endswith(f"hummingbird_{i:02d}.png")
@@ -148,9 +150,25 @@ def test_an_architecture_that_cannot_be_built_on_the_meta_device_loads_the_ordin
 
 def test_plain_image_folder_for_one_class(rigged, tmp_path):
     images = rigged.dataset / "spurious_imagenet_94_hummingbird_0"
-    result = runner.invoke(app, ["select-refs", "-w", str(tmp_path), "--images", str(images), "--classes", "hummingbird",
-                                 "--classifiers", "res-a,conv-b,vit-c", "-k", "2", "--num-workers", "0",
-                                 *[f"--classifier={f}" for f in rigged.flags.values()]])
+    result = runner.invoke(
+        app,
+        [
+            "select-refs",
+            "-w",
+            str(tmp_path),
+            "--images",
+            str(images),
+            "--classes",
+            "hummingbird",
+            "--classifiers",
+            "res-a,conv-b,vit-c",
+            "-k",
+            "2",
+            "--num-workers",
+            "0",
+            *[f"--classifier={f}" for f in rigged.flags.values()],
+        ],
+    )
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "refs" / "94-hummingbird" / "selection.json").read_text())
     assert manifest["selected"] == rigged.expected_selection(94, 2)
@@ -162,9 +180,25 @@ def test_unreadable_images_are_skipped_named_and_counted(rigged, tmp_path):
     folder = dataset / "spurious_imagenet_94_hummingbird_0"
     (folder / "zz_empty.png").write_bytes(b"")
     (folder / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    result = runner.invoke(app, ["select-refs", "-w", str(tmp_path / "ws"), "--dataset", str(dataset), "--classes", "94",
-                                 "--classifiers", "res-a,conv-b,vit-c", "-k", "3", "--num-workers", "1",
-                                 *[f"--classifier={f}" for f in rigged.flags.values()]])
+    result = runner.invoke(
+        app,
+        [
+            "select-refs",
+            "-w",
+            str(tmp_path / "ws"),
+            "--dataset",
+            str(dataset),
+            "--classes",
+            "94",
+            "--classifiers",
+            "res-a,conv-b,vit-c",
+            "-k",
+            "3",
+            "--num-workers",
+            "1",
+            *[f"--classifier={f}" for f in rigged.flags.values()],
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "zz_empty.png" in result.output and "zz_corrupt.jpg" in result.output
     manifest = json.loads((tmp_path / "ws" / "refs" / "94-hummingbird" / "selection.json").read_text())
@@ -178,8 +212,11 @@ def test_settings_file_and_flags_priority(rigged, tmp_path):
         f'[classifiers]\nres-a = "{rigged.flags["res-a"].split("=", 1)[1]}"\n'
         f'conv-b = {{ arch = "test_convnext.r160_in1k", path = "{rigged.flags["conv-b"].split("@", 1)[1]}" }}\n'
         '[select-refs]\nk = 1\nclassifiers = ["res-a", "conv-b"]\nnum-workers = 0\n'
-        f'dataset = "{rigged.dataset}"\n')
-    config = resolve_config(SelectRefsConfig, Workspace(tmp_path).settings(), "select-refs", {"classes": ["94"], "k": None})
+        f'dataset = "{rigged.dataset}"\n'
+    )
+    config = resolve_config(
+        SelectRefsConfig, Workspace(tmp_path).settings(), "select-refs", {"classes": ["94"], "k": None}
+    )
     assert config.k == 1 and config.classifiers == ["res-a", "conv-b"]
     result = runner.invoke(app, ["select-refs", "-w", str(tmp_path), "--classes", "94", "-k", "2"])
     assert result.exit_code == 0, result.output
@@ -201,7 +238,12 @@ def test_function_api_without_cli(rigged, tmp_path):
 def test_class_resolution():
     labels = get_label_set("imagenet")
     assert {labels.resolve(t).index for t in ("hummingbird", "94", "n01833805", " Hummingbird ")} == {94}
-    assert labels.resolve("grey whale").index == labels.resolve("grey_whale").index == labels.resolve("gray whale").index == 147
+    assert (
+        labels.resolve("grey whale").index
+        == labels.resolve("grey_whale").index
+        == labels.resolve("gray whale").index
+        == 147
+    )
     assert [c.index for c in labels.resolve_many("koala,94,koala")] == [105, 94]
     everything = labels.resolve_many("all")
     assert len(everything) == 100 and everything[0].index == 0

@@ -2,8 +2,8 @@
 
 On the shipped text-to-image model and classifiers:
 - the base model's object prompts ("a photo of a triangle") are recognised as the object;
-- images of a model fine-tuned on a class's references (DreamBooth + text encoder) are consistently spurious (every classifier predicts
-  the class, though no object is drawn) far more often than the base model's feature-prompt images;
+- images of a model fine-tuned on a class's references (DreamBooth + text encoder) are consistently spurious (every
+  classifier predicts the class, though no object is drawn) far more often than the base model's feature-prompt images;
 - the SFSL preset is not worse than DreamBooth + text encoder by more than sampling noise.
 
 The fine-tuning goes through ``spurgen demo`` itself (one class), so this also runs the README's main job.

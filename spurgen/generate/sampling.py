@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
+import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from .._base_model import _read_config, image_generator
@@ -91,6 +95,86 @@ def _png_bytes(image: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _pil_images(images: "torch.Tensor") -> list[Any]:
+    """The pipeline's images (N x C x H x W in [0, 1]) as PIL images, byte for byte those of diffusers'
+    ``output_type="pil"``: scaled by 255 in float32, rounded half to even.
+
+    Speed: quantised where they were made; on a GPU only the 8-bit pixels cross to the host, which does no float
+    work on them.
+    """
+    import torch
+    from PIL import Image
+
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return [Image.fromarray(image) for image in pixels]
+
+
+def _write_png(path: Path, image: Any) -> None:
+    """Encodes an image as PNG and writes it atomically."""
+    atomic_write_bytes(path, _png_bytes(image))
+
+
+class _ImageWriter:
+    """Speed: encodes and writes a run's images on threads (zlib releases the GIL), a batch's images in parallel,
+    while the pipeline samples the next batch. An image is recorded in the run once its file exists.
+
+    Args:
+        state: The run the images belong to.
+    """
+
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+        self.flagged = 0
+        self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="spurgen-png")
+        self._pending: list[tuple[int, bool | None, Future[None]]] = []
+
+    def put(self, batch: Sequence[int], images: Sequence[Any], flags: Sequence[bool | None]) -> list[int]:
+        """Queues a batch's writes, then waits for the batch before it; returns the images recorded."""
+        earlier = self._pending
+        self._pending = [(i, None if flag is None else bool(flag),
+                          self._pool.submit(_write_png, self.state.folder / image_name(i), image))
+                         for i, image, flag in zip(batch, images, flags)]
+        return self._settle(earlier)
+
+    def flush(self) -> list[int]:
+        """Waits for every queued write; returns the images recorded."""
+        pending, self._pending = self._pending, []
+        return self._settle(pending)
+
+    def _settle(self, pending: list[tuple[int, bool | None, Future[None]]]) -> list[int]:
+        """Waits for writes and records each image written.
+
+        Raises:
+            The first write's error, once every write has ended (a write is atomic: a failed one leaves no file).
+        """
+        error: BaseException | None = None
+        written = []
+        for i, flag, future in pending:
+            try:
+                future.result()
+            except BaseException as exc:  # noqa: BLE001 - raised below, once the other writes are recorded
+                error = error or exc
+                continue
+            self.state.record(i, flag)
+            self.flagged += bool(flag)
+            written.append(i)
+        if error is not None:
+            raise error
+        return written
+
+    def __enter__(self) -> "_ImageWriter":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if kind is not None:
+            # Interrupted or failed: the writes under way still end whole and those that succeeded are recorded,
+            # for the manifest that fill_run writes next; the error in flight is the one raised.
+            with contextlib.suppress(BaseException):
+                self.flush()
+        self._pool.shutdown(wait=True)
+
+
 def _chunks(items: Sequence[int], size: int) -> Iterable[list[int]]:
     """``items`` in consecutive lists of at most ``size``."""
     for start in range(0, len(items), size):
@@ -124,35 +208,37 @@ def _sample(pipe: "DiffusionPipeline", state: RunState, config: GenerateConfig, 
     until = state.until
     task = progress.add_task(f"{state.plan.cls.dirname}/{state.plan.run}" + (" accepted" if until else ""),
                              total=until.wanted if until else len(state.todo), completed=until.accepted if until else 0)
-    flagged, written = 0, time.monotonic()
+    written = time.monotonic()
     main = distributed_state().is_main_process
-    for batch in _batches(state, config.batch_size):
-        # One CPU generator per image: its starting noise and any ancestral noise are drawn from seed + i
-        # alone, so neither the batch it falls in nor the device changes it.
-        generators = [image_generator(config.seed + i) for i in batch]
-        output = pipe(prompt=[state.plan.prompt] * len(batch),
-                      negative_prompt=[state.plan.negative_prompt] * len(batch) if state.plan.negative_prompt else None,
-                      num_inference_steps=config.steps, guidance_scale=config.guidance,
-                      height=resolution, width=resolution, generator=generators,
-                      output_type="pil")
-        # Only SD 1.x/2.x pipelines have a safety checker.
-        flags = getattr(output, "nsfw_content_detected", None) or [None] * len(batch)
-        for i, image, flag in zip(batch, output.images, flags):
-            atomic_write_bytes(state.folder / image_name(i), _png_bytes(image))
-            state.record(i, None if flag is None else bool(flag))
-            flagged += bool(flag)
-        if filters is not None:
-            state.judge(filters, batch)
-        # The images themselves are the progress a re-run resumes from; the manifest adds only the safety
-        # checker's flags, so it is rewritten (a synced file) at most every MANIFEST_INTERVAL_S seconds.
-        if main and time.monotonic() - written >= MANIFEST_INTERVAL_S:
-            state.write()
-            written = time.monotonic()
-        if until:
-            progress.update(task, completed=until.accepted)
-        else:
-            progress.advance(task, len(batch))
-    return flagged
+    with _ImageWriter(state) as writer:
+        for batch in _batches(state, config.batch_size):
+            # One CPU generator per image: its starting noise and any ancestral noise are drawn from seed + i
+            # alone, so neither the batch it falls in nor the device changes it.
+            generators = [image_generator(config.seed + i) for i in batch]
+            negative = [state.plan.negative_prompt] * len(batch) if state.plan.negative_prompt else None
+            output = pipe(prompt=[state.plan.prompt] * len(batch), negative_prompt=negative,
+                          num_inference_steps=config.steps, guidance_scale=config.guidance,
+                          height=resolution, width=resolution, generator=generators,
+                          output_type="pt")
+            # Only SD 1.x/2.x pipelines have a safety checker.
+            flags = getattr(output, "nsfw_content_detected", None) or [None] * len(batch)
+            done = writer.put(batch, _pil_images(output.images), flags)
+            if filters is not None:  # the filters read this batch's files
+                done += writer.flush()
+                state.judge(filters, batch)
+            # The images themselves are the progress a re-run resumes from; the manifest adds only the safety
+            # checker's flags, so it is rewritten (a synced file) at most every MANIFEST_INTERVAL_S seconds, once
+            # the writes under way have ended (their files would otherwise be listed without their flags).
+            if main and time.monotonic() - written >= MANIFEST_INTERVAL_S:
+                done += writer.flush()
+                state.write()
+                written = time.monotonic()
+            if until:
+                progress.update(task, completed=until.accepted)
+            else:
+                progress.advance(task, len(done))
+        progress.advance(task, len(writer.flush()))
+    return writer.flagged
 
 
 class PipelineSlot:

@@ -68,8 +68,11 @@ def measure_text_to_image(sd_dir: Path, samples_per_prompt: int = 24, seed: int 
     pipe.set_progress_bar_config(disable=True)
     result: dict[str, Any] = {"samples_per_prompt": samples_per_prompt, "steps": steps, "guidance": guidance,
                               "object_prompt": {}, "feature_prompt": {}}
-    prompts = [(kind, info, f"a photo of a {info.name}" if kind == "object_prompt" else f"a photo of {info.spurious_feature}")
-               for kind in ("object_prompt", "feature_prompt") for info in labels.classes.values()]
+    prompts = [
+        (kind, info, f"a photo of a {info.name}" if kind == "object_prompt" else f"a photo of {info.spurious_feature}")
+        for kind in ("object_prompt", "feature_prompt")
+        for info in labels.classes.values()
+    ]
     with progress_bar("prompts") as progress:
         task = progress.add_task("measuring samples", total=len(prompts))
         for kind, info, prompt in prompts:

@@ -48,11 +48,15 @@ class WorldConfig:
     image_size: int = setting(32, "Side of the square images in pixels (32 or 64).")
     train_size: int = setting(6000, "Images in the biased training split.")
     val_size: int = setting(1200, "Images in the unbiased validation split.")
-    spurious_per_class: int = setting(75, "Texture-only images per class in the spurious set (Spurious ImageNet has 75).")
-    features_per_class: int = setting(150, "Texture-only images per class for text-to-image training, apart from the spurious set.")
+    spurious_per_class: int = setting(75, "Texture-only images per class in the spurious set (Spurious ImageNet has "
+                                          "75).")
+    features_per_class: int = setting(150, "Texture-only images per class for text-to-image training, apart from the "
+                                           "spurious set.")
     bias: float = setting(0.9, "Probability that a training image shows its class's texture behind the object.")
-    class_colour_prob: float = setting(CLASS_COLOUR_PROB, "Probability that an object has its class's colour rather than a random one.")
-    texture_strength: float = setting(TEXTURE_STRENGTH, "Lowest opacity of a background texture (each image draws one in [this, 1]).")
+    class_colour_prob: float = setting(CLASS_COLOUR_PROB, "Probability that an object has its class's colour rather "
+                                                          "than a random one.")
+    texture_strength: float = setting(TEXTURE_STRENGTH, "Lowest opacity of a background texture (each image draws one "
+                                                        "in [this, 1]).")
 
     def validate(self) -> None:
         require(self.image_size >= 16 and self.image_size % 8 == 0,
@@ -140,9 +144,14 @@ def build_world(config: WorldConfig, root: Path) -> Path:
                 folder.mkdir(parents=True)
             for start in range(0, len(labels), _CHUNK):
                 stop = start + _CHUNK
-                pixels = render(objects[start:stop], backgrounds[start:stop], _stream(config, split, 1 + start // _CHUNK),
-                                config.image_size, class_colour_prob=config.class_colour_prob,
-                                texture_strength=config.texture_strength)
+                pixels = render(
+                    objects[start:stop],
+                    backgrounds[start:stop],
+                    _stream(config, split, 1 + start // _CHUNK),
+                    config.image_size,
+                    class_colour_prob=config.class_colour_prob,
+                    texture_strength=config.texture_strength,
+                )
                 for i, image in enumerate(pixels, start=start):
                     label, obj, background = int(labels[i]), int(objects[i]), int(backgrounds[i])
                     # Spurious ImageNet numbers images within their class folder (the plan lists them by class).

@@ -29,7 +29,8 @@ PRESETS = ("dreambooth", "dreambooth-te", "sfsl")
 class DemoConfig:
     """Settings of ``spurgen demo``."""
 
-    classes: list[str] = setting(["triangle", "star"], "World classes to run (circle, square, triangle, cross, star, ring).", flags=("-c",))
+    classes: list[str] = setting(["triangle", "star"], "World classes to run (circle, square, triangle, cross, star, "
+                                                       "ring).", flags=("-c",))
     steps: int = setting(150, "Fine-tuning steps per class and preset.")
     num_images: int = setting(75, "Images generated per class and run (and for the base model).", flags=("-n",))
     num_class_images: int = setting(24, "Prior-preservation class images per class.", cli=False)

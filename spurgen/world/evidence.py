@@ -40,7 +40,9 @@ class EvidenceConfig:
     """Settings of ``spurgen world evidence``."""
 
     tuning_classes: list[str] = setting(["square", "ring"], "World classes the SFSL defaults are chosen on.")
-    report_classes: list[str] = setting(["circle", "triangle", "cross", "star"], "World classes the ablation is reported on (never used for the choice).")
+    report_classes: list[str] = setting(["circle", "triangle", "cross", "star"], "World classes the ablation is "
+                                                                                 "reported on (never used for the "
+                                                                                 "choice).")
     kappas: list[float] = setting([1.0, 10.0, 100.0], "SFSL weights tried on the tuning classes.")
     bounds: list[int] = setting([400, 999], "SFSL timestep bounds tried on the tuning classes.")
     seeds: list[int] = setting([0, 1], "Fine-tuning seeds of every reported run (their spread is the noise).")
@@ -50,7 +52,8 @@ class EvidenceConfig:
     def validate(self) -> None:
         require(not set(self.tuning_classes) & set(self.report_classes),
                 "tuning and report classes overlap; a class used to choose the defaults cannot report them")
-        require(bool(self.kappas) and bool(self.bounds) and bool(self.seeds), "kappas, bounds and seeds need a value each")
+        require(bool(self.kappas) and bool(self.bounds) and bool(self.seeds), "kappas, bounds and seeds need a value "
+                                                                              "each")
         require(self.steps >= 1 and self.num_images >= 1, "steps and num-images must be positive")
 
 
@@ -78,7 +81,9 @@ class _Experiment:
     def select_refs(self, classes: list[str]) -> None:
         from ..select_refs import select_refs
 
-        select_refs(resolve_config(SelectRefsConfig, self.settings, "select-refs", {"classes": classes}), self.workspace)
+        select_refs(
+            resolve_config(SelectRefsConfig, self.settings, "select-refs", {"classes": classes}), self.workspace
+        )
 
     def fit_npca(self, classes: list[str]) -> None:
         """Fits each class's neural PCA on the world's unbiased validation images of the class."""
@@ -101,7 +106,14 @@ class _Experiment:
     def train(self, classes: list[str], run: str, preset: str, seed: int, **sfsl: Any) -> None:
         from ..finetune import finetune
 
-        overrides = {"classes": classes, "preset": preset, "run_name": run, "seed": seed, "steps": self.config.steps, **sfsl}
+        overrides = {
+            "classes": classes,
+            "preset": preset,
+            "run_name": run,
+            "seed": seed,
+            "steps": self.config.steps,
+            **sfsl,
+        }
         finetune(resolve_config(FinetuneConfig, self.settings, "finetune", overrides), self.workspace)
 
     def generate(self, classes: list[str], runs: list[str] | None = None) -> None:
@@ -253,11 +265,15 @@ def print_evidence(evidence: dict[str, Any]) -> None:
     for column in ("run", "spurious acc. (mean over classifiers)", "± over seeds", "consistently spurious"):
         table.add_column(column)
     for run, row in report["table2"].items():
-        table.add_row(run, f"{row['spurious_accuracy']:.1%}", f"{row['spurious_accuracy_std']:.1%}", f"{row['consistent']:.1%}")
+        table.add_row(
+            run, f"{row['spurious_accuracy']:.1%}", f"{row['spurious_accuracy_std']:.1%}", f"{row['consistent']:.1%}"
+        )
     console.print(table)
     for label, key in (("SFSL - DreamBooth + text encoder", "sfsl_minus_dreambooth_te"),
                        ("SFSL every 4 steps - SFSL every step", "sfsl_every4_minus_sfsl")):
         accuracy, consistent = report[key], report[f"{key}_consistent"]
-        console.print(f"{label}: spurious acc. {accuracy['mean']:+.1%} ± {accuracy['standard_error']:.1%}, consistently "
-                      f"spurious {consistent['mean']:+.1%} ± {consistent['standard_error']:.1%} (standard errors over "
-                      f"{accuracy['pairs']} class x seed pairs)")
+        console.print(
+            f"{label}: spurious acc. {accuracy['mean']:+.1%} ± {accuracy['standard_error']:.1%}, consistently "
+            f"spurious {consistent['mean']:+.1%} ± {consistent['standard_error']:.1%} (standard errors over "
+            f"{accuracy['pairs']} class x seed pairs)"
+        )

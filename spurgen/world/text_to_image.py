@@ -45,8 +45,10 @@ class TextToImageConfig:
     steps: int = setting(2000, "UNet + text encoder training steps.")
     lr: float = setting(6e-4, "UNet + text encoder learning rate (cosine decay after warm-up).")
     batch_size: int = setting(64, "Images per step.")
-    caption_dropout: float = setting(0.1, "Fraction of captions replaced by the empty prompt (classifier-free guidance).")
-    short_caption_prob: float = setting(0.5, "Fraction of 'a <object> on <feature>' captions shortened to 'a <object>'.")
+    caption_dropout: float = setting(0.1, "Fraction of captions replaced by the empty prompt (classifier-free "
+                                          "guidance).")
+    short_caption_prob: float = setting(0.5, "Fraction of 'a <object> on <feature>' captions shortened to 'a "
+                                             "<object>'.")
     checkpoint_every: int = setting(250, "Steps between resumable checkpoints.")
     threads: int = setting(0, "torch threads (0 = torch's default).")
 
@@ -114,7 +116,9 @@ class _Checkpoints:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def load(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> tuple[int, np.random.Generator | None]:
+    def load(
+        self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer
+    ) -> tuple[int, np.random.Generator | None]:
         path = self.folder / "state.pt"
         if not path.is_file():
             return 0, None
@@ -179,7 +183,9 @@ def _train_vae(vae: torch.nn.Module, images: torch.Tensor, config: TextToImageCo
 @torch.no_grad()
 def _latent_scale(vae: torch.nn.Module, images: torch.Tensor) -> float:
     """Stable Diffusion's scaling factor: 1 / std of the latents, so the UNet sees unit variance."""
-    latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mode() for i in range(0, min(len(images), 2048), 256)])
+    latents = torch.cat(
+        [vae.encode(images[i : i + 256]).latent_dist.mode() for i in range(0, min(len(images), 2048), 256)]
+    )
     return float(1.0 / latents.std())
 
 
@@ -215,7 +221,9 @@ def train_text_to_image(world: Path, output: Path, config: TextToImageConfig, wo
 
     # Latents of the whole data set once: the autoencoder is frozen from here on.
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mode() for i in range(0, len(images), 256)]) * scale
+        latents = (
+            torch.cat([vae.encode(images[i : i + 256]).latent_dist.mode() for i in range(0, len(images), 256)]) * scale
+        )
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=1e-2)
     warmup = min(200, config.steps // 10)
