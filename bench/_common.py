@@ -158,20 +158,25 @@ def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, device:
 
 
 def random_stable_diffusion(arch: str, scratch: Path) -> Path:
-    """A Stable Diffusion folder with seeded random weights: built into ``scratch``, or with
+    """A Stable Diffusion (or SDXL) folder with seeded random weights: built into ``scratch``, or with
     ``SPURGEN_BENCH_CACHE=DIR`` built once into DIR and reused (an SD 1.5-size model takes minutes to build on a
-    small CPU and 4 GB to store).
+    small CPU and 4 GB to store; SDXL 14 GB).
 
     Args:
-        arch: ``spurgen.testing`` architecture (``tiny``, ``full``, ``full-v2``).
+        arch: ``spurgen.testing`` architecture (``tiny``, ``full``, ``full-v2``), or ``sdxl-`` and an SDXL
+            architecture (``sdxl-tiny``, ``sdxl-full``).
         scratch: A temporary folder of the caller's, used without a cache.
     """
     from spurgen.testing import build_stable_diffusion
+    from spurgen.testing.sdxl import build_sdxl
 
     cache = os.environ.get("SPURGEN_BENCH_CACHE")
     folder = Path(cache) / f"sd-{arch}-seed0" if cache else scratch / f"sd-{arch}"
     if not (folder / "model_index.json").is_file():
-        build_stable_diffusion(folder, arch, seed=0)
+        if arch.startswith("sdxl-"):
+            build_sdxl(folder, arch.removeprefix("sdxl-"), seed=0)
+        else:
+            build_stable_diffusion(folder, arch, seed=0)
     return folder
 
 
@@ -234,7 +239,8 @@ def rerun_workspaces(root: Path, cold_hashes: bool = False) -> Callable[[], Any]
 def add_training_arguments(parser: argparse.ArgumentParser, sizes: list[str]) -> None:
     """``--size``, ``--arch``, ``--steps``, ``--batch-size`` and ``--mixed-precision`` of the training benchmarks."""
     parser.add_argument("--size", default="tiny", choices=sizes)
-    parser.add_argument("--arch", choices=["tiny", "full", "full-v2"], help="default: the size's")
+    parser.add_argument("--arch", choices=["tiny", "full", "full-v2", "sdxl-tiny", "sdxl-full"],
+                        help="default: the size's (SDXL archs: bench.sfsl only)")
     parser.add_argument("--steps", type=int, help="steps per timed repetition; default: the size's")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: bf16 on a GPU, no on a CPU")

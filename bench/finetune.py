@@ -165,7 +165,8 @@ def _reference_step(trainer: Any, config: Any) -> Callable[[int], None]:
     # The script's collate_fn: b instance examples then b class examples, one row of prompt ids each (which
     # images fill the rows does not change the work).
     pixels = load_pixels(plan.references[:1], trainer.resolution).repeat(2 * b, 1, 1, 1).to(accelerator.device, half)
-    ids = torch.cat([trainer.prompt_ids[:1].repeat(b, 1), trainer.prompt_ids[1:].repeat(b, 1)])
+    prompt_ids = trainer.prompt_ids[0]  # SD has one tokenizer
+    ids = torch.cat([prompt_ids[:1].repeat(b, 1), prompt_ids[1:].repeat(b, 1)])
     scheduler = parts.noise_scheduler
 
     def step(_: int) -> None:  # the step number, which the script does not need

@@ -38,10 +38,14 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"arch": "tiny", "sfsl_arch": "resnet50.tv_in1k", "steps": 5},
     # No warm-up turn at the full size: a step takes minutes on a CPU, and its one-time costs are a few seconds.
     "full": {"arch": "full", "sfsl_arch": "resnet50.tv_in1k", "steps": 1, "gradient_checkpointing": True, "warmup": 0},
+    # SDXL's architecture at 1024 px (python -m bench.sfsl --size full-sdxl); far too slow for a CPU.
+    "full-sdxl": {"arch": "sdxl-full", "sfsl_arch": "resnet50.tv_in1k", "steps": 1, "gradient_checkpointing": True,
+                  "warmup": 0},
 }
 # A GPU takes a step in a fraction of a second: several steps per turn and a warm-up turn; and it holds SD 1.5
 # at batch 1+1 without gradient checkpointing, as users train it there.
-GPU_SIZES: dict[str, dict[str, Any]] = {"full": {"steps": 5, "warmup": 1, "gradient_checkpointing": False}}
+GPU_SIZES: dict[str, dict[str, Any]] = {"full": {"steps": 5, "warmup": 1, "gradient_checkpointing": False},
+                                        "full-sdxl": {"steps": 5, "warmup": 1}}
 
 TARGET = 1.3
 
@@ -93,8 +97,12 @@ def unet_training_flops(unet_config: dict[str, Any], batch: int, latent_size: in
         latents = torch.randn(batch, unet.config.in_channels, latent_size, latent_size)
         timesteps = torch.randint(0, 1000, (batch,))
         hidden = torch.randn(batch, tokens, unet.config.cross_attention_dim)
+        added = None
+        if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding + 6 micro-conditions
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            added = {"text_embeds": torch.randn(batch, pooled), "time_ids": torch.randn(batch, 6)}
         with FlopCounterMode(display=False) as counter:
-            unet(latents, timesteps, hidden).sample.float().pow(2).mean().backward()
+            unet(latents, timesteps, hidden, added_cond_kwargs=added).sample.float().pow(2).mean().backward()
     return float(counter.get_total_flops())
 
 
@@ -125,7 +133,8 @@ def run(arch: str = "tiny", steps: int = 5, repeats: int = 3, batch_size: int = 
     # derived from these below. The config's default --sfsl-every (4) would skip SFSL on 3 steps of 4.
     trainer, _ = setup.trainer("sfsl", sfsl_max_timestep=999, sfsl_every=1)
     where = trainer.accelerator.device
-    taesd = load_sfsl_decoder(str(build_tiny_autoencoder(setup.root / "taesd", arch)),
+    # TAESD-XL has TAESD's architecture: an SDXL arch gets the SD decoder of its size.
+    taesd = load_sfsl_decoder(str(build_tiny_autoencoder(setup.root / "taesd", arch.removeprefix("sdxl-"))),
                               trainer.parts.vae.config.latent_channels, where, frozen_dtype(trainer.accelerator))
 
     def variant(on: bool, checkpointing: bool, channels_last: bool, tiny_decoder: bool) -> Callable[[], None]:
@@ -192,7 +201,7 @@ def run(arch: str = "tiny", steps: int = 5, repeats: int = 3, batch_size: int = 
 
 def _unet_tflops(trainer: Any, batch_size: int) -> float:
     latent = trainer.resolution // 2 ** (len(trainer.parts.vae.config.block_out_channels) - 1)
-    return unet_training_flops(trainer.unet.config, 2 * batch_size, latent, trainer.prompt_ids.shape[1]) / 1e12
+    return unet_training_flops(trainer.unet.config, 2 * batch_size, latent, trainer.prompt_ids[0].shape[1]) / 1e12
 
 
 def _gpu_figures(trainer: Any, batch_size: int, seconds: float) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""The base Stable Diffusion model: finding it (a folder or a hub id), describing it, and loading its parts.
+"""The base model: finding it (a folder or a hub id), describing it, and loading its parts.
 
-Training needs the parts separately (tokenizer, text encoder, VAE, UNet, the training noise schedule) and
-samples images with a pipeline assembled from them, so the weights are loaded once and shared.
+Training needs the parts separately (tokenizers, text encoders, VAE, UNet, the training noise schedule) and
+samples images with a pipeline assembled from them (:meth:`.families.ModelFamily.sampling_pipeline`), so the
+weights are loaded once and shared. Which parts a folder holds is its family's (:mod:`.families`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,15 +19,15 @@ from .errors import SpurgenError
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
-    from transformers import CLIPTextModel, CLIPTokenizer
 
-__all__ = ["BaseModel", "Components", "resolve_base_model", "base_model_license", "shared_name",
-           "load_components", "sampling_pipeline", "image_generator"]
+    from .families import ModelFamily
+
+__all__ = ["BaseModel", "Components", "resolve_base_model", "base_model_license", "shared_name", "vae_config",
+           "load_components", "image_generator"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 # Bytes read from each end of a weight file for the fingerprint: enough to tell apart two checkpoints of the
 # same architecture, without reading gigabytes on every run.
 _FINGERPRINT_BYTES = 1 << 20
@@ -39,6 +40,12 @@ _KNOWN_LICENSES = {
     **dict.fromkeys(["stabilityai/stable-diffusion-2", "stabilityai/stable-diffusion-2-base",
                      "stabilityai/stable-diffusion-2-1", "stabilityai/stable-diffusion-2-1-base"], "openrail++"),
 }
+
+
+def _sd_family() -> "ModelFamily":
+    from .families import get_family
+
+    return get_family("sd")
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,8 @@ class BaseModel:
         prediction_type: What the UNet predicts: ``epsilon``, ``v_prediction`` or ``sample``.
         resolution: The native image side (UNet sample size x VAE scale factor).
         size_multiple: Image sides must be a multiple of this (every UNet level halves the latent).
+        family: The model family (detected from ``model_index.json``, or ``--family``); SD 1.x/2.x when not
+            given.
     """
 
     name: str
@@ -64,6 +73,7 @@ class BaseModel:
     prediction_type: str
     resolution: int
     size_multiple: int
+    family: "ModelFamily" = field(default_factory=_sd_family)
 
     @property
     def hub_id(self) -> str | None:
@@ -110,10 +120,10 @@ def _read_config(path: Path, where: str) -> dict[str, Any]:
                            "folder") from None
 
 
-def _fingerprint(folder: Path) -> str:
-    """Hash of the configs and of each weight file's size and first and last megabyte."""
+def _fingerprint(folder: Path, parts: tuple[str, ...]) -> str:
+    """Hash of the configs and of each weight file's size and first and last megabyte, over the folder's ``parts``."""
     digest = hashlib.sha256()
-    for part in _PARTS:
+    for part in parts:
         for file in sorted((folder / part).glob("*")):
             if not file.is_file():
                 continue
@@ -126,24 +136,30 @@ def _fingerprint(folder: Path) -> str:
 
 
 def _download(name: str) -> Path:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     try:
-        # The safety checker (1.2 GB) is never used for training: passing None skips its download.
-        return Path(StableDiffusionPipeline.download(name, safety_checker=None, feature_extractor=None))
+        # The safety checker (1.2 GB, SD 1.x) is never used for training: passing None skips its download.
+        return Path(DiffusionPipeline.download(name, safety_checker=None, feature_extractor=None))
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, gated repository, network failure
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SpurgenError(f"cannot find base model '{name}': not a local folder, and the hub gave: {first}; "
                            "pass --model with a diffusers folder, or check the id and the network") from None
 
 
-def resolve_base_model(name: str) -> BaseModel:
+def resolve_base_model(name: str, family: str | None = None) -> BaseModel:
     """Finds a base model and reads what training needs to know from its configs (no weights loaded).
 
+    Args:
+        name: A diffusers folder or a hub id.
+        family: ``--family``: the model family, instead of the one ``model_index.json`` names.
+
     Raises:
-        SpurgenError: the folder does not exist or is not a Stable Diffusion folder, or the hub id cannot be
-            fetched.
+        SpurgenError: the folder does not exist, is of a family spurgen does not support or lacks a part of its
+            family, or the hub id cannot be fetched.
     """
+    from .families import detect_family
+
     folder = Path(name).expanduser()
     local = folder.exists() or not _HUB_ID.fullmatch(name)
     if local and not folder.is_dir():
@@ -151,10 +167,11 @@ def resolve_base_model(name: str) -> BaseModel:
     path = folder.resolve() if local else _download(name)
     where = f"base model {name}"
     index = _read_config(path / "model_index.json", where)
-    missing = [part for part in _PARTS if part not in index or not (path / part).is_dir()]
+    model_family = detect_family(index, where, family)
+    missing = [part for part in model_family.parts if part not in index or not (path / part).is_dir()]
     if missing:
-        raise SpurgenError(f"{where} has no {', '.join(missing)}; give a Stable Diffusion pipeline folder "
-                           "(model_index.json with tokenizer, text_encoder, vae, unet and scheduler)")
+        raise SpurgenError(f"{where} has no {', '.join(missing)}; give a {model_family.title} pipeline folder "
+                           f"(model_index.json with {', '.join(model_family.parts)})")
     unet = _read_config(path / "unet" / "config.json", where)
     vae = _read_config(path / "vae" / "config.json", where)
     scheduler = _read_config(path / "scheduler" / "scheduler_config.json", where)
@@ -163,10 +180,11 @@ def resolve_base_model(name: str) -> BaseModel:
     return BaseModel(
         name=name, path=path, local=local,
         revision=None if local else path.name,
-        fingerprint=_fingerprint(path),
+        fingerprint=_fingerprint(path, model_family.parts),
         prediction_type=scheduler.get("prediction_type", "epsilon"),
         resolution=sample_size * vae_scale,
         size_multiple=vae_scale * 2 ** (len(unet["block_out_channels"]) - 1),
+        family=model_family,
     )
 
 
@@ -185,80 +203,111 @@ def shared_name(name_or_path: str) -> str:
     return path.name
 
 
+def vae_config(base: BaseModel, vae: str | None = None) -> dict[str, Any]:
+    """The config of the VAE that training decodes with: ``--vae``'s when given, else the base model's.
+
+    Raises:
+        SpurgenError: ``--vae`` is no AutoencoderKL folder or hub id (in the cache, offline).
+    """
+    if not vae:
+        return _read_config(base.path / "vae" / "config.json", f"base model {base.name}")
+    from diffusers import AutoencoderKL
+
+    try:
+        config = AutoencoderKL.load_config(vae)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, a folder without config.json
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpurgenError(f"cannot read --vae '{vae}': {first}; give an AutoencoderKL folder or hub id, e.g. "
+                           "madebyollin/sdxl-vae-fp16-fix") from None
+    if config.get("_class_name") != "AutoencoderKL":
+        raise SpurgenError(f"--vae '{vae}' holds {config.get('_class_name') or 'no model class'}, not an "
+                           "AutoencoderKL; give a VAE folder or hub id, e.g. madebyollin/sdxl-vae-fp16-fix")
+    return dict(config)
+
+
 @dataclass
 class Components:
-    """The parts of a Stable Diffusion pipeline, loaded for training.
+    """The parts of a pipeline, loaded for training.
 
-    ``noise_scheduler`` is a DDPM scheduler with the model's training schedule (it adds noise and gives
-    velocities); ``sampler`` is the model's own inference scheduler, used for class and validation images.
+    ``tokenizers`` and ``text_encoders`` are in the family's order (SDXL: CLIP ViT-L, then OpenCLIP bigG);
+    ``noise_scheduler`` adds the training noise (DDPM with the model's training schedule) and gives velocities;
+    ``sampler`` is the model's own inference scheduler, used for class and validation images.
     """
 
-    tokenizer: "CLIPTokenizer"
-    text_encoder: "CLIPTextModel"
+    tokenizers: list[Any]
+    text_encoders: list["torch.nn.Module"]
     vae: "AutoencoderKL"
     unet: "UNet2DConditionModel"
     noise_scheduler: "DDPMScheduler"
     sampler: "SchedulerMixin"
 
+    @property
+    def tokenizer(self) -> Any:
+        """The first tokenizer (SD's only one)."""
+        return self.tokenizers[0]
+
+    @property
+    def text_encoder(self) -> "torch.nn.Module":
+        """The first text encoder (SD's only one)."""
+        return self.text_encoders[0]
+
 
 def load_components(base: BaseModel, attention: str = "sdpa", *, unet_dtype: "torch.dtype | None" = None,
-                    text_encoder_dtype: "torch.dtype | "
-                                        "None" = None, vae_dtype: "torch.dtype | None" = None) -> Components:
-    """Loads the parts of the base model on the CPU.
+                    text_encoder_dtype: "torch.dtype | None" = None, vae_dtype: "torch.dtype | None" = None,
+                    vae: str | None = None) -> Components:
+    """Loads the parts of the base model on the CPU, each with the class its ``model_index.json`` names.
 
     Args:
         base: The resolved base model.
         attention: ``sdpa`` (PyTorch's fused attention) or ``eager`` (the plain matmul-softmax kernels).
         unet_dtype, text_encoder_dtype, vae_dtype: Weight precision of each part (default float32). Loading
             in the final precision avoids casting afterwards.
+        vae: ``--vae``: an AutoencoderKL folder or hub id used instead of the base model's VAE (SDXL's own
+            overflows in float16; madebyollin/sdxl-vae-fp16-fix does not).
 
     Raises:
         SpurgenError: a part is missing or its weights do not load.
     """
     import diffusers
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    import transformers
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-    from transformers import CLIPTextModel, CLIPTokenizer
 
-    path = base.path
+    path, family = base.path, base.family
+    index = _read_config(path / "model_index.json", base.name)
     # Explicit, since a folder may store half-precision weights that training must not inherit by accident.
     float32 = torch.float32
+
+    def part_class(part: str) -> Any:
+        library, class_name = index[part]
+        return getattr(transformers if library == "transformers" else diffusers, class_name)
+
     try:
-        sampler_class = getattr(diffusers, _read_config(path / "model_index.json", base.name)["scheduler"][1])
+        text_dtype = dtype_argument(text_encoder_dtype or float32, "transformers")
+        vae_source = {"pretrained_model_name_or_path": vae} if vae else {"pretrained_model_name_or_path": path,
+                                                                        "subfolder": "vae"}
         components = Components(
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", attn_implementation=attention,
-                                                       **dtype_argument(text_encoder_dtype or float32,
-                                                                        "transformers")),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **dtype_argument(vae_dtype or float32)),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **dtype_argument(unet_dtype or float32)),
-            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-            sampler=sampler_class.from_pretrained(path, subfolder="scheduler"),
+            tokenizers=[part_class(part).from_pretrained(path, subfolder=part) for part in family.tokenizers],
+            text_encoders=[part_class(part).from_pretrained(path, subfolder=part, attn_implementation=attention,
+                                                            **text_dtype) for part in family.text_encoders],
+            vae=diffusers.AutoencoderKL.from_pretrained(**vae_source, **dtype_argument(vae_dtype or float32)),
+            unet=part_class(family.denoiser).from_pretrained(path, subfolder=family.denoiser,
+                                                             **dtype_argument(unet_dtype or float32)),
+            noise_scheduler=getattr(diffusers, family.noise_scheduler_class).from_pretrained(path,
+                                                                                            subfolder="scheduler"),
+            sampler=part_class("scheduler").from_pretrained(path, subfolder="scheduler"),
         )
     except SpurgenError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt files, unknown classes, mismatched shapes
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SpurgenError(f"cannot load base model '{base.name}' from {path}: {first}; "
-                           "check that it is a complete Stable Diffusion folder") from None
+        what = f"--vae '{vae}' or base model '{base.name}'" if vae else f"base model '{base.name}'"
+        raise SpurgenError(f"cannot load {what} from {path}: {first}; check that it is a complete "
+                           f"{family.title} folder") from None
     processor = AttnProcessor2_0() if attention == "sdpa" else AttnProcessor()
     components.unet.set_attn_processor(processor)
     components.vae.set_attn_processor(processor)
     return components
-
-
-def sampling_pipeline(components: Components, unet: "UNet2DConditionModel | None" = None,
-                      text_encoder: "CLIPTextModel | None" = None) -> "StableDiffusionPipeline":
-    """A text-to-image pipeline over loaded parts (no copy), optionally with trained UNet / text encoder."""
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=text_encoder or components.text_encoder, tokenizer=components.tokenizer,
-        unet=unet or components.unet, scheduler=components.sampler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def image_generator(seed: int) -> "torch.Generator":

@@ -1,8 +1,7 @@
-"""LoRA adapters for the UNet and the CLIP text encoder, saved in the format plain diffusers loads.
+"""LoRA adapters for the denoiser and the CLIP text encoders, saved in the format plain diffusers loads.
 
-Target modules are those of diffusers' DreamBooth LoRA script: the attention projections of the UNet
-(``to_q/k/v``, ``to_out.0``, and ``add_k/v_proj`` where a model has them) and of the text encoder
-(``q/k/v_proj``, ``out_proj``).
+Each model family names its target modules (:attr:`spurgen.families.ModelFamily.lora_targets`), those of its
+diffusers DreamBooth-LoRA script; ``UNET_TARGETS`` and ``TEXT_ENCODER_TARGETS`` are Stable Diffusion's.
 """
 
 from __future__ import annotations
@@ -32,38 +31,37 @@ def add_lora(model: "torch.nn.Module", targets: tuple[str, ...], rank: int, alph
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)))
 
 
-def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Module | None", base_model: str) -> Path:
-    """Writes ``pytorch_lora_weights.safetensors`` for ``StableDiffusionPipeline.load_lora_weights``.
+def save_lora(folder: Path, pipeline_class: type, models: dict[str, "torch.nn.Module"], base_model: str) -> Path:
+    """Writes ``pytorch_lora_weights.safetensors`` for ``pipeline_class.load_lora_weights``.
 
     The adapter metadata (rank, alpha, targets) goes into the file: without it a loader assumes
     alpha = rank and silently scales the update differently (method.md §5).
 
     Args:
         folder: Where the file goes.
-        unet, text_encoder: The adapted models (no text encoder for a UNet-only run).
+        pipeline_class: The diffusers pipeline class whose ``save_lora_weights`` writes the file
+            (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
+        models: The adapted models by the pipeline's part names (``unet``, ``text_encoder``, ``text_encoder_2``);
+            a part that was not trained is left out.
         base_model: The base model as a shared file may name it (``_base_model.shared_name``): peft would record
             the folder the weights were loaded from, a path on the trainer's machine.
 
     Returns:
         The written file.
     """
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    def layers(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
+    def layers(name: str, model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
         # Embeddings are never adapted; saying so keeps peft from probing the hub for the base model's config.
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
+        return _classic_text_encoder_keys(state) if name.startswith("text_encoder") else state
 
-    StableDiffusionPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=layers(unet),
-        text_encoder_lora_layers=_classic_text_encoder_keys(layers(text_encoder)) if text_encoder is not None else None,
-        unet_lora_adapter_metadata=_adapter_metadata(unet, base_model),
-        text_encoder_lora_adapter_metadata=(_adapter_metadata(text_encoder, base_model) if text_encoder is not None
-                                            else None),
-        safe_serialization=True,
-    )
+    arguments = {}
+    for name, model in models.items():
+        arguments[f"{name}_lora_layers"] = layers(name, model)
+        arguments[f"{name}_lora_adapter_metadata"] = _adapter_metadata(model, base_model)
+    pipeline_class.save_lora_weights(folder, **arguments, safe_serialization=True)
     _sort_header(Path(folder) / LORA_WEIGHTS_NAME)
     return Path(folder) / LORA_WEIGHTS_NAME
 

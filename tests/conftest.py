@@ -44,6 +44,14 @@ def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_stable_diffusion(tmp_path_factory.mktemp("tiny-sd") / "tiny-sd", "tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SDXL folder (64 px, seed 0) in the real diffusers layout, built once per session; read-only."""
+    from spurgen.testing.sdxl import build_sdxl
+
+    return build_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "tiny-sdxl", "tiny", seed=0)
+
+
 # --- Classifiers with known predictions ---------------------------------------------------------------------------
 #
 # Three tiny timm classifiers, saved in three weight formats, whose last linear layer is solved so that on the

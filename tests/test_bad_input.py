@@ -1390,7 +1390,7 @@ def tiny_lora_run(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     add_lora(pipe.unet, UNET_TARGETS, 2, 2.0)
     add_lora(pipe.text_encoder, TEXT_ENCODER_TARGETS, 2, 2.0)
-    save_lora(folder, pipe.unet, pipe.text_encoder, "tiny-sd")
+    save_lora(folder, StableDiffusionPipeline, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, "tiny-sd")
     training = {"status": "complete", "base_model": str(tiny_sd_dir), "base_model_resolved": str(tiny_sd_dir),
                 "base_model_fingerprint": resolve_base_model(str(tiny_sd_dir)).fingerprint, "weights": "lora",
                 "instance_prompt": "a photo of sks red flowers", "class_prompt": "a photo of red flowers",

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import spurgen.finetune.trainer as trainer_module
 import spurgen.finetune.validation as validation_module
 from spurgen.classifiers import load_classifiers
 from spurgen.errors import SpurgenError
@@ -135,14 +134,14 @@ def _trainer(base: Path, workspace: Any, **overrides: Any) -> Any:
 def _recorded_step(trainer: Any, monkeypatch) -> tuple[Any, dict[str, torch.Tensor]]:
     """One micro-step's losses, with the noise, clean latents, timesteps and target it used."""
     seen: dict[str, torch.Tensor] = {}
-    target = trainer_module.training_target
+    target = trainer.family.training_target  # the model family forms the target (spurgen.families)
 
     def recording(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> Any:
         seen.update(latents=latents, noise=noise, timesteps=timesteps)
         seen["target"] = target(scheduler, latents, noise, timesteps)
         return seen["target"]
 
-    monkeypatch.setattr(trainer_module, "training_target", recording)
+    monkeypatch.setattr(trainer.family, "training_target", recording)
     with torch.no_grad():
         return trainer.losses(step=0, micro=0), seen
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .._base_model import BaseModel, _read_config, resolve_base_model
+from .._base_model import BaseModel, resolve_base_model, vae_config
 from .._runtime import PROGRESS_INTERVAL_S, console, progress_bar, resolve_device
 from ..classifiers import Classifier, load_classifiers
 from ..config import FinetuneConfig
@@ -164,7 +164,8 @@ def prepare_finetune(config: FinetuneConfig, workspace: Workspace,
     """
     settings = workspace.settings()
     labels = get_label_set(config.labels)
-    base = resolve_base_model(config.model)
+    base = resolve_base_model(config.model, config.family)
+    latent_channels = vae_config(base, config.vae).get("latent_channels", 4)
     if base.prediction_type not in PREDICTION_TYPES:
         raise SpurgenError(f"base model '{config.model}' predicts '{base.prediction_type}'; spurgen trains "
                            f"{', '.join(PREDICTION_TYPES)} models")
@@ -199,10 +200,8 @@ def prepare_finetune(config: FinetuneConfig, workspace: Workspace,
         features = {p.cls.index: spurious_feature(classifiers[0], p.cls, config, workspace) for p in sfsl_plans}
     sfsl_decoder = None
     if sfsl_plans and config.sfsl_decoder:
-        vae_config = _read_config(base.path / "vae" / "config.json", f"base model {base.name}")
-        half = frozen_dtype(accelerator)
-        sfsl_decoder = load_sfsl_decoder(config.sfsl_decoder, vae_config.get("latent_channels", 4), accelerator.device,
-                                         half)
+        sfsl_decoder = load_sfsl_decoder(config.sfsl_decoder, latent_channels, accelerator.device,
+                                         frozen_dtype(accelerator))
     for plan in plans:
         if plan.action == "resume":
             state = read_json(plan.checkpoint / CHECKPOINT_STATE)

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._base_model import BaseModel, Components, image_generator, sampling_pipeline
+from .._base_model import BaseModel, Components, image_generator
 from .._runtime import progress_bar
 from ..workspace import Workspace, atomic_write_bytes, atomic_write_json
 
@@ -70,7 +70,7 @@ def ensure_class_images(workspace: Workspace, base: BaseModel, components: Compo
         return wanted, 0
     if accelerator.is_main_process and not (folder / _META).is_file():
         atomic_write_json(folder / _META, meta)
-    pipeline = sampling_pipeline(components)
+    pipeline = base.family.sampling_pipeline(components)
     pipeline.to(accelerator.device)
     with accelerator.split_between_processes(missing) as mine, progress_bar("images") as progress:
         task = progress.add_task(f"class images '{prompt}'", total=len(mine))

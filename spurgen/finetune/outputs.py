@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .._base_model import BaseModel, base_model_license
-from .._lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_TARGETS, UNET_TARGETS
+from .._lora import LORA_WEIGHTS_NAME
 from ..config import FinetuneConfig
 from ..images import file_sha256
 from ..labels import ClassInfo
@@ -120,11 +120,13 @@ def training_manifest(plan: ClassPlan, config: FinetuneConfig, trainer: Trainer,
         "base_model_resolved": str(base.path) if base.local else None,
         "base_model_revision": base.revision,
         "base_model_fingerprint": base.fingerprint,
+        "family": base.family.name,
         "weights": "lora" if config.lora else "full",
         "lora_file": LORA_WEIGHTS_NAME if config.lora else None,
         "lora": {"rank": config.rank, "alpha": config.alpha if config.alpha is not None else config.rank,
-                 "unet_targets": list(UNET_TARGETS),
-                 "text_encoder_targets": list(TEXT_ENCODER_TARGETS) if trainer.train_text_encoder else []}
+                 "unet_targets": list(base.family.lora_targets[base.family.denoiser]),
+                 "text_encoder_targets": list(base.family.lora_targets["text_encoder"])
+                 if trainer.train_text_encoder else []}
                 if config.lora else None,
         "train_text_encoder": trainer.train_text_encoder,
         "identifier": config.identifier,
@@ -223,9 +225,10 @@ def _model_card(plan: ClassPlan, config: FinetuneConfig, manifest: dict[str, Any
         widget=[{"text": plan.instance_prompt, "output": {"url": sample}} for sample in samples] or None)
     base_text = f"`{hub_id}`" if hub_id else f"a local Stable Diffusion folder (fingerprint `{base.fingerprint}`)"
     base_ref = hub_id or "path/to/the/base/model"
-    load = (f'pipe = StableDiffusionPipeline.from_pretrained("{base_ref}")\n'
+    pipeline = base.family.pipeline_class_name
+    load = (f'pipe = {pipeline}.from_pretrained("{base_ref}")\n'
             'pipe.load_lora_weights("path/to/this/folder")  # or this repository\'s hub id'
-            if lora else 'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")  # or its hub id')
+            if lora else f'pipe = {pipeline}.from_pretrained("path/to/this/folder")  # or its hub id')
     trained = "UNet and text encoder" if manifest["train_text_encoder"] else "UNet"
     licence = (f"The base model's licence, {_LICENSE_NAMES.get(license_id, f'`{license_id}`')}, carries over to "
                "these weights, and its use restrictions bind the images they generate."
@@ -272,7 +275,7 @@ def _model_card(plan: ClassPlan, config: FinetuneConfig, manifest: dict[str, Any
         "## Use with diffusers",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {pipeline}",
         "",
         load,
         f'image = pipe("{plan.instance_prompt}", num_inference_steps=25, guidance_scale=7.5).images[0]',

@@ -37,9 +37,10 @@ from .diffusion import sfsl_row_weight
 from .npca import NeuralPCA
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, AutoencoderTiny
+    from diffusers import AutoencoderTiny
 
     from ..config import FinetuneConfig
+    from ..families import ModelFamily
 
 __all__ = [
     "SpuriousFeature",
@@ -48,7 +49,6 @@ __all__ = [
     "spurious_feature",
     "fit_npca",
     "NpcaFit",
-    "decode_latents",
     "load_sfsl_decoder",
 ]
 
@@ -142,29 +142,23 @@ class SpuriousFeatureLoss:
         features = self.feature(to_classifier_input(generated, self.feature.input_size)).float()
         return 1 - F.cosine_similarity(features, self.reference[reference_index], dim=1)
 
-    def loss(self, distances: torch.Tensor, scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    def loss(self, distances: torch.Tensor, scheduler: Any, timesteps: torch.Tensor,
+             family: "ModelFamily | None" = None) -> torch.Tensor:
         """L_SFSL of the step: the mean over rows of w_t * distance, w_t by ``row_weighting``.
 
         The mean is over rows, not normalised by the weights' sum: each row's gradient then depends on its own t
-        only, so the profile over t is exactly :func:`.diffusion.sfsl_row_weight` x
-        :func:`.diffusion.estimate_gain`.
+        only, so the profile over t is exactly the weight x the estimate's gain (:func:`.diffusion.sfsl_row_weight`
+        x :func:`.diffusion.estimate_gain` on DDPM's parametrizations).
 
         Args:
             distances: :meth:`distances` of the rows.
             scheduler: The noise scheduler of training.
             timesteps: t of each row, on the distances' device.
+            family: The model family, whose parametrization gives w_t
+                (:meth:`spurgen.families.ModelFamily.sfsl_row_weight`); ``None``: DDPM's, SD's and SDXL's.
         """
-        return (sfsl_row_weight(scheduler, timesteps, self.row_weighting) * distances).mean()
-
-
-def decode_latents(decoder: "AutoencoderKL | AutoencoderTiny", latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (z * the base VAE's scaling_factor, as the UNet sees them) -> [-1, 1] images, with gradients.
-
-    Both decoders are called as diffusers' pipelines call ``pipe.vae``: ``decode(latents / scaling_factor)``.
-    For the SD VAE that undoes its 0.18215; AutoencoderTiny's scaling_factor is 1.0 because TAESD was
-    distilled on the scaled latents, and its DecoderTiny maps its [0, 1] output to [-1, 1] itself.
-    """
-    return decoder.decode(latents.to(decoder.dtype) / decoder.config.scaling_factor).sample
+        weight = family.sfsl_row_weight if family is not None else sfsl_row_weight
+        return (weight(scheduler, timesteps, self.row_weighting) * distances).mean()
 
 
 def load_sfsl_decoder(name: str, latent_channels: int, device: torch.device | str,

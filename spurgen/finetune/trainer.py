@@ -17,18 +17,19 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from safetensors import SafetensorError
 
-from .._base_model import BaseModel, Components, image_generator, load_components, sampling_pipeline, shared_name
-from .._lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from .._base_model import BaseModel, Components, image_generator, load_components, shared_name, vae_config
+from .._lora import add_lora
+from .._runtime import dtype_argument
 from ..config import FinetuneConfig
 from ..errors import SpurgenError, out_of_memory_message
 from ..images import UnreadableImage, load_rgb
 from ..workspace import CHECKPOINT_STATE, CHECKPOINTS, Workspace, atomic_write_json, read_json, remove_tree
 from .class_images import ensure_class_images
 from .compile import compile_blocks, compiles, eager, mark_step, uses_channels_last
-from .diffusion import micro_step_seed, predicted_original, training_target
+from .diffusion import micro_step_seed
 from .noise import diffusion_loss, min_snr_weights, training_noise, zero_terminal_snr
 from .plan import ClassPlan, list_checkpoints
-from .sfsl import SpuriousFeature, SpuriousFeatureLoss, decode_latents
+from .sfsl import SpuriousFeature, SpuriousFeatureLoss
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -165,6 +166,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.plan, self.config, self.base, self.resolution = plan, config, base, resolution
+        self.family = base.family
         self.accelerator, self.device = accelerator, accelerator.device
         self.prior = config.prior_preservation
         self.train_text_encoder = config.trains_text_encoder
@@ -202,8 +204,10 @@ class Trainer:
         config, half = self.config, frozen_dtype(self.accelerator)
         text_encoder_dtype = half if config.lora or not self.train_text_encoder else torch.float32
         parts = load_components(self.base, config.attention, unet_dtype=half if config.lora else torch.float32,
-                                text_encoder_dtype=text_encoder_dtype, vae_dtype=half)
-        for model in (parts.unet, parts.text_encoder, parts.vae):
+                                text_encoder_dtype=text_encoder_dtype,
+                                vae_dtype=self.family.vae_dtype(vae_config(self.base, config.vae), half),
+                                vae=config.vae)
+        for model in (parts.unet, *parts.text_encoders, parts.vae):
             model.requires_grad_(False).to(self.device)
         self.channels_last = uses_channels_last(config.channels_last, self.device)
         if self.channels_last:
@@ -240,47 +244,51 @@ class Trainer:
         """Makes the trained parts trainable: LoRA adapters (float32) on their frozen weights, or all their weights.
 
         Returns:
-            The trained parts by name: the UNet, then the text encoder when it is trained.
+            The trained parts by name: the UNet, then the text encoders when they are trained.
         """
-        config = self.config
-        self.unet, self.text_encoder = self.parts.unet, self.parts.text_encoder
-        trained = [("unet", self.unet)] + ([("text_encoder", self.text_encoder)] if self.train_text_encoder else [])
+        config, family = self.config, self.family
+        self.unet, self.text_encoders = self.parts.unet, self.parts.text_encoders
+        self.text_encoder = self.text_encoders[0]
+        trained = [(family.denoiser, self.unet)]
+        if self.train_text_encoder:
+            trained += list(zip(family.text_encoders, self.text_encoders))
         for name, model in trained:
             if config.lora:
                 alpha = config.alpha if config.alpha is not None else config.rank
-                add_lora(model, UNET_TARGETS if name == "unet" else TEXT_ENCODER_TARGETS, config.rank, alpha)
+                add_lora(model, family.lora_target_modules(name, model), config.rank, alpha)
                 for param in model.parameters():
                     if param.requires_grad:
                         param.data = param.data.float()
             else:
                 model.requires_grad_(True)
+                for unused in family.unused_modules(name, model):
+                    model.get_submodule(unused).requires_grad_(False)
             model.train()
         self.trained_names = [name for name, _ in trained]
         return trained
 
     def _encode_prompts(self) -> None:
-        """Tokenizes the instance prompt (and the class prompt with prior preservation); a text encoder that is
-        not trained encodes them here, once, instead of on every step."""
+        """Tokenizes the instance prompt (and the class prompt with prior preservation); text encoders that are
+        not trained encode them here, once, instead of on every step."""
         prompts = [self.plan.instance_prompt] + ([self.plan.class_prompt] if self.prior else [])
-        tokenizer = self.parts.tokenizer
-        self.prompt_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                                    truncation=True, return_tensors="pt").input_ids.to(self.device)
-        self.frozen_embeddings: torch.Tensor | None = None
+        self.prompt_ids = [ids.to(self.device) for ids in self.family.tokenize(self.parts.tokenizers, prompts)]
+        self.frozen_conditioning: dict[str, torch.Tensor] | None = None
         if not self.train_text_encoder:
             with torch.no_grad(), self.accelerator.autocast():
-                self.frozen_embeddings = self.text_encoder(self.prompt_ids)[0]
+                self.frozen_conditioning = self.family.encode_prompts(self.text_encoders, self.prompt_ids,
+                                                                      self.resolution)
 
     def _enable_gradient_checkpointing(self) -> None:
         """``--gradient-checkpointing``: the trained parts recompute their activations in the backward pass."""
         self.unet.enable_gradient_checkpointing()
-        if self.train_text_encoder:
+        for text_encoder in self.text_encoders if self.train_text_encoder else []:
             # Non-reentrant checkpointing passes gradients to LoRA layers whose inputs need none. transformers
             # 5.23 renamed the method; older releases only have the old name.
-            enable = getattr(self.text_encoder, "activation_checkpointing_enable", None)
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
             if enable is not None:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
-                self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _build_sfsl(self, feature: SpuriousFeature | None, decoder: "AutoencoderTiny | None",
                     instance_pixels: torch.Tensor) -> None:
@@ -372,10 +380,13 @@ class Trainer:
 
     # The step ------------------------------------------------------------------------------------------------
 
-    def _text_embeddings(self) -> torch.Tensor:
-        if self.frozen_embeddings is not None:
-            return self.frozen_embeddings
-        return self.models[self.trained_names.index("text_encoder")](self.prompt_ids)[0]
+    def _conditioning(self) -> dict[str, torch.Tensor]:
+        """The denoiser's conditioning of the prompts: encoded once when the text encoders are frozen, else by the
+        trained encoders as accelerate wrapped them."""
+        if self.frozen_conditioning is not None:
+            return self.frozen_conditioning
+        encoders = [self.models[self.trained_names.index(name)] for name in self.family.text_encoders]
+        return self.family.encode_prompts(encoders, self.prompt_ids, self.resolution)
 
     def losses(self, step: int, micro: int) -> Losses:
         """Forward pass of one micro-batch: b instance rows, then b class rows with prior preservation.
@@ -383,7 +394,7 @@ class Trainer:
         The small draws (which images, which timesteps) come from a host generator, so that which rows SFSL
         decodes is known without waiting for the device; the noise comes from a generator on the device.
         """
-        config, scheduler, device = self.config, self.parts.noise_scheduler, self.device
+        config, scheduler, device, family = self.config, self.parts.noise_scheduler, self.device, self.family
         seed = (config.seed, self.accelerator.process_index, step, micro)
         host = torch.Generator().manual_seed(micro_step_seed(*seed, 0))
         generator = torch.Generator(device).manual_seed(micro_step_seed(*seed, 1))
@@ -403,11 +414,11 @@ class Trainer:
                    for cache, index in zip((self.instance_latents, self.class_latents), picked)]
         latents = torch.cat(latents)
         noise = training_noise(latents.shape, generator, device, config.noise_offset)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        noisy = family.add_noise(scheduler, latents, noise, timesteps)
         # Two prompts are encoded, not 2b rows: the same gradient, a fraction of the text encoder's work.
-        hidden = self._text_embeddings().repeat_interleave(b, dim=0)
-        prediction = self.models[0](noisy, timesteps, hidden).sample
-        target = training_target(scheduler, latents, noise, timesteps)
+        conditioning = {name: value.repeat_interleave(b, dim=0) for name, value in self._conditioning().items()}
+        prediction = family.predict(self.models[0], noisy, timesteps, conditioning)
+        target = family.training_target(scheduler, latents, noise, timesteps)
 
         weights = min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma else None
         inst = diffusion_loss(prediction, target, weights, slice(None, b))
@@ -416,9 +427,10 @@ class Trainer:
         losses = Losses(total, inst, prior, None, 0, prediction=prediction)
         if len(rows):  # only these rows are decoded and classified
             output, t = prediction[rows], timesteps[rows]
-            z0 = predicted_original(scheduler, noisy[rows], output, t)
-            distances = self.sfsl.distances(decode_latents(self.sfsl_decoder, z0), instance[rows])
-            losses.total = total + self.plan.sfsl_weight * self.sfsl.scale * self.sfsl.loss(distances, scheduler, t)
+            z0 = family.predicted_original(scheduler, noisy[rows], output, t)
+            distances = self.sfsl.distances(family.decode(self.sfsl_decoder, z0), instance[rows])
+            sfsl = self.sfsl.loss(distances, scheduler, t, family)
+            losses.total = total + self.plan.sfsl_weight * self.sfsl.scale * sfsl
             losses.sfsl, losses.sfsl_rows, losses.sfsl_output = distances.mean(), len(rows), output
             losses.sfsl_distances, losses.sfsl_timesteps = distances.detach(), t
         return losses
@@ -617,8 +629,8 @@ class Trainer:
     @torch.no_grad()
     def validation_images(self, count: int) -> list["Image.Image"]:
         """Images of the validation prompt with seeds seed, seed + 1, ... from the model as it is now."""
-        pipeline = sampling_pipeline(self.parts)
-        for model in (self.unet, self.text_encoder):
+        pipeline = self.family.sampling_pipeline(self.parts)
+        for model in (self.unet, *self.text_encoders):
             model.eval()
         images = []
         with self.accelerator.autocast(), eager():
@@ -628,7 +640,8 @@ class Trainer:
                                        guidance_scale=self.config.guidance_scale,
                                        generator=image_generator(self.config.seed + i)).images[0])
         self.unet.train()
-        self.text_encoder.train(self.train_text_encoder)
+        for text_encoder in self.text_encoders:
+            text_encoder.train(self.train_text_encoder)
         return images
 
     def save_model(self, folder: Path) -> None:
@@ -640,21 +653,25 @@ class Trainer:
         if self.config.lora:
             self._save_lora(folder)
             return
-        text_encoder = self.text_encoder if self.train_text_encoder else None
-        from diffusers import AutoencoderKL, StableDiffusionPipeline
-        from transformers import CLIPTextModel
+        from diffusers import AutoencoderKL
 
-        pipeline = StableDiffusionPipeline(
-            vae=AutoencoderKL.from_pretrained(self.base.path, subfolder="vae"),
-            text_encoder=text_encoder or CLIPTextModel.from_pretrained(self.base.path, subfolder="text_encoder"),
-            tokenizer=self.parts.tokenizer, unet=self.unet, scheduler=self.parts.sampler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        # Frozen parts come from the files: in memory they may have been cast to half precision.
+        float32 = dtype_argument(torch.float32)
+        trained: dict[str, Any] = dict(zip(self.trained_names, self._trained_models()))
+        if self.config.vae:  # the VAE it was trained and sampled with
+            trained["vae"] = AutoencoderKL.from_pretrained(self.config.vae, **float32)
+        pipeline = self.family.pipeline_class().from_pretrained(self.base.path, **trained,
+                                                                **self.family.pipeline_arguments, **float32)
         pipeline.save_pretrained(folder, safe_serialization=True)
 
+    def _trained_models(self) -> list[torch.nn.Module]:
+        """The trained parts as the pipeline holds them (not accelerate's wrappers), in ``trained_names`` order."""
+        return [self.unet, *self.text_encoders][:len(self.trained_names)]
+
     def _save_lora(self, folder: Path) -> None:
-        """Writes the adapters as ``pytorch_lora_weights.safetensors`` (the text encoder's only when trained)."""
-        text_encoder = self.text_encoder if self.train_text_encoder else None
-        save_lora(folder, self.unet, text_encoder, shared_name(self.base.name))
+        """Writes the adapters as ``pytorch_lora_weights.safetensors`` (the text encoders' only when trained)."""
+        self.family.save_lora(folder, dict(zip(self.trained_names, self._trained_models())),
+                              shared_name(self.base.name))
 
     def close(self) -> None:
         """Lets go of the accelerator's references, so the next class starts from a clean accelerator."""

@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 __all__ = ["image_name", "ModelPlan", "checkpoint_lora", "plan_class", "model_record", "run_settings",
            "run_fingerprint", "Until", "RunState", "check_folder"]
 
-# The sub-models whose weights decide an image; the safety checker only blanks flagged images.
-_WEIGHT_FOLDERS = ("unet", "text_encoder", "vae")
 _IMAGE_NAME = re.compile(r"^\d{5,}\.png$")
 
 
@@ -47,7 +45,7 @@ class ModelPlan:
     cls: ClassInfo
     run: str
     kind: str  # "base", "lora" or "full"
-    pipeline: BaseModel  # the folder StableDiffusionPipeline.from_pretrained loads: the base or a full run
+    pipeline: BaseModel  # the folder the family's pipeline loads: the base or a full run
     base_model: str  # as the user or training.json named it
     prompt: str
     negative_prompt: str
@@ -280,10 +278,13 @@ def plan_class(config: GenerateConfig, workspace: Workspace, cls: ClassInfo) -> 
     return plans
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    """The weight files from_pretrained reads by default: per sub-model, safetensors over .bin, no variants."""
+def _weight_files(model: BaseModel) -> list[Path]:
+    """The weight files from_pretrained reads by default: per sub-model whose weights decide an image (the
+    denoiser, the text encoders and the VAE; the safety checker only blanks flagged images), safetensors over
+    .bin, no variants."""
+    family, folder = model.family, model.path
     files: list[Path] = []
-    for part in _WEIGHT_FOLDERS:
+    for part in (family.denoiser, *family.text_encoders, "vae"):
         candidates = [p for p in sorted((folder / part).glob("*")) if p.is_file() and p.name.count(".") == 1]
         safetensors = [p for p in candidates if p.suffix == ".safetensors"]
         files.extend(safetensors or [p for p in candidates if p.suffix == ".bin"])
@@ -298,7 +299,7 @@ def model_record(plan: ModelPlan, hashes: FileHashes) -> dict[str, Any]:
         "base_model": plan.base_model,
         "folder": str(plan.pipeline.path),
         "revision": plan.pipeline.revision,
-        "files": {str(p.relative_to(plan.pipeline.path)): hashed(p) for p in _weight_files(plan.pipeline.path)},
+        "files": {str(p.relative_to(plan.pipeline.path)): hashed(p) for p in _weight_files(plan.pipeline)},
     }
     if plan.lora_file:
         record.update(lora_source=plan.lora_source, lora_file=str(plan.lora_file), lora_sha256=hashed(plan.lora_file))

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from .._base_model import image_generator
+from .._base_model import _read_config, image_generator
 from .._runtime import distributed_state, dtype_argument, library_progress_bars_off
 from ..config import MODEL_SCHEDULER, SCHEDULERS, GenerateConfig, find_scheduler
 from ..errors import SpurgenError
@@ -22,7 +22,7 @@ from .runs import ModelPlan, RunState, image_name
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
 __all__ = ["torch_dtype", "build_scheduler", "PipelineSlot", "fill_run"]
 
@@ -57,11 +57,11 @@ def build_scheduler(name: str, model_config: Any) -> Any:
 
 
 def _load_pipeline(folder: Path, dtype: "torch.dtype", device: "torch.device",
-                   safety_checker: bool) -> "StableDiffusionPipeline":
-    """A Stable Diffusion pipeline on ``device``, without progress bars.
+                   safety_checker: bool) -> "DiffusionPipeline":
+    """The pipeline of the folder's model family (:mod:`spurgen.families`) on ``device``, without progress bars.
 
     Args:
-        folder: A diffusers Stable Diffusion folder.
+        folder: A diffusers pipeline folder of a supported family.
         dtype: Precision of its weights.
         device: Where it runs.
         safety_checker: Keep the folder's safety checker, when it has one (``--no-safety-checker``: never).
@@ -69,19 +69,19 @@ def _load_pipeline(folder: Path, dtype: "torch.dtype", device: "torch.device",
     Raises:
         SpurgenError: ``folder`` holds no loadable pipeline.
     """
-    from diffusers import StableDiffusionPipeline
+    from ..families import detect_family
 
+    family = detect_family(_read_config(folder / "model_index.json", str(folder)), str(folder))
     # A hub snapshot fetched by finetune lacks the safety checker (its download is skipped for training);
     # a model folder that has one keeps it.
-    no_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:
         with library_progress_bars_off():
-            checker = {} if safety_checker and (folder / "safety_checker").is_dir() else no_checker
-            pipe = StableDiffusionPipeline.from_pretrained(folder, **dtype_argument(dtype), **checker)
+            checker = {} if safety_checker and (folder / "safety_checker").is_dir() else family.pipeline_arguments
+            pipe = family.pipeline_class().from_pretrained(folder, **dtype_argument(dtype), **checker)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SpurgenError(f"cannot load a Stable Diffusion pipeline from {folder} ({first}); give a diffusers "
-                           "Stable Diffusion folder or hub id") from None
+        raise SpurgenError(f"cannot load a {family.title} pipeline from {folder} ({first}); give a diffusers "
+                           f"{family.title} folder or hub id") from None
     pipe.set_progress_bar_config(disable=True)
     # Attention runs through PyTorch's scaled_dot_product_attention (diffusers' default AttnProcessor2_0),
     # which picks flash / memory-efficient kernels on GPUs.
@@ -198,7 +198,7 @@ def _batches(state: RunState, batch_size: int) -> Iterator[list[int]]:
         yield batch
 
 
-def _sample(pipe: "StableDiffusionPipeline", state: RunState, config: GenerateConfig, progress: Any,
+def _sample(pipe: "DiffusionPipeline", state: RunState, config: GenerateConfig, progress: Any,
             filters: ImageFilters | None) -> int:
     """Makes the run's missing images batch by batch; returns how many the safety checker flagged.
 
@@ -220,7 +220,9 @@ def _sample(pipe: "StableDiffusionPipeline", state: RunState, config: GenerateCo
                           num_inference_steps=config.steps, guidance_scale=config.guidance,
                           height=resolution, width=resolution, generator=generators,
                           output_type="pt")
-            done = writer.put(batch, _pil_images(output.images), output.nsfw_content_detected or [None] * len(batch))
+            # Only SD 1.x/2.x pipelines have a safety checker.
+            flags = getattr(output, "nsfw_content_detected", None) or [None] * len(batch)
+            done = writer.put(batch, _pil_images(output.images), flags)
             if filters is not None:  # the filters read this batch's files
                 done += writer.flush()
                 state.judge(filters, batch)
@@ -248,7 +250,7 @@ class PipelineSlot:
         self.pipe: Any = None
         self.scheduler: Any = None  # the pipeline's own scheduler, kept while runs swap in others
 
-    def get(self, folder: Path) -> "StableDiffusionPipeline":
+    def get(self, folder: Path) -> "DiffusionPipeline":
         """The pipeline of ``folder``, loaded unless it is the one held."""
         if folder != self.folder:
             self.folder = self.pipe = self.scheduler = None
@@ -281,7 +283,7 @@ def fill_run(pipelines: PipelineSlot, state: RunState, config: GenerateConfig, p
             pipe.unload_lora_weights()
 
 
-def _load_lora(pipe: "StableDiffusionPipeline", plan: ModelPlan, scale: float) -> None:
+def _load_lora(pipe: "DiffusionPipeline", plan: ModelPlan, scale: float) -> None:
     """Loads the run's LoRA weights onto the pipeline, their update scaled by ``scale`` (--lora-scale).
 
     The scale is set on the adapter (UNet and text encoder alike, as diffusers' ``cross_attention_kwargs``

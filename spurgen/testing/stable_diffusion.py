@@ -36,6 +36,7 @@ __all__ = [
     "build_stable_diffusion",
     "build_tiny_autoencoder",
     "count_parameters",
+    "save_pipeline",
     "stable_diffusion_components",
 ]
 
@@ -348,8 +349,8 @@ def build_stable_diffusion(
 ) -> Path:
     """Write a Stable Diffusion pipeline with seeded random weights as a diffusers folder (safetensors).
 
-    The folder loads offline with ``StableDiffusionPipeline.from_pretrained(out_dir)``. It is built in a
-    sibling temporary folder and renamed into place, so ``out_dir`` is either complete or absent.
+    The folder loads offline with ``StableDiffusionPipeline.from_pretrained(out_dir)``. It is written by
+    :func:`save_pipeline`, so ``out_dir`` is either complete or absent.
 
     Args:
         out_dir: folder to create; must not exist or be empty.
@@ -370,22 +371,40 @@ def build_stable_diffusion(
 
     a = _architecture(arch)
     prediction_type = _prediction_type(a, prediction_type)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise SpurgenError(f"{out_dir} already exists and is not empty: remove it or choose another folder")
-
     own_tokenizer = tokenizer is None
     components = stable_diffusion_components(a, prediction_type=prediction_type, seed=seed, tokenizer=tokenizer)
     pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    return save_pipeline(pipe, Path(out_dir), ["tokenizer"] if own_tokenizer else [])
 
+
+def save_pipeline(pipe: Any, out_dir: Path, bpe_folders: list[str]) -> Path:
+    """Save a pipeline as a diffusers folder (safetensors), complete or not at all.
+
+    It is written in a sibling temporary folder and renamed into place, so ``out_dir`` is either complete or
+    absent.
+
+    Args:
+        pipe: The pipeline.
+        out_dir: Folder to create; must not exist or be empty.
+        bpe_folders: Tokenizer subfolders that also get CLIP's ``vocab.json`` and ``merges.txt`` (the hub layout,
+            readable by older transformers too).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        SpurgenError: ``out_dir`` already holds files.
+    """
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise SpurgenError(f"{out_dir} already exists and is not empty: remove it or choose another folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Same parent as out_dir, so the final rename stays on one filesystem and is atomic.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if own_tokenizer:
-            write_bpe_files(tmp / "tokenizer")  # the hub layout, readable by older transformers too
+        for folder in bpe_folders:
+            write_bpe_files(tmp / folder)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); rename cannot replace a directory on every OS
         tmp.rename(out_dir)
