@@ -618,8 +618,8 @@ class FinetuneConfig:
                                         "it on real models (spurgen run --sfsl-weight 1,10,100).")
     class_sfsl_weight: dict[str, float] = setting({}, "Per-class kappa, NAME=KAPPA comma-separated (in spurgen.toml: a "
                                                       "[finetune.class-sfsl-weight] table); overrides --sfsl-weight "
-                                                      "for the classes it "
-                                                      "names.", metavar="CLASS=KAPPA", parse=_class_sfsl_weights)
+                                                      "for the classes it names.",
+                                                  metavar="CLASS=KAPPA", parse=_class_sfsl_weights)
     sfsl_model: str = setting("robust-rn50", "Classifier of the SFSL features: any registry name (define it with "
                                              "--classifier NAME=ARCH@PATH); it needs a last linear layer.")
     sfsl_feature: str = setting("contrib", "SFSL feature: 'contrib' (w_k * phi(x), the per-feature contributions to "
