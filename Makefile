@@ -16,13 +16,18 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Test files run in parallel, one per worker at a time (a file's module fixtures are built once); each worker runs
+# torch on one thread (tests/conftest.py), so two workers fill a 2-core machine without oversubscribing it.
+WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(WORKERS) --dist loadfile
+
 # Everything, slow end-to-end checks included: what CI runs.
 test: install lint
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # The everyday loop: every test but the slow end-to-end ones (crash, distributed, fuzz, world pipeline).
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Every lower bound of pyproject.toml, installed together on the oldest Python we support (pyenv's 3.10 on our
 # machines), in a second environment; there tests/floors/ runs the pipeline and exchanges LoRA files with the main

@@ -13,6 +13,10 @@ import pytest
 # so a fixture alone would come too late. Offline, a missing local file fails at once instead of trying the
 # network (which these machines do not have).
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Under pytest-xdist (make test) every worker is one of several processes on the machine's cores: one thread each,
+# set before torch is imported, and inherited by the subprocesses tests start.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
