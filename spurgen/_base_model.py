@@ -305,7 +305,8 @@ def load_components(base: BaseModel, attention: str = "sdpa", *, unet_dtype: "to
         raise SpurgenError(f"cannot load {what} from {path}: {first}; check that it is a complete "
                            f"{family.title} folder") from None
     processor = AttnProcessor2_0() if attention == "sdpa" else AttnProcessor()
-    components.unet.set_attn_processor(processor)
+    if family.denoiser == "unet":  # FLUX.1's transformer has its own processor, scaled dot-product attention
+        components.unet.set_attn_processor(processor)
     components.vae.set_attn_processor(processor)
     return components
 

@@ -103,11 +103,16 @@ class Flux(ModelFamily):
     swaps_samplers = False
 
     def check_config(self, config: "FinetuneConfig") -> None:
-        """Refuses full fine-tuning (see the class) and DDPM's loss knobs, which have no flow-matching meaning here:
-        min-SNR weights need abar_t, and flow matching already reaches pure noise (sigma = 1)."""
+        """Refuses full fine-tuning (see the class), eager attention (the transformer has its own processor) and
+        DDPM's loss knobs, which have no flow-matching meaning here: min-SNR weights need abar_t, and flow matching
+        already reaches pure noise (sigma = 1). ``--noise-offset`` stays: offset noise is still noise, and the
+        target eps - x0 holds for it."""
         if not config.lora:
             raise SpurgenError("--full is not offered for FLUX.1: its 12 B-parameter transformer with float32 "
                                "gradients and AdamW moments needs ~190 GB on every GPU; train LoRA (drop --full)")
+        if config.attention != "sdpa":
+            raise SpurgenError(f"--attention {config.attention} is not offered for FLUX.1: its transformer runs its own "
+                               "attention processor (scaled dot-product); drop the flag")
         if config.snr_gamma:
             raise SpurgenError("--snr-gamma weights DDPM timesteps and has no flow-matching form for FLUX.1; drop it")
         if config.zero_terminal_snr:
