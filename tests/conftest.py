@@ -56,9 +56,9 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random FLUX.1 folder (FLUX.1-dev's layout, guidance embedding, seed 0), built once per session;
     read-only. Its native side is 256 px: tests train and sample at 64."""
-    from spurgen.testing.flux import build_tiny_flux
+    from spurgen.testing.flux import build_flux
 
-    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "tiny-flux", seed=0)
+    return build_flux(tmp_path_factory.mktemp("tiny-flux") / "tiny-flux", "tiny", seed=0)
 
 
 # --- Classifiers with known predictions ---------------------------------------------------------------------------

@@ -111,8 +111,8 @@ class Flux(ModelFamily):
             raise SpurgenError("--full is not offered for FLUX.1: its 12 B-parameter transformer with float32 "
                                "gradients and AdamW moments needs ~190 GB on every GPU; train LoRA (drop --full)")
         if config.attention != "sdpa":
-            raise SpurgenError(f"--attention {config.attention} is not offered for FLUX.1: its transformer runs its own "
-                               "attention processor (scaled dot-product); drop the flag")
+            raise SpurgenError(f"--attention {config.attention} is not offered for FLUX.1: its transformer runs its "
+                               "own attention processor (scaled dot-product); drop the flag")
         if config.snr_gamma:
             raise SpurgenError("--snr-gamma weights DDPM timesteps and has no flow-matching form for FLUX.1; drop it")
         if config.zero_terminal_snr:
