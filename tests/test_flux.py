@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 
 from spurgen._base_model import resolve_base_model
 from spurgen.cli import app
-from spurgen.config import GenerateConfig, resolve_config
+from spurgen.config import ExportLoraConfig, GenerateConfig, resolve_config
 from spurgen.errors import SpurgenError
+from spurgen.export_lora import export_lora
 from spurgen.families import get_family
 from spurgen.families.flux import (TRAINING_GUIDANCE, flow_sigmas, latent_image_ids, pack_latents,
                                    unpack_latents)
@@ -167,6 +168,10 @@ def test_flux_lora_from_the_command_line_loads_in_plain_diffusers_and_generate_m
         assert np.abs(png(out / f"{i:05d}.png") - theirs).max() <= 1
     record = json.loads((out / "generation.json").read_text())["model"]
     assert any(name.startswith("transformer/") for name in record["files"])
+    # kohya's SD keys cannot name the transformer: refused, not written without it
+    export = {"classes": ["94"], "run": "sfsl-te", "format": "kohya"}
+    with pytest.raises(SpurgenError, match=r"the LoRA adapts transformer, which the kohya format of SD 1.x/2.x"):
+        export_lora(resolve_config(ExportLoraConfig, {}, "export-lora", export), workspace)
 
 
 def test_flux_sfsl_gradients_reach_the_lora_of_the_transformer_and_clip(tiny_flux_dir: Path, rigged,
