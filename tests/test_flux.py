@@ -143,7 +143,9 @@ def test_flux_lora_from_the_command_line_loads_in_plain_diffusers_and_generate_m
         assert all(np.isfinite(float(row[term])) for term in ("loss", "inst", "prior", "sfsl"))
     keys = load_file(str(folder / "pytorch_lora_weights.safetensors"))
     assert {key.split(".")[0] for key in keys} == {"transformer", "text_encoder"}  # T5 stays frozen
-    assert "FluxPipeline.from_pretrained" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "FluxPipeline.from_pretrained" in card and "flux-diffusers" in card and "stable-diffusion" not in card
+    assert "trained: transformer and text encoder" in card
 
     validation = info["validation"]
     pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
