@@ -158,16 +158,19 @@ def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, device:
 
 
 def random_stable_diffusion(arch: str, scratch: Path) -> Path:
-    """A Stable Diffusion (or SDXL) folder with seeded random weights: built into ``scratch``, or with
+    """A Stable Diffusion (or SDXL, or FLUX.1) folder with seeded random weights: built into ``scratch``, or with
     ``SPURGEN_BENCH_CACHE=DIR`` built once into DIR and reused (an SD 1.5-size model takes minutes to build on a
-    small CPU and 4 GB to store; SDXL 14 GB).
+    small CPU and 4 GB to store; SDXL 14 GB; FLUX.1 34 GB, stored in bfloat16).
 
     Args:
         arch: ``spurgen.testing`` architecture (``tiny``, ``full``, ``full-v2``), or ``sdxl-`` and an SDXL
-            architecture (``sdxl-tiny``, ``sdxl-full``).
+            architecture (``sdxl-tiny``, ``sdxl-full``), or ``flux-`` and a FLUX.1 one (``flux-tiny``, ``flux-full``).
         scratch: A temporary folder of the caller's, used without a cache.
     """
+    import torch
+
     from spurgen.testing import build_stable_diffusion
+    from spurgen.testing.flux import build_flux
     from spurgen.testing.sdxl import build_sdxl
 
     cache = os.environ.get("SPURGEN_BENCH_CACHE")
@@ -175,6 +178,9 @@ def random_stable_diffusion(arch: str, scratch: Path) -> Path:
     if not (folder / "model_index.json").is_file():
         if arch.startswith("sdxl-"):
             build_sdxl(folder, arch.removeprefix("sdxl-"), seed=0)
+        elif arch.startswith("flux-"):
+            flux = arch.removeprefix("flux-")
+            build_flux(folder, flux, seed=0, dtype=torch.bfloat16 if flux == "full" else torch.float32)
         else:
             build_stable_diffusion(folder, arch, seed=0)
     return folder

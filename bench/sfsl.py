@@ -41,11 +41,14 @@ SIZES: dict[str, dict[str, Any]] = {
     # SDXL's architecture at 1024 px (python -m bench.sfsl --size full-sdxl); far too slow for a CPU.
     "full-sdxl": {"arch": "sdxl-full", "sfsl_arch": "resnet50.tv_in1k", "steps": 1, "gradient_checkpointing": True,
                   "warmup": 0},
+    # FLUX.1-dev's architecture at 512 px (python -m bench.sfsl --size full-flux --device cuda): GPU only.
+    "full-flux": {"arch": "flux-full", "sfsl_arch": "resnet50.tv_in1k", "steps": 1, "gradient_checkpointing": True,
+                  "warmup": 0, "resolution": 512},
 }
 # A GPU takes a step in a fraction of a second: several steps per turn and a warm-up turn; and it holds SD 1.5
 # at batch 1+1 without gradient checkpointing, as users train it there.
 GPU_SIZES: dict[str, dict[str, Any]] = {"full": {"steps": 5, "warmup": 1, "gradient_checkpointing": False},
-                                        "full-sdxl": {"steps": 5, "warmup": 1}}
+                                        "full-sdxl": {"steps": 5, "warmup": 1}, "full-flux": {"steps": 5, "warmup": 1}}
 
 TARGET = 1.3
 
@@ -108,11 +111,11 @@ def unet_training_flops(unet_config: dict[str, Any], batch: int, latent_size: in
 
 def run(arch: str = "tiny", steps: int = 5, repeats: int = 3, batch_size: int = 1, mixed_precision: str | None = None,
         sfsl_arch: str = "resnet50.tv_in1k", gradient_checkpointing: bool = False, every: int = 4, warmup: int = 1,
-        device: str = "auto") -> list[dict[str, Any]]:
+        device: str = "auto", resolution: int | None = None) -> list[dict[str, Any]]:
     """Measures the SFSL variants in turns and returns one record per row of the table.
 
     Args:
-        arch: Random Stable Diffusion architecture.
+        arch: Random model architecture (:func:`bench._common.random_stable_diffusion`).
         steps: Steps per timed turn.
         repeats: Timed turns of each variant, after one warm-up turn.
         batch_size: Reference images per step (and as many class images).
@@ -122,20 +125,32 @@ def run(arch: str = "tiny", steps: int = 5, repeats: int = 3, batch_size: int = 
         every: N of the ``--sfsl-every`` rows.
         warmup: Untimed turns of each variant first.
         device: ``auto`` or ``cpu``.
+        resolution: Training image side; ``None``: the model's.
+
+    Raises:
+        RuntimeError: FLUX.1 at full size without a GPU.
     """
+    import torch
+
     from spurgen.config import FinetuneConfig
     from spurgen.finetune.sfsl import load_sfsl_decoder
     from spurgen.finetune.trainer import frozen_dtype
     from spurgen.testing import build_tiny_autoencoder
 
+    if arch == "flux-full" and (device == "cpu" or not torch.cuda.is_available()):
+        raise RuntimeError("FLUX.1 at full size is too large for a CPU step (a 12 B transformer and T5-XXL, 67 GB of "
+                           "float32 weights, minutes per forward pass); run --size full-flux on a GPU")
     setup = Bench(arch, sfsl_arch, batch_size, mixed_precision, gradient_checkpointing, device)
     # Every measured step computes SFSL (bound 999, --sfsl-every 1); the bound's and --sfsl-every's savings are
     # derived from these below. The config's default --sfsl-every (4) would skip SFSL on 3 steps of 4.
-    trainer, _ = setup.trainer("sfsl", sfsl_max_timestep=999, sfsl_every=1)
+    trainer, _ = setup.trainer("sfsl", sfsl_max_timestep=999, sfsl_every=1, resolution=resolution)
     where = trainer.accelerator.device
-    # TAESD-XL has TAESD's architecture: an SDXL arch gets the SD decoder of its size.
-    taesd = load_sfsl_decoder(str(build_tiny_autoencoder(setup.root / "taesd", arch.removeprefix("sdxl-"))),
-                              trainer.parts.vae.config.latent_channels, where, frozen_dtype(trainer.accelerator))
+    # TAESD-XL and TAEF1 have TAESD's architecture: an SDXL or FLUX.1 arch gets the SD decoder of its size, on its
+    # VAE's latent channels.
+    latent_channels = trainer.parts.vae.config.latent_channels
+    decoder = build_tiny_autoencoder(setup.root / "taesd", arch.removeprefix("sdxl-").removeprefix("flux-"),
+                                     latent_channels=latent_channels)
+    taesd = load_sfsl_decoder(str(decoder), latent_channels, where, frozen_dtype(trainer.accelerator))
 
     def variant(on: bool, checkpointing: bool, channels_last: bool, tiny_decoder: bool) -> Callable[[], None]:
         """Switches the trainer's SFSL to one variant (the same models, switched between steps), then steps."""
@@ -174,9 +189,11 @@ def run(arch: str = "tiny", steps: int = 5, repeats: int = 3, batch_size: int = 
     name = (
         f"({arch}, {where.type}, {trainer.accelerator.mixed_precision}, batch {batch_size}+{batch_size}, {sfsl_arch})"
     )
-    gpu = _gpu_figures(trainer, batch_size, none) if where.type == "cuda" else {"mfu": "n/a on CPU"}
-    if where.type != "cuda":
-        gpu["unet_step_tflops"] = _unet_tflops(trainer, batch_size)
+    unet = trainer.family.denoiser == "unet"
+    gpu = _gpu_figures(trainer, batch_size, none) if where.type == "cuda" and unet else {
+        "mfu": "n/a on CPU" if unet else "n/a (the FLOP count covers UNets)"}
+    if where.type != "cuda" or not unet:
+        gpu["unet_step_tflops"] = _unet_tflops(trainer, batch_size) if unet else None
     records = []
     for label, seconds, measured, derived in rows:
         ratio = seconds / none
@@ -194,7 +211,8 @@ def run(arch: str = "tiny", steps: int = 5, repeats: int = 3, batch_size: int = 
             "no-SFSL step, "
             f"peak {times[measured].peak_memory_mb or 0:.0f} MB"
         )
-    print(f"UNet fwd+bwd: {gpu['unet_step_tflops']:.3f} TFLOPs per step; MFU: {gpu['mfu']}")
+    if unet:
+        print(f"UNet fwd+bwd: {gpu['unet_step_tflops']:.3f} TFLOPs per step; MFU: {gpu['mfu']}")
     release(trainer)
     return records
 

@@ -58,9 +58,10 @@ class BaseModel:
         local: The user gave a folder (not a hub id).
         revision: The hub commit of the snapshot; ``None`` for a local folder.
         fingerprint: A hash of the folder's configs and weight files, the cache key of what it generates.
-        prediction_type: What the UNet predicts: ``epsilon``, ``v_prediction`` or ``sample``.
-        resolution: The native image side (UNet sample size x VAE scale factor).
-        size_multiple: Image sides must be a multiple of this (every UNet level halves the latent).
+        prediction_type: What the denoiser predicts: ``epsilon``, ``v_prediction`` or ``sample``; ``flow`` for
+            FLUX.1's velocity.
+        resolution: The native image side (:meth:`.families.ModelFamily.geometry`).
+        size_multiple: Image sides must be a multiple of this.
         family: The model family (detected from ``model_index.json``, or ``--family``); SD 1.x/2.x when not
             given.
     """
@@ -172,18 +173,17 @@ def resolve_base_model(name: str, family: str | None = None) -> BaseModel:
     if missing:
         raise SpurgenError(f"{where} has no {', '.join(missing)}; give a {model_family.title} pipeline folder "
                            f"(model_index.json with {', '.join(model_family.parts)})")
-    unet = _read_config(path / "unet" / "config.json", where)
+    denoiser = _read_config(path / model_family.denoiser / "config.json", where)
     vae = _read_config(path / "vae" / "config.json", where)
     scheduler = _read_config(path / "scheduler" / "scheduler_config.json", where)
-    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    sample_size = unet["sample_size"] if isinstance(unet["sample_size"], int) else unet["sample_size"][0]
+    resolution, size_multiple = model_family.geometry(denoiser, vae)
     return BaseModel(
         name=name, path=path, local=local,
         revision=None if local else path.name,
         fingerprint=_fingerprint(path, model_family.parts),
-        prediction_type=scheduler.get("prediction_type", "epsilon"),
-        resolution=sample_size * vae_scale,
-        size_multiple=vae_scale * 2 ** (len(unet["block_out_channels"]) - 1),
+        prediction_type=model_family.prediction_type(scheduler),
+        resolution=resolution,
+        size_multiple=size_multiple,
         family=model_family,
     )
 
@@ -305,7 +305,8 @@ def load_components(base: BaseModel, attention: str = "sdpa", *, unet_dtype: "to
         raise SpurgenError(f"cannot load {what} from {path}: {first}; check that it is a complete "
                            f"{family.title} folder") from None
     processor = AttnProcessor2_0() if attention == "sdpa" else AttnProcessor()
-    components.unet.set_attn_processor(processor)
+    if family.denoiser == "unet":  # FLUX.1's transformer has its own processor, scaled dot-product attention
+        components.unet.set_attn_processor(processor)
     components.vae.set_attn_processor(processor)
     return components
 

@@ -539,11 +539,11 @@ class FinetuneConfig:
     classes: list[str] = setting(["all"], "Classes to fine-tune, one model each: ImageNet names, indices or WordNet "
                                           "ids, comma-separated, or 'all'.", flags=("-c",))
     model: str = setting("stable-diffusion-v1-5/stable-diffusion-v1-5", "Base model: a diffusers folder or a hub id "
-                                                                        "of SD 1.x/2.x or SDXL (also read from 'model' "
-                                                                        "at the top of spurgen.toml, shared with "
-                                                                        "generate).")
-    family: str | None = setting(None, "Model family: 'sd' (SD 1.x/2.x) or 'sdxl'. Default: the one the model's "
-                                       "model_index.json names.")
+                                                                        "of SD 1.x/2.x, SDXL or FLUX.1 (also read from "
+                                                                        "'model' at the top of spurgen.toml, shared "
+                                                                        "with generate).")
+    family: str | None = setting(None, "Model family: 'sd' (SD 1.x/2.x), 'sdxl' or 'flux' (FLUX.1, LoRA only). "
+                                       "Default: the one the model's model_index.json names.")
     vae: str | None = setting(None, "A diffusers AutoencoderKL folder or hub id used instead of the base model's VAE "
                                     "for latents, SFSL, class and validation images, e.g. "
                                     "madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE overflows in fp16 and is kept in "

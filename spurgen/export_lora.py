@@ -95,7 +95,8 @@ def to_kohya(tensors: dict[str, "torch.Tensor"], adapters: dict[str, Any]) -> di
         adapters: The adapters' peft configs, ``{"unet.lora_alpha": 16, "text_encoder.lora_alpha": 16, ...}``.
 
     Raises:
-        SpurgenError: a component without its ``lora_alpha`` in the metadata.
+        SpurgenError: a component without its ``lora_alpha`` in the metadata, or one that kohya's SD 1.x/2.x keys
+            cannot name (FLUX.1's transformer, SDXL's second text encoder): its weights would be left out.
     """
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
@@ -103,6 +104,10 @@ def to_kohya(tensors: dict[str, "torch.Tensor"], adapters: dict[str, Any]) -> di
 
     # diffusers saves the UNet's keys as ".lora.down" and the text encoder's as ".lora_linear_layer.down", and its
     # conversion to peft infers one key style per dict: each component is converted on its own.
+    foreign = sorted({key.split(".")[0] for key in tensors} - {"unet", "text_encoder"})
+    if foreign:
+        raise SpurgenError(f"the LoRA adapts {', '.join(foreign)}, which the kohya format of SD 1.x/2.x has no keys "
+                           "for; export it with --format diffusers")
     peft: dict[str, torch.Tensor] = {}
     for component in ("unet", "text_encoder"):
         part = {key: value for key, value in tensors.items() if key.startswith(f"{component}.")}

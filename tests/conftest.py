@@ -56,6 +56,15 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "tiny-sdxl", "tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random FLUX.1 folder (FLUX.1-dev's layout, guidance embedding, seed 0), built once per session;
+    read-only. Its native side is 256 px: tests train and sample at 64."""
+    from spurgen.testing.flux import build_flux
+
+    return build_flux(tmp_path_factory.mktemp("tiny-flux") / "tiny-flux", "tiny", seed=0)
+
+
 # --- Classifiers with known predictions ---------------------------------------------------------------------------
 #
 # Three tiny timm classifiers, saved in three weight formats, whose last linear layer is solved so that on the

@@ -69,3 +69,10 @@ def test_preflight_names_each_missing_or_out_of_range_requirement(tmp_path: Path
 def test_gpu_sh_is_valid_bash() -> None:
     script = Path(__file__).resolve().parent.parent / "bench" / "gpu.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_full_size_flux_on_a_cpu_says_it_is_too_large_instead_of_shrinking_it() -> None:
+    from bench.sfsl import SIZES, run
+
+    with pytest.raises(RuntimeError, match=r"FLUX.1 at full size is too large for a CPU step .* on a GPU"):
+        run(**SIZES["full-flux"], device="cpu")

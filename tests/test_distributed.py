@@ -101,10 +101,12 @@ def _without(manifest: dict, *keys: str) -> dict:
     return {k: v for k, v in manifest.items() if k not in keys}
 
 
-@pytest.mark.parametrize("model", ["tiny_sd_dir", "tiny_sdxl_dir"])  # one model per family
-def test_generate_with_two_processes_makes_the_same_images_as_one(model, request, tmp_path):
+# One model per family; FLUX.1 samples with its own scheduler, at 64 px instead of its folder's 256.
+@pytest.mark.parametrize("model, extra", [("tiny_sd_dir", []), ("tiny_sdxl_dir", []),
+                                          ("tiny_flux_dir", ["--scheduler", "model", "--resolution", "64"])])
+def test_generate_with_two_processes_makes_the_same_images_as_one(model, extra, request, tmp_path):
     args = ["generate", "--base", "--model", str(request.getfixturevalue(model)), "--classes", "hummingbird",
-            "--num-images", "5", "--steps", "2", "--batch-size", "2", "--device", "cpu"]
+            "--num-images", "5", "--steps", "2", "--batch-size", "2", "--device", "cpu", *extra]
     single = _spurgen(*args, "-w", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     double = accelerate_launch(*args, "-w", str(tmp_path / "two"))
@@ -212,18 +214,24 @@ num-workers = 0
     assert evaluation["settings"]["classes"] == [94, 105]
 
 
-def test_sdxl_finetune_with_two_processes_trains_one_lora_plain_diffusers_loads(tiny_sdxl_dir, rigged, tmp_path):
-    from diffusers import StableDiffusionXLPipeline
+@pytest.mark.parametrize("model, family, extra", [("tiny_sdxl_dir", "sdxl", []),
+                                                  ("tiny_flux_dir", "flux", ["--resolution", "64"])])
+def test_finetune_with_two_processes_trains_one_lora_plain_diffusers_loads(model, family, extra, request, rigged,
+                                                                           tmp_path):
     from test_finetune import write_refs
 
+    from spurgen.families import get_family
+
+    base = request.getfixturevalue(model)
     workspace = write_refs(tmp_path)
-    done = accelerate_launch("finetune", "-w", str(workspace.root), "--classes", "94", "--model", str(tiny_sdxl_dir),
+    done = accelerate_launch("finetune", "-w", str(workspace.root), "--classes", "94", "--model", str(base),
                              "--steps", "2", "--num-class-images", "2", "--sample-steps", "2",
                              "--num-validation-images", "0", "--rank", "4", "--sfsl-model", "res-a",
-                             f"--classifier={rigged.flags['res-a']}", "--sfsl-max-timestep", "999", "--sfsl-every", "1")
+                             f"--classifier={rigged.flags['res-a']}", "--sfsl-max-timestep", "999", "--sfsl-every", "1",
+                             *extra)
     assert done.returncode == 0, done.stderr[-3000:]
     folder = tmp_path / "models" / "94-hummingbird" / "sfsl"
     info = json.loads((folder / "training.json").read_text())
-    assert (info["status"], info["family"], info["distributed"]["processes"]) == ("complete", "sdxl", 2)
+    assert (info["status"], info["family"], info["distributed"]["processes"]) == ("complete", family, 2)
     assert info["loss"]["sfsl_rows"] == 4  # 2 steps x 2 processes x 1 row
-    StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir).load_lora_weights(folder)
+    get_family(family).pipeline_class().from_pretrained(base).load_lora_weights(folder)

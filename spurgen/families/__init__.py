@@ -2,10 +2,10 @@
 
 A :class:`ModelFamily` says everything that differs between families for training and sampling: the pipeline
 class, the parts a folder holds, how prompts are encoded (one CLIP text encoder, SDXL's two with pooled
-embeddings), how noise is added and what the denoiser must predict, the one-step clean-latent estimate that SFSL
-decodes and its gain (for SFSL's per-row weighting), how latents are decoded with gradients, which modules LoRA
-adapts and how the adapters are saved for the family's plain diffusers pipeline. The rest of spurgen asks the
-family and never the pipeline class.
+embeddings, FLUX.1's CLIP and T5), how noise is added and what the denoiser must predict, the one-step
+clean-latent estimate that SFSL decodes and its gain (for SFSL's per-row weighting), how latents are decoded with
+gradients, which modules LoRA adapts and how the adapters are saved for the family's plain diffusers pipeline. The
+rest of spurgen asks the family and never the pipeline class.
 
 A base model's family is detected from its ``model_index.json`` (``_class_name``); ``--family`` overrides it.
 Families that spurgen knows but does not train yet are refused with a one-line error that names them.
@@ -25,14 +25,15 @@ __all__ = ["ModelFamily", "get_family", "detect_family"]
 @functools.cache
 def _registry() -> dict[str, ModelFamily]:
     """One instance per family, shared (base models of one family compare equal)."""
+    from .flux import Flux
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
 
-    return {family.name: family for family in (StableDiffusion(), StableDiffusionXL())}
+    return {family.name: family for family in (StableDiffusion(), StableDiffusionXL(), Flux())}
 
 
 # Families whose folders spurgen recognises but does not train yet: pipeline class -> how users call it.
-_UNSUPPORTED = {"FluxPipeline": "FLUX.1", "StableDiffusion3Pipeline": "Stable Diffusion 3",
+_UNSUPPORTED = {"StableDiffusion3Pipeline": "Stable Diffusion 3",
                 "PixArtAlphaPipeline": "PixArt-alpha", "KandinskyV22Pipeline": "Kandinsky 2.2"}
 
 

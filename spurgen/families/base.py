@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import torch
 
     from .._base_model import Components
+    from ..config import FinetuneConfig
 
 __all__ = ["ModelFamily"]
 
@@ -40,6 +41,46 @@ class ModelFamily(ABC):
     """LoRA's target modules per trained part, those of the family's diffusers DreamBooth-LoRA script."""
     pipeline_arguments: ClassVar[dict[str, Any]] = {}
     """Keyword arguments the family's pipeline needs beyond its parts (no safety checker, ...)."""
+    frozen_text_encoders: ClassVar[tuple[str, ...]] = ()
+    """Text encoders that text-encoder training leaves frozen (FLUX.1's T5): their prompt embeddings are computed
+    once, and they wait on the CPU while the others train."""
+    swaps_samplers: ClassVar[bool] = True
+    """Whether ``generate --scheduler`` may swap in another sampler (the DDPM-family ones of
+    :data:`spurgen.config.SCHEDULERS`); ``False``: the model samples with its own scheduler only."""
+
+    @property
+    def trained_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders that text-encoder training adapts, in :attr:`text_encoders` order."""
+        return tuple(name for name in self.text_encoders if name not in self.frozen_text_encoders)
+
+    def check_config(self, config: "FinetuneConfig") -> None:
+        """Refuses finetune settings the family cannot train with; every family takes all of them by default.
+
+        Raises:
+            SpurgenError: a setting the family does not support, named with the fix.
+        """
+
+    def prediction_type(self, scheduler_config: dict[str, Any]) -> str:
+        """What the denoiser predicts, from the folder's scheduler config (``epsilon``, ``v_prediction``, ...)."""
+        return scheduler_config.get("prediction_type", "epsilon")
+
+    def geometry(self, denoiser_config: dict[str, Any], vae_config: dict[str, Any]) -> tuple[int, int]:
+        """The native image side and the multiple that image sides must be, from the folder's configs: the UNet's
+        sample size x the VAE's downscaling, and that downscaling x the UNet's (every level halves the latent)."""
+        vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        size = denoiser_config["sample_size"]
+        size = size if isinstance(size, int) else size[0]
+        return size * vae_scale, vae_scale * 2 ** (len(denoiser_config["block_out_channels"]) - 1)
+
+    def latent_shift(self, vae_config: dict[str, Any]) -> float:
+        """What is subtracted from the VAE's latents before they are scaled by its ``scaling_factor``: 0 but for
+        families whose VAE has a ``shift_factor`` that the pipeline adds back before decoding."""
+        return 0.0
+
+    def denoiser_timesteps(self, scheduler: Any, timesteps: "torch.Tensor") -> "torch.Tensor":
+        """The timestep input of the denoiser for spurgen's integer timesteps (t in [0, num_train_timesteps), 0 the
+        least noisy, as the trainer draws them uniformly and SFSL bounds them): t itself on DDPM's schedule."""
+        return timesteps
 
     def unused_modules(self, part: str, model: "torch.nn.Module") -> tuple[str, ...]:
         """The modules of ``part`` (names in ``model``) outside the training graph: they get no adapter and stay
@@ -96,7 +137,9 @@ class ModelFamily(ABC):
         """The denoiser's conditioning of each prompt, every tensor with one row per prompt.
 
         Args:
-            text_encoders: The text encoders (trained ones as wrapped for training), in :attr:`text_encoders` order.
+            text_encoders: The text encoders (trained ones as wrapped for training), in :attr:`text_encoders` order;
+                ``None`` for an encoder of :attr:`frozen_text_encoders` whose output is cached: its entries are
+                left out.
             ids: :meth:`tokenize`'s ids, on the encoders' device.
             resolution: The training image side (for micro-conditioning).
         """
@@ -104,7 +147,8 @@ class ModelFamily(ABC):
     @abstractmethod
     def predict(self, denoiser: "torch.nn.Module", noisy: "torch.Tensor", timesteps: "torch.Tensor",
                 conditioning: dict[str, "torch.Tensor"]) -> "torch.Tensor":
-        """The denoiser's output for noisy latents, with :meth:`encode_prompts`' conditioning (one row per latent)."""
+        """The denoiser's output [N, C, H, W] for noisy latents [N, C, H, W] at :meth:`denoiser_timesteps`, with
+        :meth:`encode_prompts`' conditioning (one row per latent)."""
 
     @abstractmethod
     def add_noise(self, scheduler: Any, latents: "torch.Tensor", noise: "torch.Tensor",

@@ -74,7 +74,8 @@ if TYPE_CHECKING:
 __all__ = ["ClassPlan", "FinetuneResult", "FinetuneSetup", "Trainer", "finetune", "prepare_finetune", "plan_classes",
            "predicted_original", "training_target", "print_finetune_table"]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# What spurgen trains: DDPM's three parametrizations, and the velocity of rectified flow (FLUX.1).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 # losses.csv is rewritten during training at this interval (and at each checkpoint), as often as a batch job's
 # log gets a progress line: the file follows the run, not only its end.
 LOSSES_INTERVAL_S = PROGRESS_INTERVAL_S
@@ -165,6 +166,7 @@ def prepare_finetune(config: FinetuneConfig, workspace: Workspace,
     settings = workspace.settings()
     labels = get_label_set(config.labels)
     base = resolve_base_model(config.model, config.family)
+    base.family.check_config(config)
     latent_channels = vae_config(base, config.vae).get("latent_channels", 4)
     if base.prediction_type not in PREDICTION_TYPES:
         raise SpurgenError(f"base model '{config.model}' predicts '{base.prediction_type}'; spurgen trains "

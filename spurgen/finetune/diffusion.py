@@ -18,8 +18,10 @@ __all__ = ["alpha_bar", "training_target", "predicted_original", "estimate_gain"
            "ROW_WEIGHT_FORMULAS", "micro_step_seed"]
 
 # sfsl_row_weight's weight per --sfsl-row-weighting and prediction type, written out for training.json.
-ROW_WEIGHT_FORMULAS = {"v-profile": {"epsilon": "sqrt(abar_t)", "v_prediction": "1", "sample": "sqrt(1 - abar_t)"},
-                       "none": {"epsilon": "1", "v_prediction": "1", "sample": "1"}}
+# "flow": FLUX.1's rectified flow (spurgen.families.flux).
+ROW_WEIGHT_FORMULAS = {"v-profile": {"epsilon": "sqrt(abar_t)", "v_prediction": "1", "sample": "sqrt(1 - abar_t)",
+                                     "flow": "1 / sqrt((1 - sigma_t)^2 + sigma_t^2)"},
+                       "none": {"epsilon": "1", "v_prediction": "1", "sample": "1", "flow": "1"}}
 
 
 def alpha_bar(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:

@@ -217,19 +217,24 @@ def _model_card(plan: ClassPlan, config: FinetuneConfig, manifest: dict[str, Any
     lora, sfsl, prior = manifest["lora"], manifest["sfsl"], manifest["prior_preservation"]
     hub_id, license_id = base.hub_id, base_model_license(base)
     samples = [validation_file(manifest["weights_step"], i) for i in range(len(manifest["validation"]["seeds"]))]
+    unet = base.family.denoiser == "unet"
+    # The hub's family tags, as diffusers' DreamBooth scripts write them.
+    family_tags = ["stable-diffusion", "stable-diffusion-diffusers"] if unet else ["flux", "flux-diffusers"]
     data = ModelCardData(
         base_model=hub_id, license=license_id, library_name="diffusers", pipeline_tag="text-to-image",
-        tags=["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "dreambooth",
-              "spurious-features", "spurgen"] + (["lora"] if lora else []),
+        tags=[*family_tags, "text-to-image", "diffusers", "dreambooth", "spurious-features", "spurgen"]
+        + (["lora"] if lora else []),
         instance_prompt=plan.instance_prompt,
         widget=[{"text": plan.instance_prompt, "output": {"url": sample}} for sample in samples] or None)
-    base_text = f"`{hub_id}`" if hub_id else f"a local Stable Diffusion folder (fingerprint `{base.fingerprint}`)"
+    title = "Stable Diffusion" if unet else base.family.title
+    base_text = f"`{hub_id}`" if hub_id else f"a local {title} folder (fingerprint `{base.fingerprint}`)"
     base_ref = hub_id or "path/to/the/base/model"
     pipeline = base.family.pipeline_class_name
     load = (f'pipe = {pipeline}.from_pretrained("{base_ref}")\n'
             'pipe.load_lora_weights("path/to/this/folder")  # or this repository\'s hub id'
             if lora else f'pipe = {pipeline}.from_pretrained("path/to/this/folder")  # or its hub id')
-    trained = "UNet and text encoder" if manifest["train_text_encoder"] else "UNet"
+    denoiser = "UNet" if unet else base.family.denoiser
+    trained = f"{denoiser} and text encoder" if manifest["train_text_encoder"] else denoiser
     licence = (f"The base model's licence, {_LICENSE_NAMES.get(license_id, f'`{license_id}`')}, carries over to "
                "these weights, and its use restrictions bind the images they generate."
                if license_id else "The base model's licence is unknown to spurgen: check it before sharing these "

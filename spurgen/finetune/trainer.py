@@ -100,10 +100,11 @@ class LatentCache:
     mean: torch.Tensor
     std: torch.Tensor
 
-    def sample(self, index: torch.Tensor, generator: torch.Generator, scale: float) -> torch.Tensor:
-        """Draws z ~ N(mean, std^2) of the images at ``index``, times the VAE's scaling factor ``scale``."""
+    def sample(self, index: torch.Tensor, generator: torch.Generator, scale: float, shift: float = 0.0) -> torch.Tensor:
+        """Draws z ~ N(mean, std^2) of the images at ``index`` as the denoiser sees them: (z - ``shift``) times the
+        VAE's scaling factor ``scale`` (:meth:`spurgen.families.ModelFamily.latent_shift`)."""
         mean, std = self.mean[index], self.std[index]
-        return (mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)) * scale
+        return (mean + std * torch.randn(mean.shape, generator=generator, device=mean.device) - shift) * scale
 
 
 def load_pixels(files: Sequence[Path], resolution: int) -> torch.Tensor:
@@ -228,6 +229,7 @@ class Trainer:
         """
         plan, config = self.plan, self.config
         self.scaling_factor = self.parts.vae.config.scaling_factor
+        self.latent_shift = self.family.latent_shift(dict(self.parts.vae.config))
         self.class_images_generated = 0
         instance_pixels = load_pixels(plan.references, self.resolution)
         self.instance_latents = encode_latents(self.parts.vae, instance_pixels)
@@ -244,14 +246,18 @@ class Trainer:
         """Makes the trained parts trainable: LoRA adapters (float32) on their frozen weights, or all their weights.
 
         Returns:
-            The trained parts by name: the UNet, then the text encoders when they are trained.
+            The trained parts by name: the UNet, then the text encoders when they are trained (the family's
+            :attr:`~spurgen.families.ModelFamily.trained_text_encoders`).
         """
         config, family = self.config, self.family
         self.unet, self.text_encoders = self.parts.unet, self.parts.text_encoders
         self.text_encoder = self.text_encoders[0]
+        encoders = dict(zip(family.text_encoders, self.text_encoders))
+        self.trained_text_encoders = [encoders[name] for name in family.trained_text_encoders
+                                      if self.train_text_encoder]
         trained = [(family.denoiser, self.unet)]
         if self.train_text_encoder:
-            trained += list(zip(family.text_encoders, self.text_encoders))
+            trained += [(name, encoders[name]) for name in family.trained_text_encoders]
         for name, model in trained:
             if config.lora:
                 alpha = config.alpha if config.alpha is not None else config.rank
@@ -269,19 +275,31 @@ class Trainer:
 
     def _encode_prompts(self) -> None:
         """Tokenizes the instance prompt (and the class prompt with prior preservation); text encoders that are
-        not trained encode them here, once, instead of on every step."""
+        not trained encode them here, once, instead of on every step.
+
+        The family's :attr:`~spurgen.families.ModelFamily.frozen_text_encoders` (FLUX.1's T5) are never trained:
+        once their embeddings are computed they move to the CPU, and come back only for validation images.
+        """
+        family = self.family
         prompts = [self.plan.instance_prompt] + ([self.plan.class_prompt] if self.prior else [])
-        self.prompt_ids = [ids.to(self.device) for ids in self.family.tokenize(self.parts.tokenizers, prompts)]
-        self.frozen_conditioning: dict[str, torch.Tensor] | None = None
-        if not self.train_text_encoder:
+        self.prompt_ids = [ids.to(self.device) for ids in family.tokenize(self.parts.tokenizers, prompts)]
+        # The encoders whose output is computed now: all when none trains, else the never-trained ones (None marks
+        # the trained ones, which encode on every step).
+        frozen = [None if self.train_text_encoder and name not in family.frozen_text_encoders else encoder
+                  for name, encoder in zip(family.text_encoders, self.text_encoders)]
+        self.frozen_conditioning: dict[str, torch.Tensor] = {}
+        if any(encoder is not None for encoder in frozen):
             with torch.no_grad(), self.accelerator.autocast():
-                self.frozen_conditioning = self.family.encode_prompts(self.text_encoders, self.prompt_ids,
-                                                                      self.resolution)
+                self.frozen_conditioning = family.encode_prompts(frozen, self.prompt_ids, self.resolution)
+        self.offloaded = [encoder for name, encoder in zip(family.text_encoders, self.text_encoders)
+                          if name in family.frozen_text_encoders]
+        for encoder in self.offloaded:
+            encoder.to("cpu")
 
     def _enable_gradient_checkpointing(self) -> None:
         """``--gradient-checkpointing``: the trained parts recompute their activations in the backward pass."""
         self.unet.enable_gradient_checkpointing()
-        for text_encoder in self.text_encoders if self.train_text_encoder else []:
+        for text_encoder in self.trained_text_encoders:
             # Non-reentrant checkpointing passes gradients to LoRA layers whose inputs need none. transformers
             # 5.23 renamed the method; older releases only have the old name.
             enable = getattr(text_encoder, "activation_checkpointing_enable", None)
@@ -345,7 +363,8 @@ class Trainer:
         config = self.config
         lr = config.learning_rate or DEFAULT_LR["lora" if config.lora else "full"]
         groups = [{"params": [p for p in model.parameters() if p.requires_grad],
-                   "lr": lr if name == "unet" else (config.text_encoder_lr or lr)} for name, model in trained]
+                   "lr": lr if name == self.family.denoiser else (config.text_encoder_lr or lr)}
+                  for name, model in trained]
         self.trained_parameters = [p for group in groups for p in group["params"]]
         if config.use_8bit_adam:
             import bitsandbytes
@@ -382,11 +401,12 @@ class Trainer:
 
     def _conditioning(self) -> dict[str, torch.Tensor]:
         """The denoiser's conditioning of the prompts: encoded once when the text encoders are frozen, else by the
-        trained encoders as accelerate wrapped them."""
-        if self.frozen_conditioning is not None:
+        trained encoders as accelerate wrapped them (with the cached output of any encoder that is never trained)."""
+        if not self.train_text_encoder:
             return self.frozen_conditioning
-        encoders = [self.models[self.trained_names.index(name)] for name in self.family.text_encoders]
-        return self.family.encode_prompts(encoders, self.prompt_ids, self.resolution)
+        encoders = [self.models[self.trained_names.index(name)] if name in self.trained_names else None
+                    for name in self.family.text_encoders]
+        return {**self.frozen_conditioning, **self.family.encode_prompts(encoders, self.prompt_ids, self.resolution)}
 
     def losses(self, step: int, micro: int) -> Losses:
         """Forward pass of one micro-batch: b instance rows, then b class rows with prior preservation.
@@ -410,14 +430,15 @@ class Trainer:
         draws = (draws.pin_memory() if device.type == "cuda" else draws).to(device, non_blocking=True)
         *picked, timesteps, rows = draws.split([b] * len(picks) + [len(timesteps_host), len(rows)])
         instance = picked[0]
-        latents = [cache.sample(index, generator, self.scaling_factor)
+        latents = [cache.sample(index, generator, self.scaling_factor, self.latent_shift)
                    for cache, index in zip((self.instance_latents, self.class_latents), picked)]
         latents = torch.cat(latents)
         noise = training_noise(latents.shape, generator, device, config.noise_offset)
         noisy = family.add_noise(scheduler, latents, noise, timesteps)
         # Two prompts are encoded, not 2b rows: the same gradient, a fraction of the text encoder's work.
         conditioning = {name: value.repeat_interleave(b, dim=0) for name, value in self._conditioning().items()}
-        prediction = family.predict(self.models[0], noisy, timesteps, conditioning)
+        prediction = family.predict(self.models[0], noisy, family.denoiser_timesteps(scheduler, timesteps),
+                                    conditioning)
         target = family.training_target(scheduler, latents, noise, timesteps)
 
         weights = min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma else None
@@ -632,6 +653,8 @@ class Trainer:
         pipeline = self.family.sampling_pipeline(self.parts)
         for model in (self.unet, *self.text_encoders):
             model.eval()
+        for encoder in self.offloaded:
+            encoder.to(self.device)
         images = []
         with self.accelerator.autocast(), eager():
             for i in range(count):
@@ -639,9 +662,10 @@ class Trainer:
                                        num_inference_steps=self.config.sample_steps,
                                        guidance_scale=self.config.guidance_scale,
                                        generator=image_generator(self.config.seed + i)).images[0])
-        self.unet.train()
-        for text_encoder in self.text_encoders:
-            text_encoder.train(self.train_text_encoder)
+        for encoder in self.offloaded:
+            encoder.to("cpu")
+        for model in (self.unet, *self.trained_text_encoders):
+            model.train()
         return images
 
     def save_model(self, folder: Path) -> None:
@@ -666,7 +690,7 @@ class Trainer:
 
     def _trained_models(self) -> list[torch.nn.Module]:
         """The trained parts as the pipeline holds them (not accelerate's wrappers), in ``trained_names`` order."""
-        return [self.unet, *self.text_encoders][:len(self.trained_names)]
+        return [self.unet, *self.trained_text_encoders]
 
     def _save_lora(self, folder: Path) -> None:
         """Writes the adapters as ``pytorch_lora_weights.safetensors`` (the text encoders' only when trained)."""

@@ -33,7 +33,7 @@ from typing import Sequence
 
 from .._file_hashes import FileHashes
 from .._runtime import console, distributed_state, progress_bar, resolve_device, warn
-from ..config import GenerateConfig
+from ..config import MODEL_SCHEDULER, GenerateConfig, find_scheduler
 from ..errors import SpurgenError
 from ..labels import ClassInfo, get_label_set
 from ..workspace import Workspace, environment_versions, utc_now, workspace_classes
@@ -99,6 +99,11 @@ def generate(config: GenerateConfig, workspace: Workspace,
             raise SpurgenError(f"no fine-tuned model in {workspace.root / 'models'}; run 'spurgen finetune' first, or "
                                "pass --classes NAME --base to sample the untouched base model")
     plans = [plan for cls in classes for plan in plan_class(config, workspace, cls)]
+    for plan in plans:
+        family = plan.pipeline.family
+        if not family.swaps_samplers and find_scheduler(config.scheduler) != MODEL_SCHEDULER:
+            raise SpurgenError(f"{plan.cls} run '{plan.run}' is a {family.title} model, which samples with its own "
+                               f"scheduler only; pass --scheduler {MODEL_SCHEDULER} (not {config.scheduler})")
     device = resolve_device(config.device)
     dtype = torch_dtype(config.dtype, device)
     workspace.ensure_writable(*(workspace.generated_dir(plan.cls, plan.run) for plan in plans), workspace.cache_dir())

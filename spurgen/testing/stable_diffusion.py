@@ -414,7 +414,8 @@ def save_pipeline(pipe: Any, out_dir: Path, bpe_folders: list[str]) -> Path:
     return out_dir
 
 
-def build_tiny_autoencoder(out_dir: Path, arch: str = "tiny", *, seed: int = 0) -> Path:
+def build_tiny_autoencoder(out_dir: Path, arch: str = "tiny", *, seed: int = 0,
+                           latent_channels: int | None = None) -> Path:
     """Write a diffusers ``AutoencoderTiny`` (TAESD) with seeded random weights for ``arch``'s latents.
 
     ``"full"`` and ``"full-v2"`` get TAESD's own configuration (madebyollin/taesd: 4 blocks of 64 channels,
@@ -425,6 +426,7 @@ def build_tiny_autoencoder(out_dir: Path, arch: str = "tiny", *, seed: int = 0) 
         out_dir: folder to write (``AutoencoderTiny.from_pretrained(out_dir)`` loads it).
         arch: a key of ``SD_ARCHITECTURES``.
         seed: seed of the weight initialisation.
+        latent_channels: the latents' channels, when not ``arch``'s VAE's (16: FLUX.1's TAEF1).
 
     Returns:
         ``out_dir``.
@@ -433,7 +435,7 @@ def build_tiny_autoencoder(out_dir: Path, arch: str = "tiny", *, seed: int = 0) 
 
     a = _architecture(arch)
     levels = len(a.vae["block_out_channels"])
-    kwargs: dict[str, Any] = {"latent_channels": a.vae["latent_channels"]}
+    kwargs: dict[str, Any] = {"latent_channels": latent_channels or a.vae["latent_channels"]}
     if arch == "tiny":
         kwargs.update(encoder_block_out_channels=(16,) * levels, decoder_block_out_channels=(16,) * levels,
                       num_encoder_blocks=(1,) * levels, num_decoder_blocks=(1,) * levels)

@@ -1,0 +1,230 @@
+"""FLUX.1: detection, flow-matching arithmetic, packing, and finetune / generate end to end on a tiny random folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from test_families import _with_class_name
+from test_finetune import (HUMMINGBIRD, config, loss_rows, manifest, one_thread, png, sfsl_trainer,  # noqa: F401 (fixture)
+                           write_refs)
+from typer.testing import CliRunner
+
+from spurgen._base_model import resolve_base_model
+from spurgen.cli import app
+from spurgen.config import ExportLoraConfig, GenerateConfig, resolve_config
+from spurgen.errors import SpurgenError
+from spurgen.export_lora import export_lora
+from spurgen.families import get_family
+from spurgen.families.flux import (TRAINING_GUIDANCE, flow_sigmas, latent_image_ids, pack_latents,
+                                   unpack_latents)
+from spurgen.finetune import finetune
+from spurgen.generate import generate
+
+PROMPT = "a photo of sks red feeder/flower"
+
+
+def _images(pipe: Any, prompt: str, seeds: list[int], steps: int, guidance: float) -> list[np.ndarray]:
+    pipe.set_progress_bar_config(disable=True)
+    return [np.asarray(pipe(prompt, height=64, width=64, num_inference_steps=steps, guidance_scale=guidance,
+                            generator=torch.Generator().manual_seed(seed)).images[0], dtype=np.int16)
+            for seed in seeds]
+
+
+def _scheduler(folder: Path) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+
+
+def test_flux_folder_is_detected_and_family_overrides_it(tiny_flux_dir: Path, tiny_sd_dir: Path,
+                                                         tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from spurgen.testing.t5_tokenizer import T5_VOCAB_SIZE
+
+    base = resolve_base_model(str(tiny_flux_dir))
+    assert (base.family.name, base.prediction_type, base.resolution, base.size_multiple) == ("flux", "flow", 256, 4)
+    renamed = _with_class_name(tiny_flux_dir, tmp_path / "renamed", "MyFluxPipeline")
+    assert resolve_base_model(str(renamed), "flux").family.name == "flux"
+    with pytest.raises(SpurgenError, match=r"has no tokenizer_2, text_encoder_2, transformer; give a FLUX.1"):
+        resolve_base_model(str(tiny_sd_dir), "flux")
+    tokenizers = [AutoTokenizer.from_pretrained(tiny_flux_dir, subfolder=name) for name in ("tokenizer", "tokenizer_2")]
+    clip_ids, t5_ids = get_family("flux").tokenize(tokenizers, ["a photo of sks"])
+    assert (clip_ids.shape, t5_ids.shape) == ((1, 77), (1, 512))  # FluxPipeline's padding: 77 and 512 tokens
+    words = T5_VOCAB_SIZE - 7  # the offline T5 tokenizer: the prompt's words are whole pieces, then </s>
+    assert t5_ids[0, :5].tolist() == [words, words + 1, words + 2, words + 3, 1]
+
+
+def test_flow_matching_noise_target_estimate_and_row_weight(tiny_flux_dir: Path) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flux, scheduler = get_family("flux"), FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)  # FLUX.1-dev's
+    t = torch.tensor([0, 249, 600, 999])
+    sigma = flow_sigmas(scheduler, t)
+    torch.testing.assert_close(sigma, (t + 1) / 1000)  # unshifted: sigma_t = (t + 1) / T
+    torch.testing.assert_close(flux.denoiser_timesteps(scheduler, t), sigma)
+    x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    noisy = flux.add_noise(scheduler, x0, noise, t)
+    s = sigma.view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, (1 - s) * x0 + s * noise)
+    target = flux.training_target(scheduler, x0, noise, t)
+    torch.testing.assert_close(target, noise - x0)
+    torch.testing.assert_close(flux.predicted_original(scheduler, noisy, target, t), x0)
+    # v-profile: weight x gain (sigma) is v-prediction's sqrt(1 - abar) at the same signal-to-noise ratio
+    weight = flux.sfsl_row_weight(scheduler, t, "v-profile")
+    abar = (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma ** 2)
+    torch.testing.assert_close(weight * sigma, (1 - abar).sqrt())
+    assert torch.equal(flux.sfsl_row_weight(scheduler, t, "none"), torch.ones(4))
+    # a folder with a static shift: its shifted training table, as diffusers' script reads it
+    shifted = _scheduler(tiny_flux_dir)
+    torch.testing.assert_close(flow_sigmas(shifted, t), shifted.sigmas[999 - t])
+
+
+def test_packing_round_trips_and_predict_is_the_pipelines_transformer_call(tiny_flux_dir: Path) -> None:
+    from diffusers import FluxPipeline
+
+    latents = torch.randn(2, 4, 8, 6)
+    packed = pack_latents(latents)
+    assert torch.equal(packed, FluxPipeline._pack_latents(latents, 2, 4, 8, 6))
+    assert torch.equal(unpack_latents(packed, 8, 6), latents)
+    assert torch.equal(latent_image_ids(8, 6, torch.device("cpu"), torch.float32),
+                       FluxPipeline._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32))
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    flux = get_family("flux")
+    ids = [ids for ids in flux.tokenize([pipe.tokenizer, pipe.tokenizer_2], [PROMPT, "a photo of red"])]
+    with torch.no_grad():
+        conditioning = flux.encode_prompts([pipe.text_encoder, pipe.text_encoder_2], ids, 64)
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt([PROMPT, "a photo of red"], None)
+        torch.testing.assert_close(conditioning["prompt_embeds"], prompt_embeds)
+        torch.testing.assert_close(conditioning["pooled_prompt_embeds"], pooled)
+        t = torch.tensor([100, 900])
+        timestep = flux.denoiser_timesteps(pipe.scheduler, t)
+        ours = flux.predict(pipe.transformer, latents, timestep, conditioning)
+        theirs = pipe.transformer(hidden_states=packed, timestep=timestep, guidance=torch.full([2], TRAINING_GUIDANCE),
+                                  pooled_projections=pooled, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
+                                  img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32),
+                                  return_dict=False)[0]
+    assert torch.equal(ours, FluxPipeline._unpack_latents(theirs, 8 * 2, 6 * 2, 2))
+    # decode undoes the shift and the scale, with gradients
+    z = latents.clone().requires_grad_(True)
+    image = flux.decode(pipe.vae, z)
+    with torch.no_grad():
+        expected = pipe.vae.decode(latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
+    torch.testing.assert_close(image, expected)
+    image.sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_flux_lora_from_the_command_line_loads_in_plain_diffusers_and_generate_matches_it(
+        tiny_flux_dir: Path, rigged, tmp_path: Path) -> None:
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    workspace = write_refs(tmp_path)
+    # prior preservation on (class images from FluxPipeline), CLIP's LoRA too, SFSL on both steps; alpha != rank
+    done = CliRunner().invoke(app, [
+        "finetune", "-w", str(workspace.root), "--model", str(tiny_flux_dir), "--classes", "94", "--steps", "2",
+        "--resolution", "64", "--num-class-images", "2", "--sample-steps", "2", "--num-validation-images", "2",
+        "--guidance-scale", "3.5", "--rank", "4", "--alpha", "8", "--learning-rate", "1e-2", "--train-text-encoder",
+        "--run-name", "sfsl-te", "--sfsl-model", "res-a", f"--classifier={rigged.flags['res-a']}",
+        "--sfsl-max-timestep", "999", "--checkpointing-steps", "0"])
+    assert done.exit_code == 0, done.output
+    folder = workspace.model_dir(HUMMINGBIRD, "sfsl-te")
+    info = manifest(folder)
+    assert (info["status"], info["family"], info["prediction_type"]) == ("complete", "flux", "flow")
+    assert info["sfsl"]["row_weight"] == "1 / sqrt((1 - sigma_t)^2 + sigma_t^2)"
+    for row in loss_rows(folder):
+        assert all(np.isfinite(float(row[term])) for term in ("loss", "inst", "prior", "sfsl"))
+    keys = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+    assert {key.split(".")[0] for key in keys} == {"transformer", "text_encoder"}  # T5 stays frozen
+    card = (folder / "README.md").read_text()
+    assert "FluxPipeline.from_pretrained" in card and "flux-diffusers" in card and "stable-diffusion" not in card
+    assert "trained: transformer and text encoder" in card
+
+    validation = info["validation"]
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    args = (validation["prompt"], validation["seeds"], validation["num_inference_steps"], validation["guidance_scale"])
+    base_images = _images(pipe, *args)
+    pipe.load_lora_weights(folder)
+    reloaded = _images(pipe, *args)
+    trained = [png(folder / "validation" / "step-000002" / f"{i:02d}.png") for i in range(2)]
+    for ours, theirs, base in zip(trained, reloaded, base_images):
+        assert np.abs(ours - theirs).max() <= 1
+        assert np.abs(ours - base).mean() > 1  # training changed the model
+
+    settings = {"classes": ["hummingbird"], "runs": ["sfsl-te"], "num_images": 2, "steps": 2, "seed": 5,
+                "device": "cpu", "guidance": 3.5}
+    with pytest.raises(SpurgenError, match=r"is a FLUX.1 model, which samples with its own scheduler only; pass "
+                                           r"--scheduler model \(not DPM-Solver\+\+\)"):
+        generate(resolve_config(GenerateConfig, {}, "generate", settings), workspace)
+    generated = generate(resolve_config(GenerateConfig, {}, "generate", {**settings, "scheduler": "model"}), workspace)
+    assert [(r.run, r.kind, r.made) for r in generated] == [("sfsl-te", "lora", 2)]
+    out = workspace.generated_dir(HUMMINGBIRD, "sfsl-te")
+    for i, theirs in enumerate(_images(pipe, validation["prompt"], [5, 6], 2, 3.5)):
+        assert np.abs(png(out / f"{i:05d}.png") - theirs).max() <= 1
+    record = json.loads((out / "generation.json").read_text())["model"]
+    assert any(name.startswith("transformer/") for name in record["files"])
+    # kohya's SD keys cannot name the transformer: refused, not written without it
+    export = {"classes": ["94"], "run": "sfsl-te", "format": "kohya"}
+    with pytest.raises(SpurgenError, match=r"the LoRA adapts transformer, which the kohya format of SD 1.x/2.x"):
+        export_lora(resolve_config(ExportLoraConfig, {}, "export-lora", export), workspace)
+
+
+def test_flux_sfsl_gradients_reach_the_lora_of_the_transformer_and_clip(tiny_flux_dir: Path, rigged,
+                                                                        tmp_path: Path) -> None:
+    trainer = sfsl_trainer(tiny_flux_dir, write_refs(tmp_path), rigged, resolution=64, train_text_encoder=True,
+                           run_name="sfsl-te", gradient_checkpointing=True)
+    try:
+        assert trainer.trained_names == ["transformer", "text_encoder"]
+        t5 = trainer.text_encoders[1]
+        assert t5.device.type == "cpu" and not any(p.requires_grad for p in t5.parameters())
+        losses = trainer.losses(step=0, micro=0)
+        assert losses.sfsl_rows == 2 and torch.isfinite(losses.sfsl)
+        losses.sfsl.backward()
+        for model in (trainer.unet, trainer.text_encoder):
+            grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]
+            assert grads and all(g is not None for g in grads)  # none unused: 2-process training refuses those
+            assert sum(float(g.abs().sum()) for g in grads) > 0
+        assert not any("lora_" in name for name, _ in t5.named_parameters())
+        assert all(p.grad is None for p in trainer.parts.vae.parameters())
+    finally:
+        trainer.close()
+
+
+def test_flux_three_steps_plus_resume_equals_six_steps(tiny_flux_dir: Path, rigged, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    flags = [rigged.flags["res-a"]]
+    straight, split = write_refs(tmp_path / "a"), write_refs(tmp_path / "b")
+    common = {"preset": "sfsl", "checkpointing_steps": 3, "sfsl_max_timestep": 600, "learning_rate": 1e-3,
+              "prior_preservation": False, "resolution": 64}
+    finetune(config(tiny_flux_dir, steps=6, **common), straight, flags)
+    finetune(config(tiny_flux_dir, steps=3, **common), split, flags)
+    [result] = finetune(config(tiny_flux_dir, steps=6, resume=True, **common), split, flags)
+    assert (result.status, result.steps) == ("resumed", 6)
+    a, b = straight.model_dir(HUMMINGBIRD, "sfsl"), split.model_dir(HUMMINGBIRD, "sfsl")
+    assert loss_rows(a) == loss_rows(b)
+    weights_a = load_file(str(a / "pytorch_lora_weights.safetensors"))
+    weights_b = load_file(str(b / "pytorch_lora_weights.safetensors"))
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"lora": False}, r"--full is not offered for FLUX.1: its 12 B-parameter transformer"),
+    ({"snr_gamma": 5.0}, r"--snr-gamma weights DDPM timesteps"),
+    ({"zero_terminal_snr": True}, r"--zero-terminal-snr rescales DDPM schedules"),
+    ({"attention": "eager"}, r"--attention eager is not offered for FLUX.1"),
+])
+def test_settings_without_a_flow_matching_meaning_are_refused_in_one_line(
+        setting: dict[str, Any], message: str, tiny_flux_dir: Path, tmp_path: Path) -> None:
+    workspace = write_refs(tmp_path)
+    with pytest.raises(SpurgenError, match=message) as caught:
+        finetune(config(tiny_flux_dir, resolution=64, preset="dreambooth", **setting), workspace)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "models").exists()
