@@ -256,7 +256,11 @@ def predict_files(files: Sequence[Path], classifiers: Sequence["Classifier"], *,
     for i, digest in enumerate(hashes):
         first_of.setdefault(digest, i)
     to_decode = [i for i in range(len(files)) if first_of[hashes[i]] == i and needs[:, i].any()]
-    mine = to_decode[state.process_index::state.num_processes]
+    # Whole batches are dealt to the processes in turn: every image meets the same batch companions whatever the
+    # number of processes, and so gets bitwise the same logits (a batch's size changes the order of the kernels'
+    # sums, and near-ties in select-refs' ranking would follow that rounding).
+    batches = [to_decode[start:start + batch_size] for start in range(0, len(to_decode), batch_size)]
+    mine = [i for batch in batches[state.process_index::state.num_processes] for i in batch]
     new: list[dict[str, np.ndarray]] = [{} for _ in classifiers]
     unreadable: dict[Path, str] = {}
     if mine:
