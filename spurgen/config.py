@@ -397,7 +397,8 @@ class ExportLoraConfig:
                                            "(models/<class>/<run>/checkpoints/checkpoint-N) instead of its final "
                                            "weights.", metavar="N")
     format: str = setting("diffusers", "'diffusers' (the file diffusers' load_lora_weights reads, as the run saved it) "
-                                       "or 'kohya' (lora_unet_... / lora_te_... keys with .alpha, the format of "
+                                       "or 'kohya' (lora_unet_... / lora_te_... keys, SDXL's lora_te1_... / "
+                                       "lora_te2_..., with .alpha, the format of "
                                        "AUTOMATIC1111's WebUI, ComfyUI, SD.Next and InvokeAI).")
     out: str | None = setting(None, "The .safetensors file to write. Default: "
                                     "exports/<class>/<run>[-checkpoint-N]-<format>.safetensors in the "
