@@ -1,5 +1,5 @@
-"""SDXL's other paths on the tiny random SDXL folder: generate --until, 8-bit Adam, gradient checkpointing, a
-TAESD-XL --sfsl-decoder and export-lora --format kohya."""
+"""SDXL's other paths on the tiny random SDXL folder: generate's resume and --until, 8-bit Adam, gradient
+checkpointing, a TAESD-XL --sfsl-decoder and export-lora --format kohya."""
 
 from __future__ import annotations
 
@@ -63,6 +63,21 @@ def test_sdxl_generate_until_stops_at_exactly_n_accepted(tiny_sdxl_dir: Path, ri
     assert [e["accepted"] for e in manifest["images"]] == passes[:made]
     for entry in manifest["images"]:  # the same images as plain generate, seed by seed
         assert _same_image(ws.generated_dir(HUMMINGBIRD, "base") / entry["file"], pool[entry["index"]])
+
+
+def test_sdxl_generate_continues_a_run_to_the_images_of_an_uninterrupted_one(tiny_sdxl_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    settings = {"classes": ["hummingbird"], "base": True, "model": str(tiny_sdxl_dir), "steps": 2,
+                "scheduler": "model", "device": "cpu", "batch_size": 2}
+    straight, split = Workspace(tmp_path / "straight"), Workspace(tmp_path / "split")
+    generate(resolve_config(GenerateConfig, {}, "generate", {**settings, "num_images": 3}), straight)
+    generate(resolve_config(GenerateConfig, {}, "generate", {**settings, "num_images": 2}), split)
+    [result] = generate(resolve_config(GenerateConfig, {}, "generate", {**settings, "num_images": 3}), split)
+    assert (result.existing, result.made) == (2, 1)
+    for i in range(3):
+        name = f"{i:05d}.png"
+        assert _same_image(split.generated_dir(HUMMINGBIRD, "base") / name,
+                           straight.generated_dir(HUMMINGBIRD, "base") / name)
 
 
 # --- Memory savers -------------------------------------------------------------------------------------------------
