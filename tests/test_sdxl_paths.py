@@ -26,6 +26,13 @@ from spurgen.workspace import Workspace
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 PROMPT = "a photo of sks red feeder/flower"
+# generate on the tiny SDXL base model itself: 2 denoising steps, 2 images per batch
+BASE = {"classes": ["hummingbird"], "base": True, "steps": 2, "scheduler": "model", "device": "cpu", "batch_size": 2}
+
+
+def _generate(model: Path, workspace: Workspace, flags: list[str] | None = None, **values: Any) -> list[Any]:
+    return generate(resolve_config(GenerateConfig, {}, "generate", {**BASE, "model": str(model), **values}),
+                    workspace, flags)
 
 
 def _images(pipe: Any, seeds: list[int]) -> list[np.ndarray]:
@@ -42,10 +49,8 @@ def test_sdxl_generate_until_stops_at_exactly_n_accepted(tiny_sdxl_dir: Path, ri
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """As tests/test_generate_until.py for SD: a rigged classifier accepts a known half of the seed sequence."""
     pool_size, flags = 8, [rigged.flags["res-a"]]
-    settings = {"classes": ["hummingbird"], "base": True, "model": str(tiny_sdxl_dir), "steps": 2,
-                "scheduler": "model", "device": "cpu", "batch_size": 2, "classifiers": ["res-a"]}
     pool_ws = Workspace(tmp_path / "pool")
-    generate(resolve_config(GenerateConfig, {}, "generate", {**settings, "num_images": pool_size}), pool_ws)
+    _generate(tiny_sdxl_dir, pool_ws, num_images=pool_size)
     pool = [pool_ws.generated_dir(HUMMINGBIRD, "base") / f"{i:05d}.png" for i in range(pool_size)]
     transform = load_classifier(parse_classifier(flags[0], builtin_classifiers("imagenet"))).transform()
     statistic = _statistic(torch.stack([transform(load_rgb(p)) for p in pool])).numpy()
@@ -55,8 +60,8 @@ def test_sdxl_generate_until_stops_at_exactly_n_accepted(tiny_sdxl_dir: Path, ri
     made = _stop(passes, 2)
 
     ws = Workspace(tmp_path / "ws")
-    [result] = generate(resolve_config(GenerateConfig, {}, "generate", {
-        **settings, "until": 2, "filter": ["consistent"], "max_images": pool_size}), ws, flags)
+    [result] = _generate(tiny_sdxl_dir, ws, flags, classifiers=["res-a"], until=2, filter=["consistent"],
+                         max_images=pool_size)
     assert (result.made, result.accepted) == (made, 2) and forward.images == made
     manifest = json.loads((ws.generated_dir(HUMMINGBIRD, "base") / "generation.json").read_text())
     assert manifest["status"] == "complete" and manifest["over_generation"]["accepted"] == 2
@@ -67,12 +72,10 @@ def test_sdxl_generate_until_stops_at_exactly_n_accepted(tiny_sdxl_dir: Path, ri
 
 def test_sdxl_generate_continues_a_run_to_the_images_of_an_uninterrupted_one(tiny_sdxl_dir: Path,
                                                                              tmp_path: Path) -> None:
-    settings = {"classes": ["hummingbird"], "base": True, "model": str(tiny_sdxl_dir), "steps": 2,
-                "scheduler": "model", "device": "cpu", "batch_size": 2}
     straight, split = Workspace(tmp_path / "straight"), Workspace(tmp_path / "split")
-    generate(resolve_config(GenerateConfig, {}, "generate", {**settings, "num_images": 3}), straight)
-    generate(resolve_config(GenerateConfig, {}, "generate", {**settings, "num_images": 2}), split)
-    [result] = generate(resolve_config(GenerateConfig, {}, "generate", {**settings, "num_images": 3}), split)
+    _generate(tiny_sdxl_dir, straight, num_images=3)
+    _generate(tiny_sdxl_dir, split, num_images=2)
+    [result] = _generate(tiny_sdxl_dir, split, num_images=3)
     assert (result.existing, result.made) == (2, 1)
     for i in range(3):
         name = f"{i:05d}.png"
