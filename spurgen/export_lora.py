@@ -86,7 +86,8 @@ def _without_local_paths(adapters: dict[str, Any]) -> dict[str, Any]:
 
 
 # kohya's sd-scripts (networks/lora.py) names each part's modules with a prefix per family: SD's one text encoder
-# ``lora_te``, SDXL's two ``lora_te1`` and ``lora_te2``.
+# ``lora_te``, SDXL's two ``lora_te1`` and ``lora_te2``. A family without keys of its own (FLUX.1) gets SD's, and a
+# LoRA with a part they cannot name is refused rather than written without it.
 KOHYA_PREFIXES: dict[str, dict[str, str]] = {
     "sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
     "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
@@ -142,17 +143,20 @@ def to_kohya(tensors: dict[str, "torch.Tensor"], adapters: dict[str, Any],
         family: The run's model family (``sd``, ``sdxl``).
 
     Raises:
-        SpurgenError: a family kohya's format is not written for, or a part without its ``lora_alpha`` in the
-            metadata.
+        SpurgenError: a part that the family's kohya keys cannot name (FLUX.1's transformer), or one without its
+            ``lora_alpha`` in the metadata.
     """
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
     from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft
 
-    if family not in KOHYA_PREFIXES:
-        raise SpurgenError(f"export-lora --format kohya writes {', '.join(KOHYA_PREFIXES)} LoRAs, not {family}; "
-                           "use --format diffusers")
-    prefixes = KOHYA_PREFIXES[family]
+    kohya_family = family if family in KOHYA_PREFIXES else "sd"
+    prefixes = KOHYA_PREFIXES[kohya_family]
+    foreign = sorted({key.split(".")[0] for key in tensors} - set(prefixes))
+    if foreign:
+        raise SpurgenError(f"the LoRA adapts {', '.join(foreign)}, which the kohya format of "
+                           f"{'SDXL' if kohya_family == 'sdxl' else 'SD 1.x/2.x'} has no keys for; export it with "
+                           "--format diffusers")
     # diffusers saves the UNet's keys as ".lora.down" and the text encoder's as ".lora_linear_layer.down", and its
     # conversion to peft infers one key style per dict: each part is converted on its own.
     peft: dict[str, torch.Tensor] = {}

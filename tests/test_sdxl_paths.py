@@ -17,7 +17,8 @@ from test_generate_until import RiggedForward, _same_image, _statistic, _stop
 
 from spurgen.classifiers import Classifier, builtin_classifiers, load_classifier, parse_classifier
 from spurgen.config import ExportLoraConfig, GenerateConfig, resolve_config
-from spurgen.export_lora import _sgm_unet_modules, export_lora
+from spurgen.errors import SpurgenError
+from spurgen.export_lora import _sgm_unet_modules, export_lora, to_kohya
 from spurgen.finetune import finetune, prepare_finetune
 from spurgen.generate import generate
 from spurgen.images import load_rgb
@@ -212,6 +213,16 @@ def test_sdxl_unet_modules_get_kohyas_block_names() -> None:
     back = _maybe_map_sgm_blocks_to_diffusers(kohya, SimpleNamespace(layers_per_block=2))
     assert {_convert_unet_lora_key(key) for key in back} == {
         _convert_unet_lora_key(f"lora_unet_{module}.lora_down.weight") for module in modules}
+
+
+def test_kohya_keys_refuse_a_part_they_cannot_name() -> None:
+    layer = {"lora.down.weight": torch.zeros(1, 2), "lora.up.weight": torch.zeros(2, 1)}
+    sdxl_te2 = {f"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.{k}": v for k, v in layer.items()}
+    with pytest.raises(SpurgenError, match=r"adapts text_encoder_2, which the kohya format of SD 1.x/2.x has no keys"):
+        to_kohya(sdxl_te2, {"text_encoder_2.lora_alpha": 1}, "sd")
+    flux = {f"transformer.single_transformer_blocks.0.attn.to_q.{k}": v for k, v in layer.items()}
+    with pytest.raises(SpurgenError, match=r"adapts transformer, which the kohya format of SD 1.x/2.x has no keys"):
+        to_kohya(flux, {"transformer.lora_alpha": 1}, "flux")
 
 
 def _lora_layers(pipe: Any) -> dict[str, torch.Tensor]:
