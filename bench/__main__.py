@@ -9,6 +9,8 @@ Stages, each ours against a baseline measured in the same process (see each modu
     generate     generate vs a bare diffusers StableDiffusionPipeline loop   >= 1.0x
     finetune     the step of each preset vs diffusers' train_dreambooth step time <= 0.9x (sfsl: its cost)
     sfsl         SFSL's cost-cutting measures vs the no-SFSL step            <= 1.3x
+    sdxl         SDXL's step vs train_dreambooth_lora_sdxl's step            time <= 0.9x; with SFSL <= 1.3x
+                 (--only sdxl: SDXL at 1024 px takes minutes per step on a CPU)
     levers       --channels-last, --compile (+ CUDA graphs) vs the eager step  measured; compile time, break-even
                  (--only levers: on a CPU the compilation takes minutes)
     mfu          the UNet step's model-FLOPs utilisation at batch 1+1 and 8+8  reported
@@ -45,6 +47,7 @@ STAGES: dict[str, str] = {
     "generate": "bench.generate",
     "finetune": "bench.finetune",
     "sfsl": "bench.sfsl",
+    "sdxl": "bench.sdxl",
     "levers": "bench.levers",
     "mfu": "bench.mfu",
     "scaling": "bench.scaling",
@@ -52,7 +55,7 @@ STAGES: dict[str, str] = {
 }
 
 
-ON_REQUEST = ("demo", "levers")
+ON_REQUEST = ("demo", "levers", "sdxl")
 
 
 def _stage_arguments(stage: str, module: Any, size: str, repeats: int | None, threads: int | None,
@@ -63,7 +66,8 @@ def _stage_arguments(stage: str, module: Any, size: str, repeats: int | None, th
         arguments.update(getattr(module, "GPU_SIZES", {}).get(size, {}))
     if repeats is not None:
         arguments["repeats"] = repeats
-    if stage in ("finetune", "sfsl", "levers", "mfu"):  # finetune's own device setting: the GPU when there is one
+    # finetune's own device setting: the GPU when there is one
+    if stage in ("finetune", "sfsl", "sdxl", "levers", "mfu"):
         arguments["device"] = "cpu" if device == "cpu" else "auto"
     else:
         arguments["device"] = device
@@ -122,7 +126,8 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    # The demo and the levers' compilation on a CPU take minutes of their own: only on request (--only demo,levers).
+    # The demo, the levers' compilation and SDXL's full-size steps on a CPU take minutes of their own: only on request
+    # (--only demo,levers,sdxl).
     stages = [s.strip() for s in args.only.split(",")] if args.only else [s for s in STAGES if s not in ON_REQUEST]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:

@@ -246,7 +246,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, sizes: list[str]) ->
     """``--size``, ``--arch``, ``--steps``, ``--batch-size`` and ``--mixed-precision`` of the training benchmarks."""
     parser.add_argument("--size", default="tiny", choices=sizes)
     parser.add_argument("--arch", choices=["tiny", "full", "full-v2", "sdxl-tiny", "sdxl-full"],
-                        help="default: the size's (SDXL archs: bench.sfsl only)")
+                        help="default: the size's")
     parser.add_argument("--steps", type=int, help="steps per timed repetition; default: the size's")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: bf16 on a GPU, no on a CPU")

@@ -12,7 +12,8 @@ feature similarity loss through a ResNet-50 with random weights, at the default 
 over the reference). Target: ours at most 0.9x the reference's time per step (rate ratio >= 1/0.9 = 1.11), with
 no more peak memory. Peak memory is each side's growth over the step (torch's allocator on a GPU, the resident
 set on a CPU), so that the other side's weights in the same process do not count.
-``bench.sfsl`` measures what each of SFSL's cost-cutting measures buys.
+``bench.sfsl`` measures what each of SFSL's cost-cutting measures buys; ``bench.sdxl`` the step of SDXL against
+train_dreambooth_lora_sdxl.py's (:func:`reference_step` follows the base model's family).
 
     python -m bench.finetune [--size tiny|full] [--steps 10] [--repeats 5] [--batch-size 1]
                              [--mixed-precision no|fp16|bf16] [--presets dreambooth,dreambooth-te,sfsl]
@@ -28,13 +29,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from PIL import Image
 
 from ._common import (add_common_arguments, add_training_arguments, apply_threads, compare, measure_interleaved,
                       random_stable_diffusion, save_run)
+
+if TYPE_CHECKING:
+    import torch
 
 RANK = 4
 # Issue target: a step in at most 0.9x the reference's time, i.e. a rate at least 1/0.9 of the reference's.
@@ -129,60 +133,63 @@ class Bench:
         return setup.trainer(setup.plans[0], config, self.workspace), config
 
 
-def _reference_step(trainer: Any, config: Any) -> Callable[[int], None]:
-    """One step of diffusers' DreamBooth LoRA script on the trainer's data, with its own models and optimizer;
-    it trains the text encoder when the trainer does."""
+def reference_step(trainer: Any, config: Any) -> Callable[[int], None]:
+    """One step of the family's diffusers DreamBooth LoRA script (train_dreambooth_lora.py for SD,
+    train_dreambooth_lora_sdxl.py for SDXL) on the trainer's data, with its own models and optimizer; it trains the
+    text encoders when the trainer does."""
     import torch
     import torch.nn.functional as F
 
     from spurgen._base_model import load_components
-    from spurgen._lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
+    from spurgen._lora import add_lora
     from spurgen.finetune.trainer import frozen_dtype, load_pixels
 
-    accelerator, plan = trainer.accelerator, trainer.plan
+    accelerator, family = trainer.accelerator, trainer.family
+    if family.name not in _REFERENCE_CONDITIONING:
+        raise ValueError(f"no reference step for {family.title}: add its script's conditioning to bench.finetune")
     half = frozen_dtype(accelerator)
-    parts = load_components(trainer.base, unet_dtype=half, text_encoder_dtype=half, vae_dtype=half)
-    for model in (parts.unet, parts.text_encoder, parts.vae):
+    # The SDXL script keeps its VAE in float32 whatever the mixed precision (SDXL's overflows in float16).
+    vae_dtype = torch.float32 if family.name == "sdxl" else half
+    parts = load_components(trainer.base, unet_dtype=half, text_encoder_dtype=half, vae_dtype=vae_dtype)
+    for model in (parts.unet, *parts.text_encoders, parts.vae):
         model.requires_grad_(False).to(accelerator.device)
     train_text_encoder = trainer.train_text_encoder
-    add_lora(parts.unet, UNET_TARGETS, RANK, RANK)
-    if train_text_encoder:
-        add_lora(parts.text_encoder, TEXT_ENCODER_TARGETS, RANK, RANK)
-    params = [p for m in (parts.unet, parts.text_encoder) for p in m.parameters() if p.requires_grad]
+    # The family's targets are its script's; the script adapts every text encoder layer, used or not.
+    add_lora(parts.unet, family.lora_targets[family.denoiser], RANK, RANK)
+    for name, encoder in zip(family.text_encoders, parts.text_encoders) if train_text_encoder else ():
+        add_lora(encoder, family.lora_targets[name], RANK, RANK)
+    params = [p for m in (parts.unet, *parts.text_encoders) for p in m.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     parts.unet.train()
-    parts.text_encoder.train(train_text_encoder)
+    for encoder in parts.text_encoders:
+        encoder.train(train_text_encoder)
     if config.gradient_checkpointing:  # the script's --gradient_checkpointing
         parts.unet.enable_gradient_checkpointing()
-        if train_text_encoder:  # transformers 5.23 renamed the method
-            enable = getattr(parts.text_encoder, "activation_checkpointing_enable", None)
-            (enable or parts.text_encoder.gradient_checkpointing_enable)()
+        for encoder in parts.text_encoders if train_text_encoder else ():  # transformers 5.23 renamed the method
+            enable = getattr(encoder, "activation_checkpointing_enable", None)
+            (enable or encoder.gradient_checkpointing_enable)()
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-    unet, text_encoder, optimizer = accelerator.prepare(parts.unet, parts.text_encoder, optimizer)
-    trained = (unet, text_encoder) if train_text_encoder else (unet,)
+    unet, *encoders, optimizer = accelerator.prepare(parts.unet, *parts.text_encoders, optimizer)
+    trained = (unet, *encoders) if train_text_encoder else (unet,)
     b = config.batch_size
-    # The script's collate_fn: b instance examples then b class examples, one row of prompt ids each (which
-    # images fill the rows does not change the work).
-    pixels = load_pixels(plan.references[:1], trainer.resolution).repeat(2 * b, 1, 1, 1).to(accelerator.device, half)
-    prompt_ids = trainer.prompt_ids[0]  # SD has one tokenizer
-    ids = torch.cat([prompt_ids[:1].repeat(b, 1), prompt_ids[1:].repeat(b, 1)])
+    # The script's collate_fn: b instance examples then b class examples (which images fill the rows does not
+    # change the work).
+    pixels = load_pixels(trainer.plan.references[:1], trainer.resolution).repeat(2 * b, 1, 1, 1)
+    pixels = pixels.to(accelerator.device, parts.vae.dtype)
+    condition = _REFERENCE_CONDITIONING[family.name](trainer, encoders, b, half)
     scheduler = parts.noise_scheduler
 
     def step(_: int) -> None:  # the step number, which the script does not need
         with accelerator.accumulate(*trained):
-            model_input = parts.vae.encode(pixels).latent_dist.sample() * parts.vae.config.scaling_factor
+            model_input = (parts.vae.encode(pixels).latent_dist.sample() * parts.vae.config.scaling_factor).to(half)
             noise = torch.randn_like(model_input)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(model_input),),
                                       device=model_input.device)
             noisy = scheduler.add_noise(model_input, noise, timesteps)
             with accelerator.autocast():
-                if train_text_encoder:
-                    hidden = text_encoder(ids)[0]
-                else:  # the script encodes the prompts every step, without gradients
-                    with torch.no_grad():
-                        hidden = text_encoder(ids)[0]
-                pred = unet(noisy, timesteps, hidden).sample
+                hidden, added = condition()
+                pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
             target = (
                 noise
                 if scheduler.config.prediction_type == "epsilon"
@@ -199,6 +206,62 @@ def _reference_step(trainer: Any, config: Any) -> Callable[[int], None]:
             loss.detach().item()  # the script logs the loss every step
 
     return step
+
+
+# A reference step's conditioning of its 2b rows: the UNet's encoder hidden states and added conditions.
+Conditioning = Callable[[], tuple["torch.Tensor", "dict[str, torch.Tensor] | None"]]
+
+
+def _sd_conditioning(trainer: Any, encoders: list[Any], b: int, dtype: Any) -> Conditioning:
+    """train_dreambooth_lora.py's: the text encoder's last hidden states of one row of prompt ids per example,
+    every step (without gradients when it is frozen); no added conditioning."""
+    import torch
+
+    prompt_ids = trainer.prompt_ids[0]  # SD has one tokenizer
+    ids = torch.cat([prompt_ids[:1].repeat(b, 1), prompt_ids[1:].repeat(b, 1)])
+
+    def condition() -> tuple[torch.Tensor, None]:
+        with torch.set_grad_enabled(trainer.train_text_encoder):
+            return encoders[0](ids)[0], None
+
+    return condition
+
+
+def _sdxl_conditioning(trainer: Any, encoders: list[Any], b: int, dtype: Any) -> Conditioning:
+    """train_dreambooth_lora_sdxl.py's: its encode_prompt on the instance and class prompts' ids (each encoder's
+    penultimate hidden states, concatenated, and the last encoder's pooled output), every step when the encoders
+    train and once before the loop when they do not, repeated b times; and add_time_ids per example, the image's
+    original size, the top left of its center crop and the target size (compute_time_ids)."""
+    import torch
+
+    def encode() -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = []
+        for encoder, ids in zip(encoders, trainer.prompt_ids):
+            output = encoder(ids, output_hidden_states=True, return_dict=False)
+            pooled = output[0]
+            hidden.append(output[-1][-2])
+        return torch.cat(hidden, dim=-1), pooled
+
+    if not trainer.train_text_encoder:
+        with torch.no_grad():
+            frozen = encode()
+    res = trainer.resolution
+    with Image.open(trainer.plan.references[0]) as image:
+        height, width = image.height, image.width
+    scale = res / min(height, width)  # resized shorter side first, then center-cropped
+    top, left = round((height * scale - res) / 2), round((width * scale - res) / 2)
+    time_ids = torch.tensor([[height, width, top, left, res, res]] * 2 * b, device=trainer.device, dtype=dtype)
+
+    def condition() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden, pooled = encode() if trainer.train_text_encoder else frozen
+        return hidden.repeat(b, 1, 1), {"text_embeds": pooled.repeat(b, 1), "time_ids": time_ids}
+
+    return condition
+
+
+# The reference step's conditioning per family: what differs between the families' scripts.
+_REFERENCE_CONDITIONING: dict[str, Callable[[Any, list[Any], int, Any], Conditioning]] = {
+    "sd": _sd_conditioning, "sdxl": _sdxl_conditioning}
 
 
 def _steps(fn: Callable[[int], Any], steps: int) -> Callable[[], None]:
@@ -254,29 +317,48 @@ def run(arch: str = "tiny", steps: int = 10, repeats: int = 5, batch_size: int =
     return [_preset(setup, preset, steps, repeats) for preset in presets]
 
 
+def step_record(label: str, ours: Any, reference: Any, steps: int, batch_size: int, target: float | None,
+                stage: str, device: str) -> dict[str, Any]:
+    """:func:`compare`'s record of our step against a reference step, with both sides' seconds per step and images
+    per second.
+
+    Args:
+        label: The record's name.
+        ours, reference: The two sides' :class:`Measurement` of ``steps`` steps per call.
+        steps: Steps per timed call.
+        batch_size: Reference images per step (as many class images).
+        target: The least rate ratio ours / reference (1 / the most time ratio); ``None``: a cost shown without a
+            target (SFSL's, which diffusers' scripts have no counterpart of).
+        stage: The bench stage.
+        device: ``cpu`` or ``cuda`` (the record names the card).
+    """
+    record = compare(label, ours, reference, items=steps, unit="steps", target=target or 0.0, paired=True,
+                     stage=stage)
+    if target is None:
+        record.update(target=None, target_text="n/a (SFSL's cost)", verdict="")
+    else:
+        record["target_text"] = f">= {target:.3g} (time <= {1 / target:.2g}x)"
+    record["seconds_per_step"] = {"ours": ours.median / steps, "reference": reference.median / steps}
+    record["images_per_s"] = {side: 2 * batch_size / seconds for side, seconds in record["seconds_per_step"].items()}
+    if device == "cuda":
+        import torch
+
+        record["device_name"] = torch.cuda.get_device_name()
+    return record
+
+
 def _preset(setup: Bench, preset: str, steps: int, repeats: int) -> dict[str, Any]:
     """One preset's record; its trainer and reference are freed on return (one full-size pair at a time)."""
     ours, config = setup.trainer(preset)
     where = ours.accelerator.device.type
     times = measure_interleaved({"ours": trainer_steps(ours, steps),
-                                 "reference": _steps(_reference_step(ours, config), steps)},
+                                 "reference": _steps(reference_step(ours, config), steps)},
                                 repeats=repeats, device=where, relative_memory=True)
     label = (f"finetune {preset} step ({setup.arch}, {where}, {ours.accelerator.mixed_precision}, batch "
              f"{setup.batch_size}+{setup.batch_size}{', SFSL ' + setup.sfsl_arch if preset == 'sfsl' else ''})")
-    record = compare(label, times["ours"], times["reference"], items=steps, unit="steps",
-                     target=TIME_TARGET_RATE if preset != "sfsl" else 0.0, paired=True, stage="finetune")
-    if preset == "sfsl":  # no diffusers counterpart: the ratio shows SFSL's cost, no target
-        record.update(target=None, target_text="n/a (SFSL's cost)", verdict="")
-    else:
-        record["target_text"] = ">= 1.11 (time <= 0.9x)"
-    record["seconds_per_step"] = {"ours": times["ours"].median / steps, "reference": times["reference"].median / steps}
-    record["images_per_s"] = {
-        side: 2 * setup.batch_size / seconds for side, seconds in record["seconds_per_step"].items()
-    }
-    if where == "cuda":
-        import torch
-
-        record["device_name"] = torch.cuda.get_device_name()
+    # sfsl has no diffusers counterpart: its ratio shows SFSL's cost, without a target
+    record = step_record(label, times["ours"], times["reference"], steps, setup.batch_size,
+                         TIME_TARGET_RATE if preset != "sfsl" else None, "finetune", where)
     release(ours)
     return record
 

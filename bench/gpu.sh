@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU row of docs/performance.md in one call of at most 8 minutes (BUDGET_S), on a machine with no network.
+# The GPU rows of docs/performance.md, in calls of at most 8 minutes each (BUDGET_S; all stages need two, see the
+# estimate below), on a machine with no network.
 #
 #   bash bench/gpu.sh prepare           # here, before each device call: wheels and commit into .bench-gpu/
 #   bash bench/gpu.sh [OUT_DIR]         # on the GPU machine; OUT_DIR default docs/benchmarks
@@ -30,9 +31,18 @@ cd "$(dirname "$0")/.." || exit
 
 # Seconds per stage on an H100/H200, about 1.5x the 2026-11-26 runs' (docs/benchmarks/): finetune took 65 s,
 # generate 58 s, evaluate 83 s, select-refs 46 s there; sfsl and mfu are estimated from their step counts.
-declare -A BUDGET=([finetune]=100 [sfsl]=80 [mfu]=60 [levers]=240 [generate]=70 [evaluate]=100 [select-refs]=60 [help]=20)
+# sdxl (SDXL at 1024 px, random weights, bf16; not run on a GPU yet) is estimated at 140 s: building the random
+# SDXL (3.5 B parameters on the CPU, 14 GB written) ~45 s, loading it for our trainer and for the reference ~35 s,
+# class images and the first compilation ~30 s, then 3 turns (1 warm-up) x 3 sides x 3 steps of about 1 s.
+declare -A BUDGET=([finetune]=100 [sfsl]=80 [sdxl]=210 [mfu]=60 [levers]=240 [generate]=70 [evaluate]=100
+                   [select-refs]=60 [help]=20)
+# The whole default run, estimated: wheels and preflight (the random SD 1.5 built) ~45 s, finetune 65, sfsl ~55,
+# sdxl ~140, mfu ~40, generate 58, evaluate 83, select-refs 46, help ~13: ~545 s before levers, more than
+# BUDGET_S (480 s, so that a device call with timeout_s=540 keeps its margin). The budget cuts the tail: a default
+# call measures the training rows, SD's and SDXL's, then generate and most likely not evaluate, select-refs, help
+# or levers; STAGES=evaluate,select-refs,help,levers measures those in a second call (~300 s).
 # levers (--compile, --channels-last) last among the training rows: two cold compiles may take its whole budget.
-STAGE_ORDER=finetune,sfsl,mfu,generate,evaluate,select-refs,help,levers
+STAGE_ORDER=finetune,sfsl,sdxl,mfu,generate,evaluate,select-refs,help,levers
 PYTHON=${PYTHON:-python3}
 WHEELS="diffusers open-clip-torch ftfy wcwidth timm peft"
 

@@ -231,9 +231,9 @@ def export_lora_command(
 ) -> None:
     """Write a fine-tuned run's LoRA (or a --checkpoint's) as one .safetensors file for other tools.
 
-    --format kohya gives the lora_unet_... / lora_te_... keys that AUTOMATIC1111's WebUI, ComfyUI, SD.Next and
-    InvokeAI load; --format diffusers the file diffusers' load_lora_weights reads. The metadata names the base model
-    by its hub id or folder name, never by a path of this machine.
+    --format kohya gives the lora_unet_... / lora_te_... keys (SDXL: lora_te1_... / lora_te2_...) that AUTOMATIC1111's
+    WebUI, ComfyUI, SD.Next and InvokeAI load; --format diffusers the file diffusers' load_lora_weights reads. The
+    metadata names the base model by its hub id or folder name, never by a path of this machine.
     """
     from .export_lora import export_lora
     from .workspace import Workspace

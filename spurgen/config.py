@@ -397,7 +397,8 @@ class ExportLoraConfig:
                                            "(models/<class>/<run>/checkpoints/checkpoint-N) instead of its final "
                                            "weights.", metavar="N")
     format: str = setting("diffusers", "'diffusers' (the file diffusers' load_lora_weights reads, as the run saved it) "
-                                       "or 'kohya' (lora_unet_... / lora_te_... keys with .alpha, the format of "
+                                       "or 'kohya' (lora_unet_... / lora_te_... keys, SDXL's lora_te1_... / "
+                                       "lora_te2_..., with .alpha, the format of "
                                        "AUTOMATIC1111's WebUI, ComfyUI, SD.Next and InvokeAI).")
     out: str | None = setting(None, "The .safetensors file to write. Default: "
                                     "exports/<class>/<run>[-checkpoint-N]-<format>.safetensors in the "
@@ -645,9 +646,9 @@ class FinetuneConfig:
                                                    "change; sample: sqrt(1-abar_t)), the profile the defaults were "
                                                    "chosen on; 'none' is the paper's Eq. 6 as written.")
     sfsl_decoder: str | None = setting(None, "Decoder of SFSL's images only: a diffusers AutoencoderTiny (TAESD) "
-                                             "folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x; far cheaper to "
-                                             "differentiate through than the VAE decoder. Default: the base model's "
-                                             "VAE.")
+                                             "folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x, "
+                                             "madebyollin/taesdxl for SDXL; far cheaper to differentiate through than "
+                                             "the VAE decoder. Default: the base model's VAE.")
     checkpointing_steps: int = setting(200, "Save a resumable checkpoint every N steps (0: never).")
     checkpoints_total_limit: int = setting(2, "Checkpoints kept per run; older ones are deleted.")
     resume: bool = setting(False, "Continue from the run's latest checkpoint (exactly: weights, optimizer, schedule, "

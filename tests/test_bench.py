@@ -76,3 +76,53 @@ def test_full_size_flux_on_a_cpu_says_it_is_too_large_instead_of_shrinking_it() 
 
     with pytest.raises(RuntimeError, match=r"FLUX.1 at full size is too large for a CPU step .* on a GPU"):
         run(**SIZES["full-flux"], device="cpu")
+
+
+def test_the_sdxl_stage_at_tiny_size_prints_and_stores_its_three_rows(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from bench._common import RESULTS_ENV
+
+    results = tmp_path / "results.json"
+    env = {**os.environ, RESULTS_ENV: str(results), "HF_HUB_OFFLINE": "1"}
+    env.pop("SPURGEN_BENCH_CACHE", None)
+    done = subprocess.run([sys.executable, "-m", "bench", "--only", "sdxl", "--repeats", "1", "--threads", "1"],
+                          cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [run] = json.loads(results.read_text())["runs"]
+    rows = {record["name"].split(" (")[0]: record for record in run["records"]}
+    assert list(rows) == ["SDXL dreambooth-te step vs train_dreambooth_lora_sdxl.py",
+                          "SDXL sfsl step vs train_dreambooth_lora_sdxl.py", "SDXL sfsl step vs its dreambooth-te step"]
+    for record in rows.values():
+        assert record["stage"] == "sdxl" and "sdxl-tiny, 64 px, cpu" in record["name"]
+        assert record["ours"] > 0 and record["baseline"] > 0 and record["ratio"] == pytest.approx(
+            record["seconds_per_step"]["reference"] / record["seconds_per_step"]["ours"])
+    targets = [(r["target_text"], r["target"]) for r in rows.values()]
+    assert targets == [(">= 1.11 (time <= 0.9x)", pytest.approx(1 / 0.9)), ("n/a (SFSL's cost)", None),
+                       (">= 0.769 (time <= 1.3x)", pytest.approx(1 / 1.3))]
+    # the two ours rows of the SFSL step are one measurement; its rate over the references' is what the table shows
+    assert rows["SDXL sfsl step vs train_dreambooth_lora_sdxl.py"]["ours"] == \
+        rows["SDXL sfsl step vs its dreambooth-te step"]["ours"]
+    assert "SDXL dreambooth-te step vs" in done.stdout and "n/a (SFSL's cost)" in done.stdout
+
+
+def test_the_sdxl_reference_step_conditions_as_the_sdxl_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_dreambooth_lora_sdxl.py's encode_prompt gives what StableDiffusionXLPipeline.encode_prompt (spurgen's
+    family) gives; its add_time_ids are the reference image's original size, crop and the target size."""
+    import torch
+
+    from bench.finetune import Bench, _sdxl_conditioning, release
+
+    monkeypatch.delenv("SPURGEN_BENCH_CACHE", raising=False)
+    trainer, _ = Bench("sdxl-tiny", device="cpu").trainer("dreambooth-te")
+    try:
+        hidden, added = _sdxl_conditioning(trainer, trainer.text_encoders, 2, torch.float32)()
+        ours = trainer.family.encode_prompts(trainer.text_encoders, trainer.prompt_ids, trainer.resolution)
+        torch.testing.assert_close(hidden, ours["prompt_embeds"].repeat(2, 1, 1))
+        torch.testing.assert_close(added["text_embeds"], ours["pooled_prompt_embeds"].repeat(2, 1))
+        # the bench's references are 600 x 600: resized to 64 px, nothing is cropped
+        assert added["time_ids"].tolist() == [[600, 600, 0, 0, 64, 64]] * 4
+    finally:
+        release(trainer)
