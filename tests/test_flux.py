@@ -363,3 +363,67 @@ def test_8bit_adam_trains_the_flux_lora_when_bitsandbytes_is_installed(tiny_flux
             assert any(not torch.equal(p, old) for p, old in zip(params, before[name])), name
     finally:
         trainer.close()
+
+
+def test_spurgen_run_takes_a_flux_model_through_every_stage_and_a_rerun_skips_them(tiny_flux_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    from conftest import small_settings, solved_classifier, spurious_folder
+
+    spurious_folder(tmp_path / "images", [HUMMINGBIRD], 2)
+    classifier = solved_classifier(tmp_path / "images", tmp_path / "tiny.safetensors")
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    # --guidance left unset: generation.json records FLUX.1's 3.5, and the rerun's plan resolves it the same way
+    (workspace / "spurgen.toml").write_text(small_settings(tiny_flux_dir, tmp_path / "images",
+                                                           finetune={"resolution": 64},
+                                                           generate={"scheduler": "model"}))
+    args = ["run", "-w", str(workspace), "--classes", "94", f"--classifier={classifier}"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    [entry] = json.loads((workspace / "run.json").read_text())["classes"]
+    assert entry["stages"] == {"select-refs": "ran", "finetune/dreambooth": "trained", "generate/dreambooth": "ran"}
+    trained = manifest(workspace / "models" / HUMMINGBIRD.dirname / "dreambooth")
+    assert (trained["status"], trained["family"], trained["weights"]) == ("complete", "flux", "lora")
+    generated = workspace / "generated" / HUMMINGBIRD.dirname / "dreambooth"
+    generation = json.loads((generated / "generation.json").read_text())
+    assert generation["status"] == "complete" and (generated / "00000.png").is_file()
+    assert (generation["settings"]["guidance"], generation["settings"]["scheduler"]) == (3.5, "model")
+    evaluation = json.loads((workspace / "reports" / "evaluation.json").read_text())
+    assert evaluation["settings"]["classes"] == [94] and (workspace / "reports" / "report.html").is_file()
+
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    rerun = json.loads((workspace / "run.json").read_text())
+    assert rerun["classes"][0]["stages"] == dict.fromkeys(entry["stages"], "skipped") and not rerun["evaluated"]
+
+
+def test_generate_until_over_generates_a_flux_model_until_n_images_pass(tiny_flux_dir: Path, rigged, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_generate_until import RiggedForward, _same_image, _statistic, _stop
+
+    from spurgen.classifiers import Classifier, builtin_classifiers, load_classifier, parse_classifier
+    from spurgen.images import load_rgb
+    from spurgen.workspace import Workspace
+
+    settings = {"classes": ["hummingbird"], "base": True, "model": str(tiny_flux_dir), "steps": 2,
+                "scheduler": "model", "resolution": 64, "device": "cpu", "batch_size": 2, "classifiers": ["res-a"]}
+    pool_workspace, workspace = Workspace(tmp_path / "pool"), Workspace(tmp_path / "ws")
+    generate(resolve_config(GenerateConfig, {}, "generate", {**settings, "num_images": 6}), pool_workspace)
+    pool = [pool_workspace.generated_dir(HUMMINGBIRD, "base") / f"{i:05d}.png" for i in range(6)]
+    # the rigged classifier passes the brighter-on-top half of the pool (see test_generate_until)
+    transform = load_classifier(parse_classifier(rigged.flags["res-a"], builtin_classifiers("imagenet"))).transform()
+    statistic = _statistic(torch.stack([transform(load_rgb(p)) for p in pool])).numpy()
+    forward = RiggedForward(float(np.median(statistic)))
+    monkeypatch.setattr(Classifier, "logits", lambda self, images: forward(self, images))
+    passes = [bool(x) for x in statistic > np.median(statistic)]
+    made = _stop(passes, 2)
+
+    until = {**settings, "until": 2, "filter": ["consistent"], "max_images": 6}
+    [result] = generate(resolve_config(GenerateConfig, {}, "generate", until), workspace, [rigged.flags["res-a"]])
+    assert (result.made, result.total, result.accepted) == (made, made, 2)
+    generation = json.loads((workspace.generated_dir(HUMMINGBIRD, "base") / "generation.json").read_text())
+    assert generation["status"] == "complete" and generation["settings"]["guidance"] == 3.5
+    assert [entry["accepted"] for entry in generation["images"]] == passes[:made]
+    for entry in generation["images"]:  # image i is seed i's whatever stops the run
+        assert _same_image(workspace.generated_dir(HUMMINGBIRD, "base") / entry["file"], pool[entry["index"]])
+    assert forward.images == made  # each image judged once
