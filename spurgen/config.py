@@ -656,9 +656,10 @@ class FinetuneConfig:
                                                    "change; sample: sqrt(1-abar_t)), the profile the defaults were "
                                                    "chosen on; 'none' is the paper's Eq. 6 as written.")
     sfsl_decoder: str | None = setting(None, "Decoder of SFSL's images only: a diffusers AutoencoderTiny (TAESD) "
-                                             "folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x; far cheaper to "
-                                             "differentiate through than the VAE decoder. Default: the base model's "
-                                             "VAE.")
+                                             "folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x, "
+                                             "madebyollin/taesdxl for SDXL, madebyollin/taef1 for FLUX.1; far cheaper "
+                                             "to differentiate through than the VAE decoder. Default: the base "
+                                             "model's VAE.")
     checkpointing_steps: int = setting(200, "Save a resumable checkpoint every N steps (0: never).")
     checkpoints_total_limit: int = setting(2, "Checkpoints kept per run; older ones are deleted.")
     resume: bool = setting(False, "Continue from the run's latest checkpoint (exactly: weights, optimizer, schedule, "
