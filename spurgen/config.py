@@ -79,7 +79,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # an optional setting: its type's own message says what is wrong
+            return _coerce(value, options[0], where)
+        for arg in options:
             try:
                 return _coerce(value, arg, where)
             except SpurgenError:
@@ -296,7 +299,11 @@ class GenerateConfig:
                                        "--base, the class prompt ('a photo of <noun>').")
     negative_prompt: str = setting("", "Negative prompt; the same placeholders as --prompt.")
     steps: int = setting(25, "Denoising steps.")
-    guidance: float = setting(7.5, "Classifier-free guidance scale (1 turns guidance off).")
+    guidance: float | None = setting(None, "Guidance scale: classifier-free guidance for SD 1.x/2.x and SDXL (1 turns "
+                                           "it off); for FLUX.1-dev the value of its distilled guidance embedding, "
+                                           "not classifier-free guidance (FLUX.1-schnell ignores it). Default: the "
+                                           "model family's pipeline default, 7.5 for SD 1.x/2.x, 5.0 for SDXL, 3.5 "
+                                           "for FLUX.1; generation.json records the value used.")
     scheduler: str = setting("DPM-Solver++", f"Sampler: {', '.join(SCHEDULERS)}, or '{MODEL_SCHEDULER}' (the scheduler "
                                              "saved with the model).")
     batch_size: int = setting(4, "Images per pipeline call; it does not change the images.")
@@ -350,7 +357,7 @@ class GenerateConfig:
     def validate(self) -> None:
         require(self.num_images >= 1, f"-n must be at least 1, got {self.num_images}")
         require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
-        require(self.guidance >= 0, f"--guidance must be 0 or more, got {self.guidance}")
+        require(self.guidance is None or self.guidance >= 0, f"--guidance must be 0 or more, got {self.guidance}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
         require(self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
@@ -609,7 +616,11 @@ class FinetuneConfig:
                                          "resolution and seed).")
     sample_steps: int = setting(25, "Denoising steps for class and validation images (with the base model's own "
                                     "scheduler).")
-    guidance_scale: float = setting(7.5, "Classifier-free guidance scale of class and validation images.")
+    guidance_scale: float | None = setting(None, "Guidance scale of class and validation images: classifier-free for "
+                                                 "SD 1.x/2.x and SDXL, FLUX.1-dev's distilled guidance embedding for "
+                                                 "FLUX.1 (FLUX.1-schnell ignores it). Default: the model family's "
+                                                 "pipeline default, as generate's --guidance (7.5 for SD 1.x/2.x, 5.0 "
+                                                 "for SDXL, 3.5 for FLUX.1); training.json records the value used.")
     sample_batch_size: int = setting(4, "Images per batch when generating class images.")
     sfsl_weight: float = setting(100.0, "Weight kappa of the spurious feature similarity loss with the 'sfsl' preset "
                                         "(0 disables it); [finetune.class-sfsl-weight] in spurgen.toml sets it per "
@@ -647,8 +658,9 @@ class FinetuneConfig:
                                                    "chosen on; 'none' is the paper's Eq. 6 as written.")
     sfsl_decoder: str | None = setting(None, "Decoder of SFSL's images only: a diffusers AutoencoderTiny (TAESD) "
                                              "folder or hub id, e.g. madebyollin/taesd for SD 1.x/2.x, "
-                                             "madebyollin/taesdxl for SDXL; far cheaper to differentiate through than "
-                                             "the VAE decoder. Default: the base model's VAE.")
+                                             "madebyollin/taesdxl for SDXL, madebyollin/taef1 for FLUX.1; far cheaper "
+                                             "to differentiate through than the VAE decoder. Default: the base "
+                                             "model's VAE.")
     checkpointing_steps: int = setting(200, "Save a resumable checkpoint every N steps (0: never).")
     checkpoints_total_limit: int = setting(2, "Checkpoints kept per run; older ones are deleted.")
     resume: bool = setting(False, "Continue from the run's latest checkpoint (exactly: weights, optimizer, schedule, "
@@ -719,8 +731,8 @@ class FinetuneConfig:
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got "
                                               f"{getattr(self, name)}")
         for name in ("adam_weight_decay", "max_grad_norm", "prior_weight", "guidance_scale", "sfsl_weight"):
-            require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got "
-                                              f"{getattr(self, name)}")
+            value = getattr(self, name)
+            require(value is None or value >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {value}")
         for key, kappa in self.class_sfsl_weight.items():
             require(kappa >= 0, f"class-sfsl-weight of '{key}' must be 0 or more, got {kappa}")
         require(self.resolution is None or self.resolution >= 8, "--resolution must be at least 8 pixels, got "

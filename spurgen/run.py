@@ -24,6 +24,7 @@ from .config import EvaluateConfig, FinetuneConfig, GenerateConfig, RunConfig, S
 from .errors import SpurgenError
 from .evaluate import Evaluation, evaluate
 from .finetune import finetune
+from .families import get_family
 from .generate import generate
 from .labels import ClassInfo, get_label_set
 from .select_refs import select_refs
@@ -88,13 +89,24 @@ def _training_action(config: FinetuneConfig, folder: Path) -> str:
     return RESUME if any((folder / CHECKPOINTS).glob("checkpoint-*")) else RUN
 
 
-def _generation_action(config: GenerateConfig, folder: Path) -> str:
-    """Complete with the same number of images and sampling settings; images already there are kept otherwise."""
+def _generation_action(config: GenerateConfig, folder: Path, model: Path) -> str:
+    """Complete with the same number of images and sampling settings; images already there are kept otherwise.
+
+    Args:
+        config: The generate settings.
+        folder: The run's ``generated/<class>/<run>/``.
+        model: The run's ``models/<class>/<run>/``: its training.json names the family whose default guidance
+            an unset ``--guidance`` stands for (SD when it names none: it predates the other families); without
+            one, the images are resumed and generate decides.
+    """
     manifest = read_json(folder / GENERATION_FILE) if (folder / GENERATION_FILE).is_file() else {}
     if not manifest:
         return RUN
-    same = manifest.get("num_images") == config.num_images and all(
-        manifest.get("settings", {}).get(key) == getattr(config, key) for key in ("steps", "guidance", "seed"))
+    training = read_json(model / TRAINING_FILE) if (model / TRAINING_FILE).is_file() else {}
+    guidance = get_family(training.get("family", "sd")).guidance(config.guidance) if training else config.guidance
+    recorded = manifest.get("settings", {})
+    same = manifest.get("num_images") == config.num_images and (
+        recorded.get("steps"), recorded.get("guidance"), recorded.get("seed")) == (config.steps, guidance, config.seed)
     return SKIP if same and manifest.get("status") == "complete" else RESUME
 
 
@@ -104,7 +116,8 @@ def plan_class(workspace: Workspace, cls: ClassInfo, runs: dict[str, dict[str, A
     steps = [RunStep(SELECT, None, SKIP if (workspace.refs_dir(cls) / SELECTION_FILE).is_file() else RUN)]
     steps += [RunStep(FINETUNE, name, _training_action(config, workspace.model_dir(cls, name)))
               for name, config in tunes.items()]
-    steps += [RunStep(GENERATE, name, _generation_action(gen, workspace.generated_dir(cls, name))) for name in runs]
+    steps += [RunStep(GENERATE, name, _generation_action(gen, workspace.generated_dir(cls, name),
+                                                         workspace.model_dir(cls, name))) for name in runs]
     return steps
 
 

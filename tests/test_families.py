@@ -110,7 +110,9 @@ def test_sdxl_sfsl_lora_trains_every_term_and_plain_diffusers_loads_it(tiny_sdxl
         workspace)
     assert [(r.run, r.kind, r.made) for r in generated] == [("sfsl", "lora", 2)]
     out = workspace.generated_dir(HUMMINGBIRD, "sfsl")
-    for i, theirs in enumerate(_sdxl_images(pipe, validation["prompt"], [5, 6], 2, 7.5)):
+    # guidance unset: StableDiffusionXLPipeline's own default, 5.0
+    assert json.loads((out / "generation.json").read_text())["settings"]["guidance"] == 5.0
+    for i, theirs in enumerate(_sdxl_images(pipe, validation["prompt"], [5, 6], 2, 5.0)):
         assert np.abs(png(out / f"{i:05d}.png") - theirs).max() <= 1
     record = json.loads((out / "generation.json").read_text())["model"]
     assert any(name.startswith("text_encoder_2/") for name in record["files"])
@@ -162,7 +164,7 @@ def test_sdxl_full_fine_tuning_saves_a_pipeline_plain_diffusers_loads(tiny_sdxl_
                     prior_preservation=False), workspace)
     folder = workspace.model_dir(HUMMINGBIRD, "dreambooth-te")
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-    [image] = _sdxl_images(pipe, "a photo of sks red feeder/flower", [0], 2, 7.5)
+    [image] = _sdxl_images(pipe, "a photo of sks red feeder/flower", [0], 2, 5.0)  # SDXL's default guidance
     assert np.abs(image - png(folder / "validation" / "step-000002" / "00.png")).max() <= 1
     base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     assert not torch.equal(pipe.unet.conv_in.weight, base.unet.conv_in.weight)

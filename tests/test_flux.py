@@ -127,11 +127,12 @@ def test_flux_lora_from_the_command_line_loads_in_plain_diffusers_and_generate_m
     from safetensors.torch import load_file
 
     workspace = write_refs(tmp_path)
-    # prior preservation on (class images from FluxPipeline), CLIP's LoRA too, SFSL on both steps; alpha != rank
+    # prior preservation on (class images from FluxPipeline), CLIP's LoRA too, SFSL on both steps; alpha != rank;
+    # guidance unset: FluxPipeline's 3.5
     done = CliRunner().invoke(app, [
         "finetune", "-w", str(workspace.root), "--model", str(tiny_flux_dir), "--classes", "94", "--steps", "2",
         "--resolution", "64", "--num-class-images", "2", "--sample-steps", "2", "--num-validation-images", "2",
-        "--guidance-scale", "3.5", "--rank", "4", "--alpha", "8", "--learning-rate", "1e-2", "--train-text-encoder",
+        "--rank", "4", "--alpha", "8", "--learning-rate", "1e-2", "--train-text-encoder",
         "--run-name", "sfsl-te", "--sfsl-model", "res-a", f"--classifier={rigged.flags['res-a']}",
         "--sfsl-max-timestep", "999", "--checkpointing-steps", "0"])
     assert done.exit_code == 0, done.output
@@ -148,6 +149,8 @@ def test_flux_lora_from_the_command_line_loads_in_plain_diffusers_and_generate_m
     assert "trained: transformer and text encoder" in card
 
     validation = info["validation"]
+    assert validation["guidance_scale"] == info["settings"]["guidance_scale"] == 3.5  # FluxPipeline's default
+    assert "guidance_scale=3.5)" in card
     pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
     args = (validation["prompt"], validation["seeds"], validation["num_inference_steps"], validation["guidance_scale"])
     base_images = _images(pipe, *args)
@@ -159,7 +162,7 @@ def test_flux_lora_from_the_command_line_loads_in_plain_diffusers_and_generate_m
         assert np.abs(ours - base).mean() > 1  # training changed the model
 
     settings = {"classes": ["hummingbird"], "runs": ["sfsl-te"], "num_images": 2, "steps": 2, "seed": 5,
-                "device": "cpu", "guidance": 3.5}
+                "device": "cpu"}
     with pytest.raises(SpurgenError, match=r"is a FLUX.1 model, which samples with its own scheduler only; pass "
                                            r"--scheduler model \(not DPM-Solver\+\+\)"):
         generate(resolve_config(GenerateConfig, {}, "generate", settings), workspace)
@@ -168,7 +171,9 @@ def test_flux_lora_from_the_command_line_loads_in_plain_diffusers_and_generate_m
     out = workspace.generated_dir(HUMMINGBIRD, "sfsl-te")
     for i, theirs in enumerate(_images(pipe, validation["prompt"], [5, 6], 2, 3.5)):
         assert np.abs(png(out / f"{i:05d}.png") - theirs).max() <= 1
-    record = json.loads((out / "generation.json").read_text())["model"]
+    generation = json.loads((out / "generation.json").read_text())
+    assert generation["settings"]["guidance"] == 3.5  # the family's default, recorded
+    record = generation["model"]
     assert any(name.startswith("transformer/") for name in record["files"])
     # kohya's SD keys cannot name the transformer: refused, not written without it
     export = {"classes": ["94"], "run": "sfsl-te", "format": "kohya"}
@@ -228,3 +233,197 @@ def test_settings_without_a_flow_matching_meaning_are_refused_in_one_line(
         finetune(config(tiny_flux_dir, resolution=64, preset="dreambooth", **setting), workspace)
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "models").exists()
+
+
+# --- Guidance defaults, memory savers, and the other stages on FLUX.1 -------------------------------------------
+
+
+def test_guidance_defaults_are_each_pipelines_and_an_sd_run_recorded_at_7_5_still_resumes(
+        tiny_flux_dir: Path, tiny_sd_dir: Path, tmp_path: Path) -> None:
+    import inspect
+
+    from spurgen.config import FinetuneConfig, help_for
+    from spurgen.finetune import prepare_finetune
+    from spurgen.finetune.plan import resume_key
+
+    for name, label in (("sd", "SD 1.x/2.x"), ("sdxl", "SDXL"), ("flux", "FLUX.1")):
+        family = get_family(name)
+        call = inspect.signature(family.pipeline_class().__call__).parameters["guidance_scale"]
+        assert family.default_guidance == call.default  # the plain pipeline's own default
+        for text in (help_for(GenerateConfig, "guidance"), help_for(FinetuneConfig, "guidance_scale")):
+            assert f"{family.default_guidance} for {label}" in text
+    assert "distilled guidance embedding" in help_for(GenerateConfig, "guidance")
+    workspace = write_refs(tmp_path)
+    for model, expected in ((tiny_flux_dir, 3.5), (tiny_sd_dir, 7.5)):
+        keys = set()
+        for given in (None, expected):  # unset, and as an older spurgen recorded it
+            cfg = config(model, preset="dreambooth", resolution=64, guidance_scale=given)
+            setup = prepare_finetune(cfg, workspace)
+            assert cfg.guidance_scale == expected
+            keys.add(resume_key(cfg, setup.plans[0], setup.base, setup.resolution, setup.accelerator))
+        assert len(keys) == 1  # a checkpoint saved with the number resumes without it
+
+
+def test_taef1_as_sfsl_decoder_trains_sfsl_through_it(tiny_flux_dir: Path, rigged, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import AutoencoderTiny
+
+    from spurgen.testing import build_tiny_autoencoder
+
+    # madebyollin/taef1's config: the FLUX VAE's latent channels, scale 1 and no shift (it decodes the latents the
+    # transformer sees); here with the tiny FLUX VAE's channels
+    channels = json.loads((tiny_flux_dir / "vae" / "config.json").read_text())["latent_channels"]
+    taef1 = build_tiny_autoencoder(tmp_path / "taef1", "tiny", latent_channels=channels)
+    saved = json.loads((taef1 / "config.json").read_text())
+    assert (saved["_class_name"], saved["scaling_factor"], saved["shift_factor"]) == ("AutoencoderTiny", 1.0, 0.0)
+    trainer = sfsl_trainer(tiny_flux_dir, write_refs(tmp_path / "ws"), rigged, resolution=64, run_name="taef1",
+                           sfsl_decoder=str(taef1))
+    monkeypatch.setattr(trainer.parts.vae, "decode", lambda *a, **k: pytest.fail("SFSL decoded through the VAE"))
+    decoder, seen = trainer.sfsl_decoder, []
+    assert isinstance(decoder, AutoencoderTiny)
+    decode = decoder.decode
+    monkeypatch.setattr(decoder, "decode", lambda latents, *a, **k: seen.append(latents) or decode(latents, *a, **k))
+    try:
+        trainer.train_step(0)
+        [row] = trainer.read_rows()
+        assert row["sfsl_rows"] == 2 and np.isfinite(row["sfsl"]) and row["sfsl"] > 0  # the term is logged
+        # the transformer's latents go in unchanged: 2 rows of the tiny VAE's 32 x 32 latents at 64 px
+        assert [tuple(z.shape) for z in seen] == [(2, channels, 32, 32)]
+        losses = trainer.losses(step=1, micro=0)
+        losses.sfsl.backward()
+        for model in (trainer.unet, trainer.text_encoder):
+            grads = [p.grad for name, p in model.named_parameters() if "lora_" in name]
+            assert grads and all(g is not None for g in grads)
+            assert sum(float(g.abs().sum()) for g in grads) > 0
+        assert all(p.grad is None for p in decoder.parameters())  # frozen: gradients pass through it
+    finally:
+        trainer.close()
+
+
+def _attention_calls(trainer: Any) -> list[int]:
+    """Counts the runs of the attention of the first transformer block and of CLIP's first layer: [transformer,
+    clip]. (A module inside the checkpointed block, counted in its forward: torch calls no forward hooks when it
+    recomputes, and transformers checkpoints a layer's class-level forward.)"""
+    calls = [0, 0]
+    clip = trainer.text_encoder.get_submodule("encoder.layers.0" if hasattr(trainer.text_encoder, "encoder")
+                                               else "text_model.encoder.layers.0")  # transformers 5 dropped text_model
+    for n, attention in enumerate((trainer.unet.transformer_blocks[0].attn, clip.self_attn)):
+        def counted(*args: Any, n: int = n, forward: Any = attention.forward, **kwargs: Any) -> Any:
+            calls[n] += 1
+            return forward(*args, **kwargs)
+
+        attention.forward = counted
+    return calls
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_flux_dir: Path, rigged,
+                                                                   tmp_path: Path) -> None:
+    results = []
+    for checkpointing in (False, True):
+        trainer = sfsl_trainer(tiny_flux_dir, write_refs(tmp_path / str(checkpointing)), rigged, resolution=64,
+                               train_text_encoder=True, run_name="te", gradient_checkpointing=checkpointing)
+        try:
+            calls = _attention_calls(trainer)
+            losses = trainer.losses(step=0, micro=0)
+            assert calls == [1, 1]
+            losses.total.backward()
+            # checkpointed blocks run their forward again in the backward pass
+            assert calls == ([2, 2] if checkpointing else [1, 1])
+            grads = {f"{part}.{name}": p.grad.clone() for part, model in zip(trainer.trained_names, trainer.models)
+                     for name, p in model.named_parameters() if p.requires_grad}
+            results.append((losses.total.detach(), losses.sfsl.detach(), grads))
+        finally:
+            trainer.close()
+    (total, sfsl, grads), (total_gc, sfsl_gc, grads_gc) = results
+    torch.testing.assert_close(total_gc, total)
+    torch.testing.assert_close(sfsl_gc, sfsl)
+    assert grads_gc.keys() == grads.keys() and any(name.startswith("text_encoder.") for name in grads)
+    for name in grads:
+        torch.testing.assert_close(grads_gc[name], grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_8bit_adam_trains_the_flux_lora_when_bitsandbytes_is_installed(tiny_flux_dir: Path, tmp_path: Path) -> None:
+    from spurgen.finetune import prepare_finetune
+
+    bitsandbytes = pytest.importorskip("bitsandbytes")
+    workspace = write_refs(tmp_path)
+    cfg = config(tiny_flux_dir, preset="dreambooth-te", resolution=64, prior_preservation=False, use_8bit_adam=True)
+    setup = prepare_finetune(cfg, workspace)
+    trainer = setup.trainer(setup.plans[0], cfg, workspace)
+    try:
+        assert isinstance(trainer.optimizer.optimizer, bitsandbytes.optim.AdamW8bit)
+        assert not trainer.skips_on_device  # it cannot skip a step on the device: the flag is read on the host
+        trained = {name: [p for p in model.parameters() if p.requires_grad]
+                   for name, model in zip(trainer.trained_names, trainer.models)}
+        before = {name: [p.detach().clone() for p in params] for name, params in trained.items()}
+        trainer.train_step(0)
+        [row] = trainer.read_rows()
+        assert np.isfinite(row["loss"])
+        for name, params in trained.items():  # the step updated the LoRA of the transformer and of CLIP
+            assert any(not torch.equal(p, old) for p, old in zip(params, before[name])), name
+    finally:
+        trainer.close()
+
+
+def test_spurgen_run_takes_a_flux_model_through_every_stage_and_a_rerun_skips_them(tiny_flux_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    from conftest import small_settings, solved_classifier, spurious_folder
+
+    spurious_folder(tmp_path / "images", [HUMMINGBIRD], 2)
+    classifier = solved_classifier(tmp_path / "images", tmp_path / "tiny.safetensors")
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    # --guidance left unset: generation.json records FLUX.1's 3.5, and the rerun's plan resolves it the same way
+    (workspace / "spurgen.toml").write_text(small_settings(tiny_flux_dir, tmp_path / "images",
+                                                           finetune={"resolution": 64},
+                                                           generate={"scheduler": "model"}))
+    args = ["run", "-w", str(workspace), "--classes", "94", f"--classifier={classifier}"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    [entry] = json.loads((workspace / "run.json").read_text())["classes"]
+    assert entry["stages"] == {"select-refs": "ran", "finetune/dreambooth": "trained", "generate/dreambooth": "ran"}
+    trained = manifest(workspace / "models" / HUMMINGBIRD.dirname / "dreambooth")
+    assert (trained["status"], trained["family"], trained["weights"]) == ("complete", "flux", "lora")
+    generated = workspace / "generated" / HUMMINGBIRD.dirname / "dreambooth"
+    generation = json.loads((generated / "generation.json").read_text())
+    assert generation["status"] == "complete" and (generated / "00000.png").is_file()
+    assert (generation["settings"]["guidance"], generation["settings"]["scheduler"]) == (3.5, "model")
+    evaluation = json.loads((workspace / "reports" / "evaluation.json").read_text())
+    assert evaluation["settings"]["classes"] == [94] and (workspace / "reports" / "report.html").is_file()
+
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    rerun = json.loads((workspace / "run.json").read_text())
+    assert rerun["classes"][0]["stages"] == dict.fromkeys(entry["stages"], "skipped") and not rerun["evaluated"]
+
+
+def test_generate_until_over_generates_a_flux_model_until_n_images_pass(tiny_flux_dir: Path, rigged, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_generate_until import RiggedForward, _same_image, _statistic, _stop
+
+    from spurgen.classifiers import Classifier, builtin_classifiers, load_classifier, parse_classifier
+    from spurgen.images import load_rgb
+    from spurgen.workspace import Workspace
+
+    settings = {"classes": ["hummingbird"], "base": True, "model": str(tiny_flux_dir), "steps": 2,
+                "scheduler": "model", "resolution": 64, "device": "cpu", "batch_size": 2, "classifiers": ["res-a"]}
+    pool_workspace, workspace = Workspace(tmp_path / "pool"), Workspace(tmp_path / "ws")
+    generate(resolve_config(GenerateConfig, {}, "generate", {**settings, "num_images": 6}), pool_workspace)
+    pool = [pool_workspace.generated_dir(HUMMINGBIRD, "base") / f"{i:05d}.png" for i in range(6)]
+    # the rigged classifier passes the brighter-on-top half of the pool (see test_generate_until)
+    transform = load_classifier(parse_classifier(rigged.flags["res-a"], builtin_classifiers("imagenet"))).transform()
+    statistic = _statistic(torch.stack([transform(load_rgb(p)) for p in pool])).numpy()
+    forward = RiggedForward(float(np.median(statistic)))
+    monkeypatch.setattr(Classifier, "logits", lambda self, images: forward(self, images))
+    passes = [bool(x) for x in statistic > np.median(statistic)]
+    made = _stop(passes, 2)
+
+    until = {**settings, "until": 2, "filter": ["consistent"], "max_images": 6}
+    [result] = generate(resolve_config(GenerateConfig, {}, "generate", until), workspace, [rigged.flags["res-a"]])
+    assert (result.made, result.total, result.accepted) == (made, made, 2)
+    generation = json.loads((workspace.generated_dir(HUMMINGBIRD, "base") / "generation.json").read_text())
+    assert generation["status"] == "complete" and generation["settings"]["guidance"] == 3.5
+    assert [entry["accepted"] for entry in generation["images"]] == passes[:made]
+    for entry in generation["images"]:  # image i is seed i's whatever stops the run
+        assert _same_image(workspace.generated_dir(HUMMINGBIRD, "base") / entry["file"], pool[entry["index"]])
+    assert forward.images == made  # each image judged once

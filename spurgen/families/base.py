@@ -47,11 +47,22 @@ class ModelFamily(ABC):
     swaps_samplers: ClassVar[bool] = True
     """Whether ``generate --scheduler`` may swap in another sampler (the DDPM-family ones of
     :data:`spurgen.config.SCHEDULERS`); ``False``: the model samples with its own scheduler only."""
+    default_guidance: ClassVar[float]
+    """The guidance scale of ``generate --guidance`` and ``finetune --guidance-scale`` when not given: the family's
+    pipeline default (``guidance_scale`` of its ``__call__``)."""
 
     @property
     def trained_text_encoders(self) -> tuple[str, ...]:
         """The text encoders that text-encoder training adapts, in :attr:`text_encoders` order."""
         return tuple(name for name in self.text_encoders if name not in self.frozen_text_encoders)
+
+    def guidance(self, requested: float | None) -> float:
+        """The guidance scale to sample with: ``requested`` when given, else :attr:`default_guidance`.
+
+        Args:
+            requested: ``--guidance`` / ``--guidance-scale``; ``None`` when not given.
+        """
+        return self.default_guidance if requested is None else requested
 
     def check_config(self, config: "FinetuneConfig") -> None:
         """Refuses finetune settings the family cannot train with; every family takes all of them by default.

@@ -99,6 +99,9 @@ class Flux(ModelFamily):
     lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {"transformer": _TRANSFORMER_TARGETS,
                                                           "text_encoder": TEXT_ENCODER_TARGETS}
     frozen_text_encoders = ("text_encoder_2",)
+    # FluxPipeline's default: the value fed to FLUX.1-dev's distilled guidance embedding (not classifier-free
+    # guidance: one transformer call per step), as training feeds it. FLUX.1-schnell has no such input and ignores it.
+    default_guidance = TRAINING_GUIDANCE
     # diffusers' DDPM-family samplers know nothing of flow matching's sigmas (nor of FLUX.1-dev's shift by size).
     swaps_samplers = False
 

@@ -28,6 +28,7 @@ class StableDiffusion(ModelFamily):
     # diffusers' train_dreambooth_lora.py: the attention projections (add_k/v_proj where a UNet has them).
     lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {"unet": UNET_TARGETS, "text_encoder": TEXT_ENCODER_TARGETS}
     noise_scheduler_class = "DDPMScheduler"
+    default_guidance = 7.5  # StableDiffusionPipeline's classifier-free guidance
     # The safety checker (1.2 GB) only blanks images: training never loads it.
     pipeline_arguments: ClassVar[dict[str, Any]] = {"safety_checker": None, "feature_extractor": None,
                                                     "requires_safety_checker": False}

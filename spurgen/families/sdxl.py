@@ -31,6 +31,7 @@ class StableDiffusionXL(StableDiffusion):
     lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {
         "unet": _UNET_TARGETS, "text_encoder": TEXT_ENCODER_TARGETS, "text_encoder_2": TEXT_ENCODER_TARGETS}
     pipeline_arguments: ClassVar[dict[str, Any]] = {}
+    default_guidance = 5.0  # StableDiffusionXLPipeline's classifier-free guidance
 
     def unused_modules(self, part: str, model: "torch.nn.Module") -> tuple[str, ...]:
         """The first text encoder's last layer and final norm: SDXL conditions on that encoder's penultimate

@@ -160,6 +160,10 @@ def prepare_finetune(config: FinetuneConfig, workspace: Workspace,
     has kappa > 0: its last layer, and the neural PCA for ``npca``), the settings of checkpoints to resume,
     and that the workspace and the models' folders are writable.
 
+    The base model's family fills in ``config``'s family defaults (the guidance scale) in place, before the settings
+    are compared with a run's or hashed into a resume key: the runs record the value used, and an SD run recorded
+    with 7.5 from before these defaults existed still resumes.
+
     Raises:
         SpurgenError: any of these fails.
     """
@@ -167,6 +171,7 @@ def prepare_finetune(config: FinetuneConfig, workspace: Workspace,
     labels = get_label_set(config.labels)
     base = resolve_base_model(config.model, config.family)
     base.family.check_config(config)
+    config.guidance_scale = base.family.guidance(config.guidance_scale)
     latent_channels = vae_config(base, config.vae).get("latent_channels", 4)
     if base.prediction_type not in PREDICTION_TYPES:
         raise SpurgenError(f"base model '{config.model}' predicts '{base.prediction_type}'; spurgen trains "

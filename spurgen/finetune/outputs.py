@@ -283,7 +283,8 @@ def _model_card(plan: ClassPlan, config: FinetuneConfig, manifest: dict[str, Any
         f"from diffusers import {pipeline}",
         "",
         load,
-        f'image = pipe("{plan.instance_prompt}", num_inference_steps=25, guidance_scale=7.5).images[0]',
+        f'image = pipe("{plan.instance_prompt}", num_inference_steps=25, '
+        f'guidance_scale={base.family.default_guidance}).images[0]',
         "```",
         "",
         "Or run `spurgen generate` in the same workspace. Validation images are in `validation/`, the loss "

@@ -178,8 +178,8 @@ def load_sfsl_decoder(name: str, latent_channels: int, device: torch.device | st
     """
     from diffusers import AutoencoderTiny
 
-    hint = ("give a diffusers AutoencoderTiny folder or hub id (e.g. madebyollin/taesd for SD 1.x/2.x, "
-            "madebyollin/taesdxl for SDXL)")
+    hint = ("give a diffusers AutoencoderTiny folder or hub id (e.g. madebyollin/taesd for SD 1.x/2.x, taesdxl for "
+            "SDXL, taef1 for FLUX.1)")
     folder = Path(name).expanduser()
     if folder.is_dir():
         config_file = folder / "config.json"

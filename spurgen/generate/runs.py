@@ -313,14 +313,14 @@ def run_fingerprint(model: dict[str, Any], settings: dict[str, Any]) -> str:
 
 
 def run_settings(config: GenerateConfig, plan: ModelPlan, dtype: "torch.dtype") -> dict[str, Any]:
-    """The settings that change an image (batch size, device and n do not)."""
+    """The settings that change an image (batch size, device and n do not), the family's defaults filled in."""
     import torch
 
     return {
         "prompt": plan.prompt,
         "negative_prompt": plan.negative_prompt,
         "steps": config.steps,
-        "guidance": config.guidance,
+        "guidance": plan.pipeline.family.guidance(config.guidance),
         "scheduler": find_scheduler(config.scheduler),
         "resolution": plan.resolution or plan.pipeline.resolution,
         "seed": config.seed,

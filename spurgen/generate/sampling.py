@@ -204,7 +204,7 @@ def _sample(pipe: "DiffusionPipeline", state: RunState, config: GenerateConfig, 
 
     With --until, each batch is judged by ``filters`` as soon as it is written.
     """
-    resolution = state.header["settings"]["resolution"]
+    resolution, guidance = state.header["settings"]["resolution"], state.header["settings"]["guidance"]
     until = state.until
     task = progress.add_task(f"{state.plan.cls.dirname}/{state.plan.run}" + (" accepted" if until else ""),
                              total=until.wanted if until else len(state.todo), completed=until.accepted if until else 0)
@@ -217,7 +217,7 @@ def _sample(pipe: "DiffusionPipeline", state: RunState, config: GenerateConfig, 
             generators = [image_generator(config.seed + i) for i in batch]
             negative = [state.plan.negative_prompt] * len(batch) if state.plan.negative_prompt else None
             output = pipe(prompt=[state.plan.prompt] * len(batch), negative_prompt=negative,
-                          num_inference_steps=config.steps, guidance_scale=config.guidance,
+                          num_inference_steps=config.steps, guidance_scale=guidance,
                           height=resolution, width=resolution, generator=generators,
                           output_type="pt")
             # Only SD 1.x/2.x pipelines have a safety checker.
