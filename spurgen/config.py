@@ -304,8 +304,10 @@ class GenerateConfig:
                                            "not classifier-free guidance (FLUX.1-schnell ignores it). Default: the "
                                            "model family's pipeline default, 7.5 for SD 1.x/2.x, 5.0 for SDXL, 3.5 "
                                            "for FLUX.1; generation.json records the value used.")
-    scheduler: str = setting("DPM-Solver++", f"Sampler: {', '.join(SCHEDULERS)}, or '{MODEL_SCHEDULER}' (the scheduler "
-                                             "saved with the model).")
+    scheduler: str | None = setting(None, f"Sampler: {', '.join(SCHEDULERS)}, or '{MODEL_SCHEDULER}' (the scheduler "
+                                          "saved with the model). Default: the model family's, DPM-Solver++ for SD "
+                                          f"1.x/2.x and SDXL, '{MODEL_SCHEDULER}' for FLUX.1 (its own flow-matching "
+                                          "sampler, the only one it takes); generation.json records the sampler used.")
     batch_size: int = setting(4, "Images per pipeline call; it does not change the images.")
     seed: int = setting(0, (
         "Image i uses seed SEED + i, whatever the batch size, so re-runs and other batch sizes give the same picture "
@@ -363,7 +365,7 @@ class GenerateConfig:
         require(self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
                 f"--resolution must be a positive multiple of 8, got {self.resolution}")
         require(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        require(find_scheduler(self.scheduler) is not None,
+        require(self.scheduler is None or find_scheduler(self.scheduler) is not None,
                 f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)} or '{MODEL_SCHEDULER}'")
         require(bool(self.runs), "--runs is empty; pass run names or 'all'")
         require(not (self.lora and (self.base or self.checkpoint is not None)),

@@ -96,17 +96,19 @@ def _generation_action(config: GenerateConfig, folder: Path, model: Path) -> str
         config: The generate settings.
         folder: The run's ``generated/<class>/<run>/``.
         model: The run's ``models/<class>/<run>/``: its training.json names the family whose default guidance
-            an unset ``--guidance`` stands for (SD when it names none: it predates the other families); without
-            one, the images are resumed and generate decides.
+            and sampler an unset ``--guidance`` and ``--scheduler`` stand for (SD when it names none: it predates the
+            other families); without one, the images are resumed and generate decides.
     """
     manifest = read_json(folder / GENERATION_FILE) if (folder / GENERATION_FILE).is_file() else {}
     if not manifest:
         return RUN
-    training = read_json(model / TRAINING_FILE) if (model / TRAINING_FILE).is_file() else {}
-    guidance = get_family(training.get("family", "sd")).guidance(config.guidance) if training else config.guidance
+    if not (model / TRAINING_FILE).is_file():
+        return RESUME
+    family = get_family(read_json(model / TRAINING_FILE).get("family", "sd"))
     recorded = manifest.get("settings", {})
     same = manifest.get("num_images") == config.num_images and (
-        recorded.get("steps"), recorded.get("guidance"), recorded.get("seed")) == (config.steps, guidance, config.seed)
+        recorded.get("steps"), recorded.get("guidance"), recorded.get("scheduler"), recorded.get("seed")
+    ) == (config.steps, family.guidance(config.guidance), family.scheduler(config.scheduler), config.seed)
     return SKIP if same and manifest.get("status") == "complete" else RESUME
 
 

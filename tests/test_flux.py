@@ -163,16 +163,24 @@ def test_flux_lora_from_the_command_line_loads_in_plain_diffusers_and_generate_m
 
     settings = {"classes": ["hummingbird"], "runs": ["sfsl-te"], "num_images": 2, "steps": 2, "seed": 5,
                 "device": "cpu"}
-    with pytest.raises(SpurgenError, match=r"is a FLUX.1 model, which samples with its own scheduler only; pass "
-                                           r"--scheduler model \(not DPM-Solver\+\+\)"):
-        generate(resolve_config(GenerateConfig, {}, "generate", settings), workspace)
-    generated = generate(resolve_config(GenerateConfig, {}, "generate", {**settings, "scheduler": "model"}), workspace)
+    # refused before anything is written: a sampler FLUX.1 cannot take, and a negative prompt FluxPipeline would drop
+    for refused, message in (({"scheduler": "dpm_solver++"}, r"is a FLUX.1 model, which samples with its own "
+                                                             r"scheduler only; leave --scheduler unset or pass "
+                                                             r"--scheduler model \(not dpm_solver\+\+\)"),
+                             ({"negative_prompt": "blurry"}, r"is a FLUX.1 model, whose pipeline ignores a negative "
+                                                             r"prompt .*; drop --negative-prompt")):
+        with pytest.raises(SpurgenError, match=message) as caught:
+            generate(resolve_config(GenerateConfig, {}, "generate", {**settings, **refused}), workspace)
+        assert "\n" not in str(caught.value)
+    assert not workspace.generated_dir(HUMMINGBIRD, "sfsl-te").exists()
+    # --scheduler unset: FLUX.1's own sampler
+    generated = generate(resolve_config(GenerateConfig, {}, "generate", settings), workspace)
     assert [(r.run, r.kind, r.made) for r in generated] == [("sfsl-te", "lora", 2)]
     out = workspace.generated_dir(HUMMINGBIRD, "sfsl-te")
     for i, theirs in enumerate(_images(pipe, validation["prompt"], [5, 6], 2, 3.5)):
         assert np.abs(png(out / f"{i:05d}.png") - theirs).max() <= 1
     generation = json.loads((out / "generation.json").read_text())
-    assert generation["settings"]["guidance"] == 3.5  # the family's default, recorded
+    assert (generation["settings"]["guidance"], generation["settings"]["scheduler"]) == (3.5, "model")  # recorded
     record = generation["model"]
     assert any(name.startswith("transformer/") for name in record["files"])
     # kohya's SD keys cannot name the transformer: refused, not written without it
@@ -262,6 +270,16 @@ def test_guidance_defaults_are_each_pipelines_and_an_sd_run_recorded_at_7_5_stil
             assert cfg.guidance_scale == expected
             keys.add(resume_key(cfg, setup.plans[0], setup.base, setup.resolution, setup.accelerator))
         assert len(keys) == 1  # a checkpoint saved with the number resumes without it
+
+
+def test_sampler_defaults_are_each_familys_as_generate_help_says() -> None:
+    from spurgen.config import help_for
+
+    for name, default in (("sd", "DPM-Solver++"), ("sdxl", "DPM-Solver++"), ("flux", "model")):
+        family = get_family(name)
+        assert (family.scheduler(None), family.scheduler("euler_a")) == (default, "Euler-a")
+        assert family.negative_prompts is (name != "flux")  # FluxPipeline drops it without true CFG
+    assert "DPM-Solver++ for SD 1.x/2.x and SDXL, 'model' for FLUX.1" in help_for(GenerateConfig, "scheduler")
 
 
 def test_taef1_as_sfsl_decoder_trains_sfsl_through_it(tiny_flux_dir: Path, rigged, tmp_path: Path,
@@ -373,10 +391,10 @@ def test_spurgen_run_takes_a_flux_model_through_every_stage_and_a_rerun_skips_th
     classifier = solved_classifier(tmp_path / "images", tmp_path / "tiny.safetensors")
     workspace = tmp_path / "ws"
     workspace.mkdir()
-    # --guidance left unset: generation.json records FLUX.1's 3.5, and the rerun's plan resolves it the same way
+    # --guidance and --scheduler left unset: generation.json records FLUX.1's 3.5 and own sampler, and the rerun's
+    # plan resolves them the same way
     (workspace / "spurgen.toml").write_text(small_settings(tiny_flux_dir, tmp_path / "images",
-                                                           finetune={"resolution": 64},
-                                                           generate={"scheduler": "model"}))
+                                                           finetune={"resolution": 64}))
     args = ["run", "-w", str(workspace), "--classes", "94", f"--classifier={classifier}"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output

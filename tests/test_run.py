@@ -134,6 +134,27 @@ def test_the_paper_example_settings_resolve_for_every_stage(tmp_path: Path) -> N
     assert finetune.model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
+@pytest.mark.parametrize("family, guidance, sampler", [("sd", 7.5, "DPM-Solver++"), ("flux", 3.5, "model")])
+def test_the_skip_check_reads_an_unset_guidance_and_sampler_as_the_runs_family(
+        family: str, guidance: float, sampler: str, tmp_path: Path) -> None:
+    from spurgen.config import GenerateConfig, resolve_config
+    from spurgen.run import RESUME, SKIP, _generation_action
+
+    model, images = tmp_path / "model", tmp_path / "images"
+    for folder, record in ((model, {"family": family}),
+                           (images, {"status": "complete", "num_images": 1, "settings": {
+                               "steps": 2, "guidance": guidance, "scheduler": sampler, "seed": 0}})):
+        folder.mkdir()
+        (folder / ("training.json" if folder == model else "generation.json")).write_text(json.dumps(record))
+
+    def action(**settings: object) -> str:
+        config = resolve_config(GenerateConfig, {}, "generate", {"num_images": 1, "steps": 2, **settings})
+        return _generation_action(config, images, model)
+
+    assert action() == action(guidance=guidance, scheduler=sampler.lower()) == SKIP
+    assert action(scheduler="Euler") == action(guidance=1.0) == RESUME  # generate then refuses or remakes them
+
+
 def test_run_trains_the_model_the_stage_commands_train(tiny_sd_dir: Path, tmp_path: Path) -> None:
     """`spurgen run` and select-refs + finetune with the same settings train the same LoRA, tensor for tensor, and
     record the same settings.

@@ -5,6 +5,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..config import find_scheduler
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -47,6 +49,11 @@ class ModelFamily(ABC):
     swaps_samplers: ClassVar[bool] = True
     """Whether ``generate --scheduler`` may swap in another sampler (the DDPM-family ones of
     :data:`spurgen.config.SCHEDULERS`); ``False``: the model samples with its own scheduler only."""
+    default_scheduler: ClassVar[str] = "DPM-Solver++"
+    """The sampler of ``generate --scheduler`` when not given, by its canonical name (a key of
+    :data:`spurgen.config.SCHEDULERS`, or ``"model"``)."""
+    negative_prompts: ClassVar[bool] = True
+    """Whether the family's pipeline samples with ``generate --negative-prompt``; ``False``: it would ignore it."""
     default_guidance: ClassVar[float]
     """The guidance scale of ``generate --guidance`` and ``finetune --guidance-scale`` when not given: the family's
     pipeline default (``guidance_scale`` of its ``__call__``)."""
@@ -63,6 +70,16 @@ class ModelFamily(ABC):
             requested: ``--guidance`` / ``--guidance-scale``; ``None`` when not given.
         """
         return self.default_guidance if requested is None else requested
+
+    def scheduler(self, requested: str | None) -> str | None:
+        """The sampler to sample with, by its canonical name: ``requested``'s when given, else
+        :attr:`default_scheduler`; ``None`` for a name :func:`~spurgen.config.find_scheduler` does not know (which
+        :class:`~spurgen.config.GenerateConfig` refuses).
+
+        Args:
+            requested: ``--scheduler``; ``None`` when not given.
+        """
+        return self.default_scheduler if requested is None else find_scheduler(requested)
 
     def check_config(self, config: "FinetuneConfig") -> None:
         """Refuses finetune settings the family cannot train with; every family takes all of them by default.

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._lora import TEXT_ENCODER_TARGETS
+from ..config import MODEL_SCHEDULER
 from ..errors import SpurgenError
 from .base import ModelFamily
 
@@ -104,6 +105,10 @@ class Flux(ModelFamily):
     default_guidance = TRAINING_GUIDANCE
     # diffusers' DDPM-family samplers know nothing of flow matching's sigmas (nor of FLUX.1-dev's shift by size).
     swaps_samplers = False
+    default_scheduler = MODEL_SCHEDULER
+    # FluxPipeline uses a negative prompt only for true classifier-free guidance (true_cfg_scale > 1, a second
+    # transformer call per step), which spurgen does not offer: FLUX.1-dev is distilled to sample without it.
+    negative_prompts = False
 
     def check_config(self, config: "FinetuneConfig") -> None:
         """Refuses full fine-tuning (see the class), eager attention (the transformer has its own processor) and

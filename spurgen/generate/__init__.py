@@ -33,13 +33,13 @@ from typing import Sequence
 
 from .._file_hashes import FileHashes
 from .._runtime import console, distributed_state, progress_bar, resolve_device, warn
-from ..config import MODEL_SCHEDULER, GenerateConfig, find_scheduler
+from ..config import MODEL_SCHEDULER, GenerateConfig
 from ..errors import SpurgenError
 from ..labels import ClassInfo, get_label_set
 from ..workspace import Workspace, environment_versions, utc_now, workspace_classes
 from .filters import ImageFilters
-from .runs import (RunState, Until, check_folder, image_name, model_record, plan_class, run_fingerprint,
-                   run_settings)
+from .runs import (ModelPlan, RunState, Until, check_folder, image_name, model_record, plan_class,
+                   run_fingerprint, run_settings)
 from .sampling import PipelineSlot, build_scheduler, fill_run, torch_dtype
 
 __all__ = [
@@ -100,10 +100,7 @@ def generate(config: GenerateConfig, workspace: Workspace,
                                "pass --classes NAME --base to sample the untouched base model")
     plans = [plan for cls in classes for plan in plan_class(config, workspace, cls)]
     for plan in plans:
-        family = plan.pipeline.family
-        if not family.swaps_samplers and find_scheduler(config.scheduler) != MODEL_SCHEDULER:
-            raise SpurgenError(f"{plan.cls} run '{plan.run}' is a {family.title} model, which samples with its own "
-                               f"scheduler only; pass --scheduler {MODEL_SCHEDULER} (not {config.scheduler})")
+        _check_family(config, plan)
     device = resolve_device(config.device)
     dtype = torch_dtype(config.dtype, device)
     workspace.ensure_writable(*(workspace.generated_dir(plan.cls, plan.run) for plan in plans), workspace.cache_dir())
@@ -172,6 +169,27 @@ def generate(config: GenerateConfig, workspace: Workspace,
             warn(f"{result.cls} run {result.run}: the model's safety checker blanked {result.flagged} image(s); "
                  "they are marked nsfw_flagged in generation.json")
     return sorted(results, key=lambda r: (r.cls.index, r.run))
+
+
+def _check_family(config: GenerateConfig, plan: ModelPlan) -> None:
+    """Refuses settings that the run's model family would not sample with, rather than ignore them.
+
+    Args:
+        config: Resolved settings.
+        plan: The run, its model family known.
+
+    Raises:
+        SpurgenError: a sampler the family cannot swap in, or a negative prompt its pipeline would drop.
+    """
+    family = plan.pipeline.family
+    model = f"{plan.cls} run '{plan.run}' is a {family.title} model"
+    if not family.swaps_samplers and family.scheduler(config.scheduler) != MODEL_SCHEDULER:
+        raise SpurgenError(f"{model}, which samples with its own scheduler only; leave --scheduler unset or pass "
+                           f"--scheduler {MODEL_SCHEDULER} (not {config.scheduler})")
+    if plan.negative_prompt and not family.negative_prompts:
+        raise SpurgenError(f"{model}, whose pipeline ignores a negative prompt without true classifier-free "
+                           "guidance, which spurgen does not offer; drop --negative-prompt (or negative-prompt under "
+                           "[generate] in spurgen.toml)")
 
 
 def _gather_entries(states: Sequence[RunState], flagged: dict[int, int]) -> None:

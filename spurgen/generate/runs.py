@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .._base_model import _HUB_ID, BaseModel, resolve_base_model
 from .._file_hashes import FileHashes
 from .._lora import LORA_WEIGHTS_NAME
-from ..config import GenerateConfig, find_scheduler
+from ..config import GenerateConfig
 from ..errors import SpurgenError
 from ..images import file_sha256
 from ..labels import ClassInfo
@@ -321,7 +321,7 @@ def run_settings(config: GenerateConfig, plan: ModelPlan, dtype: "torch.dtype") 
         "negative_prompt": plan.negative_prompt,
         "steps": config.steps,
         "guidance": plan.pipeline.family.guidance(config.guidance),
-        "scheduler": find_scheduler(config.scheduler),
+        "scheduler": plan.pipeline.family.scheduler(config.scheduler),
         "resolution": plan.resolution or plan.pipeline.resolution,
         "seed": config.seed,
         "dtype": {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype],

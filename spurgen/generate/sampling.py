@@ -264,7 +264,8 @@ def fill_run(pipelines: PipelineSlot, state: RunState, config: GenerateConfig, p
     """Loads the run's model (LoRA onto its base) and makes its missing images; returns the flagged count."""
     plan = state.plan
     pipe = pipelines.get(plan.pipeline.path)
-    pipe.scheduler = build_scheduler(config.scheduler, pipelines.scheduler.config) or pipelines.scheduler
+    pipe.scheduler = (build_scheduler(state.header["settings"]["scheduler"], pipelines.scheduler.config)
+                      or pipelines.scheduler)
     if plan.lora_file:
         # Before anything is written: a LoRA of another base model is bad input.
         _load_lora(pipe, plan, config.lora_scale)
