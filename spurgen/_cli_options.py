@@ -51,7 +51,9 @@ def _list_value(values: list[str], meta: Mapping[str, Any], item: Any, flag: str
 
 def _expanded_path(path: Path) -> str:
     """A path option's value as the setting's string, ``~`` expanded."""
-    return str(path.expanduser())
+    from .workspace import expand_home  # not at the top: --help does not load the workspace module
+
+    return str(expand_home(path))
 
 
 def _option(config_cls: type, fld: dataclasses.Field, hint: Any) -> tuple[inspect.Parameter, Callable[[Any], Any]]:

@@ -40,6 +40,7 @@ else:  # Python 3.10: the same parser, as a package (a dependency there)
 
 __all__ = [
     "Workspace",
+    "expand_home",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
@@ -301,6 +302,20 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def expand_home(path: Path | str) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded.
+
+    Raises:
+        SpurgenError: ``~user`` names no user (or no home directory is known), which would otherwise surface as
+            pathlib's RuntimeError.
+    """
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise SpurgenError(f"{path}: its leading '~' names no known home directory; write the path out in "
+                           "full") from None
+
+
 class Workspace:
     """Paths of one workspace and its settings file.
 
@@ -309,7 +324,7 @@ class Workspace:
     """
 
     def __init__(self, root: Path | str) -> None:
-        self.root = Path(root).expanduser().resolve()
+        self.root = expand_home(root).resolve()
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"

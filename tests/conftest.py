@@ -15,8 +15,11 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 # Under pytest-xdist (make test) every worker is one of several processes on the machine's cores: one thread each,
 # set before torch is imported, and inherited by the subprocesses tests start.
+# xdist's workers also start with COLUMNS=80, which would make spurgen's tables as narrow as a small terminal's: the
+# tests see the width of a log file, as in a run without workers.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.pop("COLUMNS", None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -385,10 +385,8 @@ CASES: list[Case] = [
     Case(
         "image-corrupt",
         "a `.png` of random bytes among the images",
-        "`warning: skipped unreadable image …/odd.png: "
-        "cannot identify image file`; the other images "
-        "are used, the file is listed under "
-        "`unreadable` in `selection.json`",
+        "`warning: skipped unreadable image …/odd.png: cannot identify image file`; the other images are used, the "
+        "file is listed under `unreadable` in `selection.json`",
         "skipped unreadable image",
         _odd_image("corrupt"),
         0,
@@ -510,8 +508,7 @@ CASES: list[Case] = [
     Case(
         "layout-no-refs",
         "finetune before select-refs",
-        "`error: no reference images for hummingbird (94): "
-        "…/selection.json is missing; run spurgen select-refs "
+        "`error: no reference images for hummingbird (94): …/selection.json is missing; run spurgen select-refs "
         "--classes 94 first`",
         "no reference images for hummingbird (94)",
         lambda env: _finetune(env, "--model", str(env.fixture("tiny_sd_dir"))),
@@ -519,9 +516,8 @@ CASES: list[Case] = [
     Case(
         "layout-no-models",
         "generate before finetune",
-        "`error: no finished fine-tuned model for hummingbird (94) in "
-        "…; run 'spurgen finetune --classes 94' first, or pass --base "
-        "…`",
+        "`error: no finished fine-tuned model for hummingbird (94) in …; run 'spurgen finetune --classes 94' first, "
+        "or pass --base …`",
         "no finished fine-tuned model",
         lambda env: _generate(env),
     ),
@@ -630,18 +626,16 @@ CASES: list[Case] = [
     Case(
         "toml-not-utf8",
         "a spurgen.toml in Latin-1",
-        "`error: cannot read …/spurgen.toml: 'utf-8' codec can't decode "
-        "byte 0xe9 …; check its permissions and encoding`",
+        "`error: cannot read …/spurgen.toml: 'utf-8' codec can't decode byte 0xe9 …; check its permissions and "
+        "encoding`",
         "check its permissions and encoding",
         _toml(b'noun = "caf\xe9"\n', "finetune", "--classes", "94"),
     ),
     Case(
         "toml-kappa-table",
         "`class-sfsl-weight = 3` instead of a table",
-        "`error: spurgen.toml: [finetune] "
-        "class-sfsl-weight: expected a table, got "
-        "3; give NAME = VALUE lines under a [table] "
-        "header`",
+        "`error: spurgen.toml: [finetune] class-sfsl-weight: expected a table, got 3; give NAME = VALUE lines under "
+        "a [table] header`",
         "class-sfsl-weight: expected a table",
         _toml("[finetune]\nclass-sfsl-weight = 3\n", "finetune", "--classes", "94"),
     ),
@@ -649,34 +643,16 @@ CASES: list[Case] = [
     Case(
         "flags-full-over-lora",
         "`finetune --full` where the run `sfsl` is a complete LoRA run",
-        "`error: "
-        "…/models/94-hummingbird/sfsl "
-        ""
-        ""
-        "holds a complete "
-        "run with other "
-        "settings (--lora in "
-        "the run, --full "
-        "requested); pass "
-        "--run-name NAME to "
-        "train a new run "
-        "beside it, or "
-        "--overwrite to "
-        "replace it`",
+        "`error: …/models/94-hummingbird/sfsl holds a complete run with other settings (--lora in the run, --full "
+        "requested); pass --run-name NAME to train a new run beside it, or --overwrite to replace it`",
         "holds a complete run with other settings (--lora in the run, --full requested)",
         _full_over_complete_lora,
     ),
     Case(
         "flags-compile-no-compiler",
         "`finetune --compile on` on a CPU without a C++ compiler",
-        "`error: --compile on "
-        "needs a C++ compiler "
-        "on a CPU, and none "
-        "was found; install "
-        "g++ (or set CXX), or "
-        "pass --compile off`, "
-        "before anything is "
-        "written",
+        "`error: --compile on needs a C++ compiler on a CPU, and none was found; install g++ (or set CXX), or pass "
+        "--compile off`, before anything is written",
         "--compile on needs a C++ compiler",
         _compile_without_compiler,
     ),
@@ -697,28 +673,8 @@ CASES: list[Case] = [
     Case(
         "flags-zero-snr-epsilon",
         "`finetune --zero-terminal-snr` on an epsilon-prediction base model",
-        "`error: "
-        "--zero-terminal-snr "
-        ""
-        ""
-        "needs a "
-        "v-prediction "
-        "base model; "
-        "'…' predicts "
-        "'epsilon', "
-        "which has "
-        "nothing to "
-        "predict from "
-        "pure noise "
-        "at the last "
-        "timestep; "
-        "drop the "
-        "flag "
-        "(--noise-offset "
-        ""
-        ""
-        "also widens "
-        "colour and "
+        "`error: --zero-terminal-snr needs a v-prediction base model; '…' predicts 'epsilon', which has nothing to "
+        "predict from pure noise at the last timestep; drop the flag (--noise-offset also widens colour and "
         "brightness)`",
         "--zero-terminal-snr needs a v-prediction base model",
         lambda env: _finetune(env, "--model", str(env.fixture("tiny_sd_dir")), "--zero-terminal-snr"),
@@ -740,26 +696,8 @@ CASES: list[Case] = [
     Case(
         "flags-lora-hub-offline",
         "`generate --lora ORG/NAME` offline, or an id the hub does not have",
-        "`error: "
-        "--lora "
-        "someone/their-lora: "
-        ""
-        ""
-        "not a local "
-        "file or "
-        "folder, and "
-        "the hub gave "
-        "no "
-        "pytorch_lora_weights.safetensors "
-        ""
-        ""
-        "(…); "
-        "download it "
-        "and pass its "
-        "path, or "
-        "check the id "
-        "and the "
-        "network`",
+        "`error: --lora someone/their-lora: not a local file or folder, and the hub gave no "
+        "pytorch_lora_weights.safetensors (…); download it and pass its path, or check the id and the network`",
         "the hub gave no pytorch_lora_weights.safetensors",
         lambda env: _generate(env, "--lora", "someone/their-lora"),
     ),
@@ -779,17 +717,8 @@ CASES: list[Case] = [
     Case(
         "flags-checkpoint-missing",
         "`generate --checkpoint N` of a run without that checkpoint",
-        "`error: "
-        "…/checkpoints/checkpoint-7 "
-        ""
-        ""
-        "does not exist: "
-        "run 'lora-x' of "
-        "hummingbird (94) "
-        "has no checkpoint; "
-        "drop --checkpoint "
-        "to use its final "
-        "weights`",
+        "`error: …/checkpoints/checkpoint-7 does not exist: run 'lora-x' of hummingbird (94) has no checkpoint; "
+        "drop --checkpoint to use its final weights`",
         "checkpoint-7 does not exist",
         lambda env: _generate(env, "--runs", _lora_run(env).name, "--checkpoint", "7"),
     ),
@@ -841,6 +770,13 @@ CASES: list[Case] = [
         "`error: out.csv is only used with --export; pass --export out.csv, or leave it out to serve`",
         "only used with --export",
         lambda env: ["rate", "out.csv", "-w", str(env.ws)],
+    ),
+    Case(
+        "flags-path-unknown-home",
+        "a path flag (or `-w`) starting with `~user` for a user that does not exist: `fit-npca --images ~0`",
+        "`error: ~0: its leading '~' names no known home directory; write the path out in full`",
+        "names no known home directory",
+        lambda env: ["fit-npca", "-w", str(env.ws), "--images", "~0"],
     ),
     # Numbers out of range.
     Case(
@@ -931,8 +867,7 @@ CASES: list[Case] = [
     Case(
         "number-resolution-odd",
         "`generate --resolution 100`",
-        "`error: --resolution must be a positive multiple of "
-        "8, got 100; change it on the command line or in "
+        "`error: --resolution must be a positive multiple of 8, got 100; change it on the command line or in "
         "spurgen.toml`",
         "must be a positive multiple of 8",
         lambda env: _generate(env, "--resolution", "100"),
@@ -978,11 +913,8 @@ CASES: list[Case] = [
     Case(
         "weights-wrong-architecture",
         "a ResNet's weights given to a ConvNeXt",
-        "`error: classifier 'x': … does not "
-        "fit architecture "
-        "test_convnext.r160_in1k (missing "
-        "stem.0.weight, …); check the ARCH "
-        "part of NAME=ARCH@PATH`",
+        "`error: classifier 'x': … does not fit architecture test_convnext.r160_in1k (missing stem.0.weight, …); "
+        "check the ARCH part of NAME=ARCH@PATH`",
         "does not fit architecture test_convnext.r160_in1k",
         lambda env: _select(
             env,
@@ -997,10 +929,8 @@ CASES: list[Case] = [
     Case(
         "weights-zero-byte",
         "an empty `.safetensors` weight file",
-        "`error: cannot read weights from …/w.safetensors "
-        "(SafetensorError: Error while deserializing "
-        "header: header too small); give a safetensors "
-        "file or a torch state dict`",
+        "`error: cannot read weights from …/w.safetensors (SafetensorError: Error while deserializing header: "
+        "header too small); give a safetensors file or a torch state dict`",
         "cannot read weights from",
         lambda env: _select(
             env,
@@ -1015,9 +945,8 @@ CASES: list[Case] = [
     Case(
         "weights-pickle",
         "a `.pt` whose pickle would run code",
-        "`error: … holds more than tensors and is refused "
-        "(safe loading: …); convert it to safetensors or a "
-        "plain state dict`; the code never runs",
+        "`error: … holds more than tensors and is refused (safe loading: …); convert it to safetensors or a plain "
+        "state dict`; the code never runs",
         "holds more than tensors and is refused",
         lambda env: _select(
             env,
@@ -1033,21 +962,15 @@ CASES: list[Case] = [
     Case(
         "weights-required",
         "`--classifiers all` while robust-rn50 has no weight file",
-        "`error: classifier "
-        "'robust-rn50' needs its "
-        "weight file; pass "
-        "--classifier "
-        "robust-rn50=ARCH@PATH (…) or "
-        "leave it out of "
-        "--classifiers`",
+        "`error: classifier 'robust-rn50' needs its weight file; pass --classifier robust-rn50=ARCH@PATH (…) or "
+        "leave it out of --classifiers`",
         "classifier 'robust-rn50' needs its weight file",
         lambda env: _select_data(env, "--classifiers", "all"),
     ),
     Case(
         "weights-spec-malformed",
         "`--classifier broken`",
-        "`error: bad classifier 'broken'; write NAME=ARCH or "
-        "NAME=ARCH@PATH, e.g. "
+        "`error: bad classifier 'broken'; write NAME=ARCH or NAME=ARCH@PATH, e.g. "
         "robust-rn50=resnet50@~/weights/l2_improved_3_ep.pt`",
         "bad classifier 'broken'",
         lambda env: _select_data(env, "--classifier", "broken"),
@@ -1069,29 +992,18 @@ CASES: list[Case] = [
     Case(
         "weights-base-not-sd",
         "`--model` naming a folder that is not a Stable Diffusion pipeline",
-        "`error: base "
-        "model …/notsd: "
-        "cannot read "
-        "…/notsd/model_index.json "
-        ""
-        ""
-        "([Errno 2] No "
-        "such file or "
-        "directory: …); "
-        "give a complete "
-        "diffusers Stable "
-        "Diffusion "
-        "folder`",
+        "`error: base model …/notsd: cannot read …/notsd/model_index.json ([Errno 2] No such file or directory: …); "
+        "give a complete diffusers Stable Diffusion folder`",
         "give a complete diffusers Stable Diffusion folder",
         lambda env: _finetune(env, "--model", str(env.write("notsd/readme.txt", "x").parent)),
     ),
     Case(
         "weights-lora-other-base",
         "a LoRA trained on the tiny SD in a run whose base model has another architecture",
-        "`error: cannot load the LoRA of run 'lora-x' (…/pytorch_lora_weights.safetensors) onto … (size mismatch for "
-        "…attn2.to_k.lora_A…: copying a param with shape torch.Size([2, 32]) from checkpoint, the shape in current "
-        "model is torch.Size([2, 48]).); it must be loaded onto the base model it was trained on`, before anything is "
-        "written",
+        "`error: cannot load the LoRA of run 'lora-x' (…/pytorch_lora_weights.safetensors) onto … (size mismatch "
+        "for …attn2.to_k.lora_A…: copying a param with shape torch.Size([2, 32]) from checkpoint, the shape in "
+        "current model is torch.Size([2, 48]).); it must be loaded onto the base model it was trained on`, before "
+        "anything is written",
         "cannot load the LoRA of run 'lora-x'",
         _lora_on_other_base,
     ),
@@ -1099,8 +1011,8 @@ CASES: list[Case] = [
         "weights-checkpoint-pickle",
         "`finetune --resume` from a checkpoint whose `optimizer.bin` holds a pickle payload",
         "`error: cannot resume from …/checkpoints/checkpoint-2: it holds more than tensors and is refused (safe "
-        "loading: Weights only load failed. …); delete it to resume from an earlier checkpoint, or pass --overwrite`; "
-        "the code never runs, `training.json` is untouched",
+        "loading: Weights only load failed. …); delete it to resume from an earlier checkpoint, or pass "
+        "--overwrite`; the code never runs, `training.json` is untouched",
         "is refused",
         _resume_pickled_checkpoint,
         check=_not_executed,
@@ -1109,67 +1021,16 @@ CASES: list[Case] = [
     Case(
         "disk-read-only",
         "a read-only workspace (every write fails with EROFS)",
-        "`error: cannot write "
-        "…/.spurgen-write-test: Read-only "
-        "file system; free disk space or "
-        "choose a writable --workspace`, "
-        "before any work",
+        "`error: cannot write …/.spurgen-write-test: Read-only file system; free disk space or choose a writable "
+        "--workspace`, before any work",
         "Read-only file system",
         _failing_writes(errno.EROFS, after_probe=False),
     ),
     Case(
         "disk-full",
         "the disk fills up during select-refs (writes fail with ENOSPC after the start-up check)",
-        "`error: "
-        "cannot "
-        ""
-        ""
-        "write "
-        ""
-        ""
-        "…/cache/predictions/…/….safetensors: "
-        ""
-        ""
-        "No "
-        "space "
-        ""
-        ""
-        "left "
-        "on "
-        "device; "
-        ""
-        ""
-        "free "
-        "disk "
-        "space "
-        ""
-        ""
-        "or "
-        "choose "
-        ""
-        ""
-        "a "
-        "writable "
-        ""
-        ""
-        "--workspace`; "
-        ""
-        ""
-        "earlier "
-        ""
-        ""
-        "files "
-        ""
-        ""
-        "intact, "
-        ""
-        ""
-        "no "
-        "temporary "
-        ""
-        ""
-        "file "
-        "left",
+        "`error: cannot write …/cache/predictions/…/….safetensors: No space left on device; free disk space or "
+        "choose a writable --workspace`; earlier files intact, no temporary file left",
         "No space left on device",
         _failing_writes(errno.ENOSPC, after_probe=True),
     ),
@@ -1198,27 +1059,18 @@ CASES: list[Case] = [
     Case(
         "oom-select-refs",
         "select-refs runs out of GPU memory",
-        "`error: select-refs ran out of GPU memory (CUDA out "
-        "of memory); lower --batch-size, or pass --device "
-        "cpu (finished outputs are kept)`",
+        "`error: select-refs ran out of GPU memory (CUDA out of memory); lower --batch-size, or pass --device cpu "
+        "(finished outputs are kept)`",
         "select-refs ran out of GPU memory",
         _out_of_memory("spurgen.select_refs:predict_files", 0, _select_data),
     ),
     Case(
         "oom-finetune",
         "finetune runs out of GPU memory in its second step",
-        "`error: finetune ran out of GPU memory "
-        "(CUDA out of memory); lower "
-        "--batch-size or --resolution, switch "
-        "on --gradient-checkpointing, "
-        "--use-8bit-adam or --mixed-precision "
-        "fp16 (bf16), give SFSL a TAESD "
-        "--sfsl-decoder (madebyollin/taesd), "
-        "lower --sample-batch-size for the "
-        "class images; then continue from the "
-        "last checkpoint with --resume "
-        "(finished outputs are kept)`; "
-        "checkpoint-1 kept",
+        "`error: finetune ran out of GPU memory (CUDA out of memory); lower --batch-size or --resolution, switch on "
+        "--gradient-checkpointing, --use-8bit-adam or --mixed-precision fp16 (bf16), give SFSL a TAESD "
+        "--sfsl-decoder (madebyollin/taesd), lower --sample-batch-size for the class images; then continue from the "
+        "last checkpoint with --resume (finished outputs are kept)`; checkpoint-1 kept",
         "finetune ran out of GPU memory",
         _out_of_memory("spurgen.finetune.trainer:Trainer.train_step", 1, _refs_and_finetune),
         check=_kept_checkpoint,
@@ -1227,12 +1079,8 @@ CASES: list[Case] = [
     Case(
         "oom-generate",
         "generate runs out of GPU memory after its first image",
-        "`error: generate ran out of GPU "
-        "memory (CUDA out of memory); lower "
-        "--batch-size or --resolution; the "
-        "same command then makes only the "
-        "missing images (finished outputs "
-        "are kept)`; the first image kept",
+        "`error: generate ran out of GPU memory (CUDA out of memory); lower --batch-size or --resolution; the same "
+        "command then makes only the missing images (finished outputs are kept)`; the first image kept",
         "generate ran out of GPU memory",
         _out_of_memory("spurgen.generate.sampling:_png_bytes", 1, _lora_and_generate),
         check=_kept_first_image,
@@ -1241,10 +1089,8 @@ CASES: list[Case] = [
     Case(
         "oom-evaluate",
         "evaluate runs out of GPU memory",
-        "`error: evaluate ran out of GPU memory (CUDA out of "
-        "memory); lower --batch-size, evaluate fewer --classifiers "
-        "at a time, or pass --device cpu (finished outputs are "
-        "kept)`",
+        "`error: evaluate ran out of GPU memory (CUDA out of memory); lower --batch-size, evaluate fewer "
+        "--classifiers at a time, or pass --device cpu (finished outputs are kept)`",
         "evaluate ran out of GPU memory",
         _out_of_memory("spurgen.evaluate:predict_files", 0, _refs_and_evaluate),
     ),
@@ -1252,8 +1098,8 @@ CASES: list[Case] = [
     Case(
         "name-run-traversal",
         "`--run-name ../x`",
-        "`error: invalid run name '../x'; use 1-100 ASCII letters, digits, "
-        "'.', '_' or '-', starting with a letter or digit`",
+        "`error: invalid run name '../x'; use 1-100 ASCII letters, digits, '.', '_' or '-', starting with a letter "
+        "or digit`",
         "invalid run name '../x'",
         lambda env: _finetune(env, "--run-name", "../x", "--model", str(env.fixture("tiny_sd_dir"))),
     ),
@@ -1344,9 +1190,8 @@ CASES: list[Case] = [
     Case(
         "name-labels-long",
         "`--labels` with a 300-character name",
-        "`error: cannot use aaa…: File name too long; "
-        "check the path, free disk space or choose a "
-        "writable --workspace`",
+        "`error: cannot use aaa…: File name too long; check the path, free disk space or choose a writable "
+        "--workspace`",
         "File name too long",
         lambda env: ["classes", "--labels", "a" * 300],
     ),
