@@ -25,7 +25,7 @@ from .errors import SpurgenError
 from .evaluate import Evaluation, evaluate
 from .finetune import finetune
 from .families import get_family
-from .generate import generate
+from .generate import check_family_settings, generate
 from .labels import ClassInfo, get_label_set
 from .select_refs import select_refs
 from .workspace import (CHECKPOINTS, EVALUATION_FILE, GENERATION_FILE, SELECTION_FILE, TRAINING_FILE, Workspace,
@@ -110,6 +110,26 @@ def _generation_action(config: GenerateConfig, folder: Path, model: Path) -> str
         recorded.get("steps"), recorded.get("guidance"), recorded.get("scheduler"), recorded.get("seed")
     ) == (config.steps, family.guidance(config.guidance), family.scheduler(config.scheduler), config.seed)
     return SKIP if same and manifest.get("status") == "complete" else RESUME
+
+
+def _check_families(workspace: Workspace, classes: Sequence[ClassInfo], runs: dict[str, dict[str, Any]]) -> None:
+    """What each base model's family refuses (FLUX.1's --full, a sampler it cannot swap in, a negative prompt its
+    pipeline would drop), checked before any class starts rather than when a stage reaches it, after hours of work.
+
+    Raises:
+        SpurgenError: the first setting a family refuses, or a base model that cannot be found.
+    """
+    from ._base_model import resolve_base_model
+
+    if not classes:
+        return
+    _, tunes, gen = _stage_configs(workspace, classes[0], runs, set())  # the family settings are not per class
+    for model, family in dict.fromkeys((config.model, config.family) for config in tunes.values()):
+        base = resolve_base_model(model, family)
+        for config in tunes.values():
+            if (config.model, config.family) == (model, family):
+                base.family.check_config(config)
+        check_family_settings(gen, base.family, gen.negative_prompt, f"base model {model}")
 
 
 def plan_class(workspace: Workspace, cls: ClassInfo, runs: dict[str, dict[str, Any]]) -> list[RunStep]:
@@ -229,6 +249,7 @@ def run_all(config: RunConfig, workspace: Workspace, classifier_flags: Sequence[
     """
     classes, _, evaluation_action = plan_run(config, workspace)  # checks every stage's settings up front
     runs = run_names(config)
+    _check_families(workspace, classes, runs)
     workspace.ensure_writable()
     summary = RunSummary()
     record: dict[str, Any] = {"stage": "run", "created": utc_now(), "settings": vars(config),

@@ -415,6 +415,24 @@ def test_spurgen_run_takes_a_flux_model_through_every_stage_and_a_rerun_skips_th
     assert rerun["classes"][0]["stages"] == dict.fromkeys(entry["stages"], "skipped") and not rerun["evaluated"]
 
 
+@pytest.mark.parametrize(("tables", "message"), [
+    ({"generate": {"negative-prompt": "blurry"}}, "ignores a negative prompt"),
+    ({"generate": {"scheduler": "euler"}}, "samples with its own scheduler only"),
+    ({"finetune": {"lora": False}}, "--full is not offered for FLUX.1"),
+])
+def test_spurgen_run_refuses_what_flux_would_not_do_before_any_stage_starts(
+        tables: dict[str, dict], message: str, tiny_flux_dir: Path, tmp_path: Path) -> None:
+    from conftest import small_settings, spurious_folder
+
+    spurious_folder(tmp_path / "images", [HUMMINGBIRD], 2)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "spurgen.toml").write_text(small_settings(tiny_flux_dir, tmp_path / "images", **tables))
+    done = CliRunner().invoke(app, ["run", "-w", str(workspace), "--classes", "94"])
+    assert done.exit_code == 2 and message in done.output, done.output
+    assert sorted(p.name for p in workspace.iterdir()) == ["spurgen.toml"]  # not even select-refs ran
+
+
 def test_generate_until_over_generates_a_flux_model_until_n_images_pass(tiny_flux_dir: Path, rigged, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from test_generate_until import RiggedForward, _same_image, _statistic, _stop

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .._file_hashes import FileHashes
 from .._runtime import console, distributed_state, progress_bar, resolve_device, warn
@@ -38,13 +38,17 @@ from ..errors import SpurgenError
 from ..labels import ClassInfo, get_label_set
 from ..workspace import Workspace, environment_versions, utc_now, workspace_classes
 from .filters import ImageFilters
-from .runs import (ModelPlan, RunState, Until, check_folder, image_name, model_record, plan_class,
+from .runs import (RunState, Until, check_folder, image_name, model_record, plan_class,
                    run_fingerprint, run_settings)
 from .sampling import PipelineSlot, build_scheduler, fill_run, torch_dtype
+
+if TYPE_CHECKING:
+    from ..families import ModelFamily
 
 __all__ = [
     "GenerationResult",
     "generate",
+    "check_family_settings",
     "image_name",
     "build_scheduler",
     "torch_dtype",
@@ -100,7 +104,7 @@ def generate(config: GenerateConfig, workspace: Workspace,
                                "pass --classes NAME --base to sample the untouched base model")
     plans = [plan for cls in classes for plan in plan_class(config, workspace, cls)]
     for plan in plans:
-        _check_family(config, plan)
+        check_family_settings(config, plan.pipeline.family, plan.negative_prompt, f"{plan.cls} run '{plan.run}'")
     device = resolve_device(config.device)
     dtype = torch_dtype(config.dtype, device)
     workspace.ensure_writable(*(workspace.generated_dir(plan.cls, plan.run) for plan in plans), workspace.cache_dir())
@@ -171,22 +175,23 @@ def generate(config: GenerateConfig, workspace: Workspace,
     return sorted(results, key=lambda r: (r.cls.index, r.run))
 
 
-def _check_family(config: GenerateConfig, plan: ModelPlan) -> None:
-    """Refuses settings that the run's model family would not sample with, rather than ignore them.
+def check_family_settings(config: GenerateConfig, family: "ModelFamily", negative_prompt: str, model: str) -> None:
+    """Refuses settings that a model family would not sample with, rather than ignore them.
 
     Args:
         config: Resolved settings.
-        plan: The run, its model family known.
+        family: The model's family.
+        negative_prompt: The negative prompt the run would be sampled with.
+        model: The model as the message names it (``hummingbird (94) run 'sfsl'``, ``base model ID``).
 
     Raises:
         SpurgenError: a sampler the family cannot swap in, or a negative prompt its pipeline would drop.
     """
-    family = plan.pipeline.family
-    model = f"{plan.cls} run '{plan.run}' is a {family.title} model"
+    model = f"{model} is a {family.title} model"
     if not family.swaps_samplers and family.scheduler(config.scheduler) != MODEL_SCHEDULER:
         raise SpurgenError(f"{model}, which samples with its own scheduler only; leave --scheduler unset or pass "
                            f"--scheduler {MODEL_SCHEDULER} (not {config.scheduler})")
-    if plan.negative_prompt and not family.negative_prompts:
+    if negative_prompt and not family.negative_prompts:
         raise SpurgenError(f"{model}, whose pipeline ignores a negative prompt without true classifier-free "
                            "guidance, which spurgen does not offer; drop --negative-prompt (or negative-prompt under "
                            "[generate] in spurgen.toml)")
