@@ -371,9 +371,12 @@ class Trainer:
 
             self.optimizer = bitsandbytes.optim.AdamW8bit(groups, weight_decay=config.adam_weight_decay)
         else:
-            try:  # fused: one kernel, and it can skip a non-finite step on the device (found_inf)
-                self.optimizer = torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay, fused=True)
-            except RuntimeError:  # torch < 2.4 on a CPU, or a device without the fused kernel
+            # Fused: one kernel, and it can skip a non-finite step on the device (found_inf). torch < 2.4 has no CPU
+            # kernel, yet its constructor accepts CPU parameters and the first step fails.
+            fused = self.device.type != "cpu" or tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 4)
+            try:
+                self.optimizer = torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay, fused=fused)
+            except RuntimeError:  # a device without the fused kernel
                 self.optimizer = torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay)
         # Whether a non-finite step can be skipped without the host reading a flag (see _skip_if_not_finite).
         self.skips_on_device = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
