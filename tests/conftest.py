@@ -22,6 +22,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.pop("COLUMNS", None)
 
 
+# The files that take longest (their module fixtures run whole pipelines), longest first. make test hands whole files
+# to its workers in collection order; starting with these keeps one worker from running a long file alone at the end.
+_LONG_FILES = ("test_world_pipeline.py", "test_distributed.py", "test_generate.py", "test_crash.py",
+               "test_generate_until.py", "test_run.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Runs the files of _LONG_FILES first (the order within a file is kept)."""
+    rank = {name: n for n, name in enumerate(_LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def hf_hub_offline() -> Iterator[None]:
     """Keep the Hugging Face libraries offline for the whole session, even if a test changed the variable."""
