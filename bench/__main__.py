@@ -11,6 +11,8 @@ Stages, each ours against a baseline measured in the same process (see each modu
     sfsl         SFSL's cost-cutting measures vs the no-SFSL step            <= 1.3x
     sdxl         SDXL's step vs train_dreambooth_lora_sdxl's step            time <= 0.9x; with SFSL <= 1.3x
                  (--only sdxl: SDXL at 1024 px takes minutes per step on a CPU)
+    flux         FLUX.1's step vs train_dreambooth_lora_flux's step          time <= 0.9x; with SFSL <= 1.3x
+                 (--only flux: FLUX.1-dev at 512 px, --size full, needs a GPU)
     levers       --channels-last, --compile (+ CUDA graphs) vs the eager step  measured; compile time, break-even
                  (--only levers: on a CPU the compilation takes minutes)
     mfu          the UNet step's model-FLOPs utilisation at batch 1+1 and 8+8  reported
@@ -48,6 +50,7 @@ STAGES: dict[str, str] = {
     "finetune": "bench.finetune",
     "sfsl": "bench.sfsl",
     "sdxl": "bench.sdxl",
+    "flux": "bench.flux",
     "levers": "bench.levers",
     "mfu": "bench.mfu",
     "scaling": "bench.scaling",
@@ -55,7 +58,7 @@ STAGES: dict[str, str] = {
 }
 
 
-ON_REQUEST = ("demo", "levers", "sdxl")
+ON_REQUEST = ("demo", "levers", "sdxl", "flux")
 
 
 def _stage_arguments(stage: str, module: Any, size: str, repeats: int | None, threads: int | None,
@@ -67,7 +70,7 @@ def _stage_arguments(stage: str, module: Any, size: str, repeats: int | None, th
     if repeats is not None:
         arguments["repeats"] = repeats
     # finetune's own device setting: the GPU when there is one
-    if stage in ("finetune", "sfsl", "sdxl", "levers", "mfu"):
+    if stage in ("finetune", "sfsl", "sdxl", "flux", "levers", "mfu"):
         arguments["device"] = "cpu" if device == "cpu" else "auto"
     else:
         arguments["device"] = device
@@ -126,8 +129,8 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    # The demo, the levers' compilation and SDXL's full-size steps on a CPU take minutes of their own: only on request
-    # (--only demo,levers,sdxl).
+    # The demo, the levers' compilation and SDXL's full-size steps on a CPU take minutes of their own, FLUX.1's at full
+    # size a GPU: only on request (--only demo,levers,sdxl,flux).
     stages = [s.strip() for s in args.only.split(",")] if args.only else [s for s in STAGES if s not in ON_REQUEST]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:

@@ -186,6 +186,24 @@ def random_stable_diffusion(arch: str, scratch: Path) -> Path:
     return folder
 
 
+def refuse_full_flux_on_cpu(arch: str, device: str, how: str) -> None:
+    """Stops a FLUX.1 benchmark at full size without a GPU, rather than let it shrink or run for hours.
+
+    Args:
+        arch: The benchmark's :func:`random_stable_diffusion` architecture.
+        device: ``auto`` or ``cpu``.
+        how: The command line that runs it on a GPU, for the message.
+
+    Raises:
+        RuntimeError: ``flux-full`` with ``device`` ``cpu`` or no GPU.
+    """
+    import torch
+
+    if arch == "flux-full" and (device == "cpu" or not torch.cuda.is_available()):
+        raise RuntimeError("FLUX.1 at full size is too large for a CPU step (a 12 B transformer and T5-XXL, 67 GB of "
+                           f"float32 weights, minutes per forward pass); run {how} on a GPU")
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, threads: int | None = None, repeats: int = 3) -> None:
     """``--device``, ``--repeats`` and ``--threads``, shared by the benchmarks' command lines."""
     parser.add_argument("--device", default="cpu")
@@ -245,7 +263,8 @@ def rerun_workspaces(root: Path, cold_hashes: bool = False) -> Callable[[], Any]
 def add_training_arguments(parser: argparse.ArgumentParser, sizes: list[str]) -> None:
     """``--size``, ``--arch``, ``--steps``, ``--batch-size`` and ``--mixed-precision`` of the training benchmarks."""
     parser.add_argument("--size", default="tiny", choices=sizes)
-    parser.add_argument("--arch", choices=["tiny", "full", "full-v2", "sdxl-tiny", "sdxl-full"],
+    parser.add_argument("--arch", choices=["tiny", "full", "full-v2", "sdxl-tiny", "sdxl-full", "flux-tiny",
+                                           "flux-full"],
                         help="default: the size's")
     parser.add_argument("--steps", type=int, help="steps per timed repetition; default: the size's")
     parser.add_argument("--batch-size", type=int, default=1)

@@ -13,7 +13,8 @@ over the reference). Target: ours at most 0.9x the reference's time per step (ra
 no more peak memory. Peak memory is each side's growth over the step (torch's allocator on a GPU, the resident
 set on a CPU), so that the other side's weights in the same process do not count.
 ``bench.sfsl`` measures what each of SFSL's cost-cutting measures buys; ``bench.sdxl`` the step of SDXL against
-train_dreambooth_lora_sdxl.py's (:func:`reference_step` follows the base model's family).
+train_dreambooth_lora_sdxl.py's, ``bench.flux`` FLUX.1's against train_dreambooth_lora_flux.py's
+(:func:`reference_step` follows the base model's family).
 
     python -m bench.finetune [--size tiny|full] [--steps 10] [--repeats 5] [--batch-size 1]
                              [--mixed-precision no|fp16|bf16] [--presets dreambooth,dreambooth-te,sfsl]
@@ -135,10 +136,15 @@ class Bench:
 
 def reference_step(trainer: Any, config: Any) -> Callable[[int], None]:
     """One step of the family's diffusers DreamBooth LoRA script (train_dreambooth_lora.py for SD,
-    train_dreambooth_lora_sdxl.py for SDXL) on the trainer's data, with its own models and optimizer; it trains the
-    text encoders when the trainer does."""
+    train_dreambooth_lora_sdxl.py for SDXL, train_dreambooth_lora_flux.py for FLUX.1) on the trainer's data, with its
+    own models and optimizer; it trains the text encoders when the trainer does (FLUX.1's CLIP, not T5, as its
+    script).
+
+    Args:
+        trainer: The finetune Trainer whose base model, references, prompts and accelerator the step uses.
+        config: The trainer's FinetuneConfig (batch size, gradient checkpointing).
+    """
     import torch
-    import torch.nn.functional as F
 
     from spurgen._base_model import load_components
     from spurgen._lora import add_lora
@@ -154,50 +160,41 @@ def reference_step(trainer: Any, config: Any) -> Callable[[int], None]:
     for model in (parts.unet, *parts.text_encoders, parts.vae):
         model.requires_grad_(False).to(accelerator.device)
     train_text_encoder = trainer.train_text_encoder
-    # The family's targets are its script's; the script adapts every text encoder layer, used or not.
+    # The encoders the script adapts, by position (all but FLUX.1's T5); it adapts every layer of them, used or not.
+    adapted = [i for i, name in enumerate(family.text_encoders)
+               if train_text_encoder and name in family.trained_text_encoders]
+    # The family's targets are its script's.
     add_lora(parts.unet, family.lora_targets[family.denoiser], RANK, RANK)
-    for name, encoder in zip(family.text_encoders, parts.text_encoders) if train_text_encoder else ():
-        add_lora(encoder, family.lora_targets[name], RANK, RANK)
+    for i in adapted:
+        add_lora(parts.text_encoders[i], family.lora_targets[family.text_encoders[i]], RANK, RANK)
     params = [p for m in (parts.unet, *parts.text_encoders) for p in m.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     parts.unet.train()
-    for encoder in parts.text_encoders:
-        encoder.train(train_text_encoder)
+    for i in adapted:  # the others stay in eval mode, as from_pretrained leaves them (T5's dropout)
+        parts.text_encoders[i].train()
     if config.gradient_checkpointing:  # the script's --gradient_checkpointing
         parts.unet.enable_gradient_checkpointing()
-        for encoder in parts.text_encoders if train_text_encoder else ():  # transformers 5.23 renamed the method
+        for encoder in (parts.text_encoders[i] for i in adapted):  # transformers 5.23 renamed the method
             enable = getattr(encoder, "activation_checkpointing_enable", None)
             (enable or encoder.gradient_checkpointing_enable)()
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
     unet, *encoders, optimizer = accelerator.prepare(parts.unet, *parts.text_encoders, optimizer)
-    trained = (unet, *encoders) if train_text_encoder else (unet,)
+    trained = (unet, *[encoders[i] for i in adapted])
     b = config.batch_size
     # The script's collate_fn: b instance examples then b class examples (which images fill the rows does not
     # change the work).
     pixels = load_pixels(trainer.plan.references[:1], trainer.resolution).repeat(2 * b, 1, 1, 1)
     pixels = pixels.to(accelerator.device, parts.vae.dtype)
     condition = _REFERENCE_CONDITIONING[family.name](trainer, encoders, b, half)
-    scheduler = parts.noise_scheduler
+    loss_of = _REFERENCE_LOSS[family.name](accelerator, parts, unet, condition)
+    # 0 but for FLUX.1's VAE, whose script shifts its latents before scaling them.
+    shift, scale = family.latent_shift(dict(parts.vae.config)), parts.vae.config.scaling_factor
 
     def step(_: int) -> None:  # the step number, which the script does not need
         with accelerator.accumulate(*trained):
-            model_input = (parts.vae.encode(pixels).latent_dist.sample() * parts.vae.config.scaling_factor).to(half)
-            noise = torch.randn_like(model_input)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(model_input),),
-                                      device=model_input.device)
-            noisy = scheduler.add_noise(model_input, noise, timesteps)
-            with accelerator.autocast():
-                hidden, added = condition()
-                pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
-            target = (
-                noise
-                if scheduler.config.prediction_type == "epsilon"
-                else scheduler.get_velocity(model_input, noise, timesteps)
-            )
-            pred, pred_prior = torch.chunk(pred, 2, dim=0)
-            target, target_prior = torch.chunk(target, 2, dim=0)
-            loss = F.mse_loss(pred.float(), target.float()) + F.mse_loss(pred_prior.float(), target_prior.float())
+            latents = parts.vae.encode(pixels).latent_dist.sample()  # every step: the scripts cache no latents
+            loss = loss_of(((latents - shift) * scale).to(half))
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, 1.0)
@@ -208,8 +205,109 @@ def reference_step(trainer: Any, config: Any) -> Callable[[int], None]:
     return step
 
 
-# A reference step's conditioning of its 2b rows: the UNet's encoder hidden states and added conditions.
+# A reference step's conditioning of its 2b rows: the denoiser's encoder hidden states and its other conditioning.
 Conditioning = Callable[[], tuple["torch.Tensor", "dict[str, torch.Tensor] | None"]]
+# A reference step's loss of its 2b rows (b instance rows, then b class rows) from their clean latents.
+ReferenceLoss = Callable[["torch.Tensor"], "torch.Tensor"]
+
+
+def _ddpm_loss(accelerator: Any, parts: Any, unet: Any, condition: Conditioning) -> ReferenceLoss:
+    """train_dreambooth_lora(_sdxl).py's: uniform integer timesteps, the scheduler's noise, the UNet, and the MSE of
+    the instance and the class halves against epsilon or v, added.
+
+    Args:
+        accelerator: The trainer's accelerator (autocast).
+        parts: The reference's loaded components (its noise scheduler).
+        unet: The reference's prepared UNet.
+        condition: The family's :data:`Conditioning`.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    scheduler = parts.noise_scheduler
+
+    def loss(model_input: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn_like(model_input)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(model_input),),
+                                  device=model_input.device)
+        noisy = scheduler.add_noise(model_input, noise, timesteps)
+        with accelerator.autocast():
+            hidden, added = condition()
+            pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+        target = (
+            noise
+            if scheduler.config.prediction_type == "epsilon"
+            else scheduler.get_velocity(model_input, noise, timesteps)
+        )
+        pred, pred_prior = torch.chunk(pred, 2, dim=0)
+        target, target_prior = torch.chunk(target, 2, dim=0)
+        return F.mse_loss(pred.float(), target.float()) + F.mse_loss(pred_prior.float(), target_prior.float())
+
+    return loss
+
+
+def _flow_loss(accelerator: Any, parts: Any, transformer: Any, condition: Conditioning) -> ReferenceLoss:
+    """train_dreambooth_lora_flux.py's, weighting scheme ``none`` (its default): u from
+    compute_density_for_timestep_sampling, the timesteps at the indices u * T of the scheduler's table and their
+    sigmas looked up as its get_sigmas does, x_t = (1 - sigma) x + sigma noise packed into 2 x 2 patches with
+    their positions, the guidance input when the transformer has one, the transformer at ``timestep / 1000``, its
+    output unpacked, the target noise - x weighted by compute_loss_weighting_for_sd3, and the instance and class
+    halves' per-row mean squared errors, averaged and added.
+
+    Args:
+        accelerator: The trainer's accelerator (autocast).
+        parts: The reference's loaded components (its noise scheduler and VAE).
+        transformer: The reference's prepared transformer.
+        condition: :func:`_flux_conditioning`'s.
+    """
+    import torch
+    from diffusers import FluxPipeline
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    from spurgen.families.flux import TRAINING_GUIDANCE
+
+    scheduler, device = parts.noise_scheduler, accelerator.device  # the script's noise_scheduler_copy
+    vae_scale_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    # the script's --guidance_scale default, FLUX.1-dev's distilled guidance; FLUX.1-schnell has no such input
+    has_guidance = accelerator.unwrap_model(transformer).config.guidance_embeds
+    guidance = torch.tensor([TRAINING_GUIDANCE], device=device) if has_guidance else None
+
+    def get_sigmas(timesteps: torch.Tensor, n_dim: int, dtype: torch.dtype) -> torch.Tensor:
+        """The script's: each timestep's row of the table found on the device and read back (one wait per row)."""
+        sigmas = scheduler.sigmas.to(device=device, dtype=dtype)
+        schedule_timesteps = scheduler.timesteps.to(device)
+        indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps.to(device)]
+        sigma = sigmas[indices].flatten()
+        return sigma.view(-1, *[1] * (n_dim - 1))
+
+    def loss(model_input: torch.Tensor) -> torch.Tensor:
+        n, channels, height, width = model_input.shape
+        latent_image_ids = FluxPipeline._prepare_latent_image_ids(n, height // 2, width // 2, device,
+                                                                  model_input.dtype)
+        noise = torch.randn_like(model_input)
+        u = compute_density_for_timestep_sampling(weighting_scheme="none", batch_size=n, logit_mean=0.0,
+                                                  logit_std=1.0, mode_scale=1.29)
+        indices = (u * scheduler.config.num_train_timesteps).long()
+        timesteps = scheduler.timesteps[indices].to(device=device)
+        sigmas = get_sigmas(timesteps, model_input.ndim, model_input.dtype)
+        noisy = (1.0 - sigmas) * model_input + sigmas * noise
+        packed = FluxPipeline._pack_latents(noisy, n, channels, height, width)
+        with accelerator.autocast():
+            prompt_embeds, added = condition()
+            pred = transformer(hidden_states=packed, timestep=timesteps / 1000,
+                               guidance=None if guidance is None else guidance.expand(n),
+                               encoder_hidden_states=prompt_embeds, img_ids=latent_image_ids, return_dict=False,
+                               **added)[0]
+        pred = FluxPipeline._unpack_latents(pred, height * vae_scale_factor, width * vae_scale_factor,
+                                            vae_scale_factor)
+        weighting = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas)
+        target = noise - model_input
+        halves = zip(torch.chunk(pred, 2), torch.chunk(target, 2), torch.chunk(weighting, 2))
+        # instance loss + prior_loss_weight (1) x the class images' loss
+        return sum(torch.mean((w.float() * (p.float() - t.float()) ** 2).reshape(len(t), -1), 1).mean()
+                   for p, t, w in halves)
+
+    return loss
 
 
 def _sd_conditioning(trainer: Any, encoders: list[Any], b: int, dtype: Any) -> Conditioning:
@@ -259,9 +357,50 @@ def _sdxl_conditioning(trainer: Any, encoders: list[Any], b: int, dtype: Any) ->
     return condition
 
 
-# The reference step's conditioning per family: what differs between the families' scripts.
+def _flux_conditioning(trainer: Any, encoders: list[Any], b: int, dtype: Any) -> Conditioning:
+    """train_dreambooth_lora_flux.py's encode_prompt on the instance and class prompts' ids, b rows each: T5's last
+    hidden states, CLIP's pooled output and text_ids (zeros, one row per T5 token). When CLIP trains, both encoders
+    run on the 2b rows of ids every step (T5 frozen, but not cached); when it does not, the prompts are encoded
+    once before the loop.
+
+    The script repeats the stacked [instance; class] ids len(prompts) times, and with prior preservation
+    len(prompts) is already 2b: 4b rows of text for 2b latents, which the transformer refuses (diffusers issue
+    13292, fixed in the FLUX.2 and Qwen-Image scripts with b repeats, grouped by prompt); its cached path
+    concatenates the two prompts' text_ids to twice the text's length (issue 10722). Here: b instance rows, then b
+    class rows, and one text_ids.
+
+    Args:
+        trainer: The finetune Trainer (its tokenized prompts: CLIP's, then T5's).
+        encoders: CLIP's text encoder (as accelerate prepared it), then T5's.
+        b: Reference images per step.
+        dtype: The frozen weights' dtype, which the script casts the embeddings to.
+    """
+    import torch
+
+    clip, t5 = encoders
+    rows = [ids.repeat_interleave(b, dim=0) for ids in trainer.prompt_ids]
+
+    def encode(ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = clip(ids[0], output_hidden_states=False).pooler_output.to(dtype)
+        return t5(ids[1])[0].to(dtype), pooled
+
+    if not trainer.train_text_encoder:
+        with torch.no_grad():
+            frozen = encode(rows)
+    text_ids = torch.zeros(rows[1].shape[1], 3, device=trainer.device, dtype=dtype)
+
+    def condition() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        prompt_embeds, pooled = encode(rows) if trainer.train_text_encoder else frozen
+        return prompt_embeds, {"pooled_projections": pooled, "txt_ids": text_ids}
+
+    return condition
+
+
+# The reference step's conditioning and loss per family: what differs between the families' scripts.
 _REFERENCE_CONDITIONING: dict[str, Callable[[Any, list[Any], int, Any], Conditioning]] = {
-    "sd": _sd_conditioning, "sdxl": _sdxl_conditioning}
+    "sd": _sd_conditioning, "sdxl": _sdxl_conditioning, "flux": _flux_conditioning}
+_REFERENCE_LOSS: dict[str, Callable[[Any, Any, Any, Conditioning], ReferenceLoss]] = {
+    "sd": _ddpm_loss, "sdxl": _ddpm_loss, "flux": _flow_loss}
 
 
 def _steps(fn: Callable[[int], Any], steps: int) -> Callable[[], None]:

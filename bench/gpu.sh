@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of docs/performance.md, in calls of at most 8 minutes each (BUDGET_S; all stages need two, see the
+# The GPU rows of docs/performance.md, in calls of at most 8 minutes each (BUDGET_S; all stages need three, see the
 # estimate below), on a machine with no network.
 #
 #   bash bench/gpu.sh prepare           # here, before each device call: wheels and commit into .bench-gpu/
@@ -34,15 +34,26 @@ cd "$(dirname "$0")/.." || exit
 # sdxl (SDXL at 1024 px, random weights, bf16; not run on a GPU yet) is estimated at 140 s: building the random
 # SDXL (3.5 B parameters on the CPU, 14 GB written) ~45 s, loading it for our trainer and for the reference ~35 s,
 # class images and the first compilation ~30 s, then 3 turns (1 warm-up) x 3 sides x 3 steps of about 1 s.
-declare -A BUDGET=([finetune]=100 [sfsl]=80 [sdxl]=210 [mfu]=60 [levers]=240 [generate]=70 [evaluate]=100
-                   [select-refs]=60 [help]=20)
+# flux (FLUX.1-dev at 512 px, random weights, bf16, gradient checkpointing; not run on a GPU yet) is estimated at
+# 250 s, most of it building the random model: torch fills random weights on one core whatever the core count
+# (~240 M parameters/s measured here), and FLUX.1-dev has 16.9 B (the 11.9 B transformer, T5-XXL 4.8 B): ~75 s,
+# the casts to bf16 ~15 s, writing the 34 GB folder ~30 s; loading it for our trainer and for the reference ~40 s,
+# class images and first kernels ~20 s; then 3 turns x 3 sides x 3 steps of about 1.3 s (~220 TFLOPs of transformer
+# forward and backward per step at batch 1+1, recomputation on top) ~35 s.
+declare -A BUDGET=([finetune]=100 [sfsl]=80 [sdxl]=210 [flux]=400 [mfu]=60 [levers]=240 [generate]=70
+                   [evaluate]=100 [select-refs]=60 [help]=20)
+# The least time a stage needs to finish (default 10 s): with less of BUDGET_S left it is skipped, not started and
+# cut (flux would spend the rest of a call building its model).
+declare -A NEEDS=([flux]=300)
 # The whole default run, estimated: wheels and preflight (the random SD 1.5 built) ~45 s, finetune 65, sfsl ~55,
-# sdxl ~140, mfu ~40, generate 58, evaluate 83, select-refs 46, help ~13: ~545 s before levers, more than
-# BUDGET_S (480 s, so that a device call with timeout_s=540 keeps its margin). The budget cuts the tail: a default
-# call measures the training rows, SD's and SDXL's, then generate and most likely not evaluate, select-refs, help
-# or levers; STAGES=evaluate,select-refs,help,levers measures those in a second call (~300 s).
+# sdxl ~140, flux ~250, mfu ~40, generate 58, evaluate 83, select-refs 46, help ~13: ~795 s before levers, more
+# than BUDGET_S (480 s, so that a device call with timeout_s=540 keeps its margin). A default call measures the
+# training rows of SD and SDXL (~305 s), skips flux (~175 s left, less than its 300), then mfu, generate and most
+# likely not evaluate, select-refs, help or levers. STAGES=flux measures FLUX.1's rows in a second call (~300 s;
+# its 34 GB folder beside SD 1.5's 4 GB and SDXL's 14 GB fits the machine's 64 GB disk),
+# STAGES=evaluate,select-refs,help,levers the rest in a third (~300 s).
 # levers (--compile, --channels-last) last among the training rows: two cold compiles may take its whole budget.
-STAGE_ORDER=finetune,sfsl,sdxl,mfu,generate,evaluate,select-refs,help,levers
+STAGE_ORDER=finetune,sfsl,sdxl,flux,mfu,generate,evaluate,select-refs,help,levers
 PYTHON=${PYTHON:-python3}
 WHEELS="diffusers open-clip-torch ftfy wcwidth timm peft"
 
@@ -68,6 +79,7 @@ size=full device=cuda budget=${BUDGET_S:-480} repeats=${REPEATS:-}
 if [[ ${1:-} == --tiny ]]; then
     size=tiny device=cpu budget=${BUDGET_S:-2700} repeats=${REPEATS:-1}
     for stage in "${!BUDGET[@]}"; do BUDGET[$stage]=900; done  # a 2-core CPU shared with other jobs: minutes
+    NEEDS=()  # the tiny models build in seconds
 fi
 [[ -n $out ]] || out=$([[ $size == tiny ]] && mktemp -d -t spurgen-gpu-dry-run-XXXX || echo docs/benchmarks)
 mkdir -p "$out" || exit
@@ -101,8 +113,8 @@ for stage in "${stages[@]}"; do
     left=$((budget - (SECONDS - started)))
     limit=${BUDGET[$stage]:-120}
     ((limit > left)) && limit=$left
-    if ((limit < 10)); then
-        summary+=("$stage: skipped, ${left} s of the budget left")
+    if ((limit < ${NEEDS[$stage]:-10})); then
+        summary+=("$stage: skipped, ${left} s of the budget left (it needs ${NEEDS[$stage]:-10} s: STAGES=$stage)")
         continue
     fi
     echo "== $stage: at most $limit s ($((SECONDS - started)) s since the start)" | tee -a "$log"

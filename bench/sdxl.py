@@ -54,8 +54,26 @@ def run(arch: str = "sdxl-tiny", steps: int = 2, repeats: int = 2, batch_size: i
         warmup: Untimed turns of each side first.
         device: ``auto`` or ``cpu``.
     """
-    setup = Bench(arch, sfsl_arch, batch_size, mixed_precision, gradient_checkpointing, device)
-    trainer, config = setup.trainer("sfsl")
+    return script_rows("sdxl", "SDXL", "train_dreambooth_lora_sdxl.py", Bench(
+        arch, sfsl_arch, batch_size, mixed_precision, gradient_checkpointing, device), steps, repeats, warmup)
+
+
+def script_rows(stage: str, title: str, script: str, setup: Bench, steps: int, repeats: int, warmup: int,
+                resolution: int | None = None) -> list[dict[str, Any]]:
+    """The three rows of a family's step without and with SFSL against its diffusers script's step, timed in turns
+    (``bench.sdxl``'s and ``bench.flux``'s).
+
+    Args:
+        stage: The bench stage.
+        title: The family as the rows name it.
+        script: The diffusers script that :func:`~bench.finetune.reference_step` follows for the family.
+        setup: The random model, references and SFSL classifier.
+        steps: Steps per timed turn.
+        repeats: Timed turns of each side.
+        warmup: Untimed turns of each side first.
+        resolution: Training image side; ``None``: the model's.
+    """
+    trainer, config = setup.trainer("sfsl", resolution=resolution)
     where = trainer.accelerator.device.type
 
     def ours(sfsl: bool) -> Callable[[], None]:
@@ -67,30 +85,41 @@ def run(arch: str = "sdxl-tiny", steps: int = 2, repeats: int = 2, batch_size: i
     times = measure_interleaved({"reference": _steps(reference_step(trainer, config), steps),
                                  "no SFSL": ours(False), "SFSL": ours(True)},
                                 repeats=repeats, warmup=warmup, device=where, relative_memory=True, progress=True)
-    what = f"({arch}, {trainer.resolution} px, {where}, {trainer.accelerator.mixed_precision}, batch {batch_size}+" \
-           f"{batch_size})"
-    rows = [(f"SDXL dreambooth-te step vs train_dreambooth_lora_sdxl.py {what}", "no SFSL", "reference",
-             TIME_TARGET_RATE),
-            (f"SDXL sfsl step vs train_dreambooth_lora_sdxl.py {what}, SFSL {sfsl_arch}", "SFSL", "reference", None),
-            (f"SDXL sfsl step vs its dreambooth-te step {what}, SFSL {sfsl_arch}", "SFSL", "no SFSL",
+    b = setup.batch_size
+    what = f"({setup.arch}, {trainer.resolution} px, {where}, {trainer.accelerator.mixed_precision}, batch {b}+{b})"
+    rows = [(f"{title} dreambooth-te step vs {script} {what}", "no SFSL", "reference", TIME_TARGET_RATE),
+            (f"{title} sfsl step vs {script} {what}, SFSL {setup.sfsl_arch}", "SFSL", "reference", None),
+            (f"{title} sfsl step vs its dreambooth-te step {what}, SFSL {setup.sfsl_arch}", "SFSL", "no SFSL",
              1 / SFSL_TARGET)]
-    records = [step_record(label, times[ours_side], times[baseline], steps, batch_size, target, "sdxl", where)
+    records = [step_record(label, times[ours_side], times[baseline], steps, b, target, stage, where)
                for label, ours_side, baseline, target in rows]
     release(trainer)
     return records
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_arguments(parser, list(SIZES))
+def script_cli(description: str, sizes: dict[str, dict[str, Any]], run: Callable[..., list[dict[str, Any]]]) -> None:
+    """The command line of ``bench.sdxl`` and ``bench.flux``: the size's ``run`` arguments, those given, and the run
+    stored.
+
+    Args:
+        description: The module's docstring.
+        sizes: The module's ``SIZES``.
+        run: The module's ``run``.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_arguments(parser, list(sizes))
     parser.add_argument("--warmup", type=int, help="untimed turns of each side first; default: the size's")
     add_common_arguments(parser, repeats=2)
     args = parser.parse_args()
     apply_threads(args.threads)
     given = {k: getattr(args, k) for k in ("arch", "steps", "warmup") if getattr(args, k) is not None}
-    records = run(**{**SIZES[args.size], **given}, repeats=args.repeats, batch_size=args.batch_size,
+    records = run(**{**sizes[args.size], **given}, repeats=args.repeats, batch_size=args.batch_size,
                   mixed_precision=args.mixed_precision, device="cpu" if args.device == "cpu" else "auto")
     save_run(records, args.size, args.device)
+
+
+def main() -> None:
+    script_cli(__doc__, SIZES, run)
 
 
 if __name__ == "__main__":

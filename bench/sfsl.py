@@ -30,7 +30,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from ._common import add_common_arguments, add_training_arguments, apply_threads, measure_interleaved, save_run
+from ._common import (add_common_arguments, add_training_arguments, apply_threads, measure_interleaved,
+                      refuse_full_flux_on_cpu, save_run)
 from .finetune import RANK, Bench, release, trainer_steps
 
 # run()'s arguments per --size.
@@ -130,16 +131,12 @@ def run(arch: str = "tiny", steps: int = 5, repeats: int = 3, batch_size: int = 
     Raises:
         RuntimeError: FLUX.1 at full size without a GPU.
     """
-    import torch
-
     from spurgen.config import FinetuneConfig
     from spurgen.finetune.sfsl import load_sfsl_decoder
     from spurgen.finetune.trainer import frozen_dtype
     from spurgen.testing import build_tiny_autoencoder
 
-    if arch == "flux-full" and (device == "cpu" or not torch.cuda.is_available()):
-        raise RuntimeError("FLUX.1 at full size is too large for a CPU step (a 12 B transformer and T5-XXL, 67 GB of "
-                           "float32 weights, minutes per forward pass); run --size full-flux on a GPU")
+    refuse_full_flux_on_cpu(arch, device, "--size full-flux")
     setup = Bench(arch, sfsl_arch, batch_size, mixed_precision, gradient_checkpointing, device)
     # Every measured step computes SFSL (bound 999, --sfsl-every 1); the bound's and --sfsl-every's savings are
     # derived from these below. The config's default --sfsl-every (4) would skip SFSL on 3 steps of 4.

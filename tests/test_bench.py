@@ -71,14 +71,19 @@ def test_gpu_sh_is_valid_bash() -> None:
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
-def test_full_size_flux_on_a_cpu_says_it_is_too_large_instead_of_shrinking_it() -> None:
-    from bench.sfsl import SIZES, run
+@pytest.mark.parametrize(("module", "size"), [("bench.sfsl", "full-flux"), ("bench.flux", "full")])
+def test_full_size_flux_on_a_cpu_says_it_is_too_large_instead_of_shrinking_it(module: str, size: str) -> None:
+    stage = importlib.import_module(module)
+    with pytest.raises(RuntimeError, match=rf"FLUX.1 at full size is too large for a CPU step .* --size {size} on a "):
+        stage.run(**stage.SIZES[size], device="cpu")
 
-    with pytest.raises(RuntimeError, match=r"FLUX.1 at full size is too large for a CPU step .* on a GPU"):
-        run(**SIZES["full-flux"], device="cpu")
 
-
-def test_the_sdxl_stage_at_tiny_size_prints_and_stores_its_three_rows(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stage", "title", "script", "arch"), [
+    ("sdxl", "SDXL", "train_dreambooth_lora_sdxl.py", "sdxl-tiny"),
+    ("flux", "FLUX.1", "train_dreambooth_lora_flux.py", "flux-tiny"),
+])
+def test_the_family_stage_at_tiny_size_prints_and_stores_its_three_rows(tmp_path: Path, stage: str, title: str,
+                                                                         script: str, arch: str) -> None:
     import os
     import sys
 
@@ -87,25 +92,25 @@ def test_the_sdxl_stage_at_tiny_size_prints_and_stores_its_three_rows(tmp_path: 
     results = tmp_path / "results.json"
     env = {**os.environ, RESULTS_ENV: str(results), "HF_HUB_OFFLINE": "1"}
     env.pop("SPURGEN_BENCH_CACHE", None)
-    done = subprocess.run([sys.executable, "-m", "bench", "--only", "sdxl", "--repeats", "1", "--threads", "1"],
+    done = subprocess.run([sys.executable, "-m", "bench", "--only", stage, "--repeats", "1", "--threads", "1"],
                           cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     [run] = json.loads(results.read_text())["runs"]
     rows = {record["name"].split(" (")[0]: record for record in run["records"]}
-    assert list(rows) == ["SDXL dreambooth-te step vs train_dreambooth_lora_sdxl.py",
-                          "SDXL sfsl step vs train_dreambooth_lora_sdxl.py", "SDXL sfsl step vs its dreambooth-te step"]
+    assert list(rows) == [f"{title} dreambooth-te step vs {script}", f"{title} sfsl step vs {script}",
+                          f"{title} sfsl step vs its dreambooth-te step"]
     for record in rows.values():
-        assert record["stage"] == "sdxl" and "sdxl-tiny, 64 px, cpu" in record["name"]
+        assert record["stage"] == stage and f"{arch}, 64 px, cpu" in record["name"]
         assert record["ours"] > 0 and record["baseline"] > 0 and record["ratio"] == pytest.approx(
             record["seconds_per_step"]["reference"] / record["seconds_per_step"]["ours"])
     targets = [(r["target_text"], r["target"]) for r in rows.values()]
     assert targets == [(">= 1.11 (time <= 0.9x)", pytest.approx(1 / 0.9)), ("n/a (SFSL's cost)", None),
                        (">= 0.769 (time <= 1.3x)", pytest.approx(1 / 1.3))]
     # the two ours rows of the SFSL step are one measurement; its rate over the references' is what the table shows
-    assert rows["SDXL sfsl step vs train_dreambooth_lora_sdxl.py"]["ours"] == \
-        rows["SDXL sfsl step vs its dreambooth-te step"]["ours"]
-    assert "SDXL dreambooth-te step vs" in done.stdout and "n/a (SFSL's cost)" in done.stdout
+    sfsl = [record["ours"] for name, record in rows.items() if name.startswith(f"{title} sfsl step")]
+    assert sfsl[0] == sfsl[1]
+    assert f"{title} dreambooth-te step vs" in done.stdout and "n/a (SFSL's cost)" in done.stdout
 
 
 def test_the_sdxl_reference_step_conditions_as_the_sdxl_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,3 +131,52 @@ def test_the_sdxl_reference_step_conditions_as_the_sdxl_pipeline(monkeypatch: py
         assert added["time_ids"].tolist() == [[600, 600, 0, 0, 64, 64]] * 4
     finally:
         release(trainer)
+
+
+def test_the_flux_reference_step_feeds_the_transformer_as_the_flux_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_dreambooth_lora_flux.py's step, at batch 2+2: its text is FluxPipeline.encode_prompt's of the instance
+    and class prompts, b rows each; its latents are the VAE's, shifted and scaled, noised to (1 - sigma) x (noise
+    zeroed) and packed as FluxPipeline._pack_latents packs them, with _prepare_latent_image_ids' positions."""
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from bench.finetune import Bench, reference_step, release
+    from spurgen.finetune.trainer import load_pixels
+
+    monkeypatch.delenv("SPURGEN_BENCH_CACHE", raising=False)
+    trainer, config = Bench("flux-tiny", batch_size=2, device="cpu").trainer("dreambooth-te", resolution=64)
+    calls: list[dict[str, torch.Tensor]] = []
+    forward = FluxTransformer2DModel.forward
+
+    def recorded(self: FluxTransformer2DModel, **kwargs: torch.Tensor) -> object:
+        calls.append({k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        return forward(self, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", recorded)
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    try:
+        step = reference_step(trainer, config)
+        with monkeypatch.context() as no_noise:
+            no_noise.setattr(torch, "randn_like", torch.zeros_like)
+            step(0)
+    finally:
+        release(trainer)
+    [call] = calls
+    pipe = FluxPipeline.from_pretrained(trainer.base.path)
+    with torch.no_grad():
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+            [trainer.plan.instance_prompt, trainer.plan.class_prompt], None, num_images_per_prompt=2)
+        pixels = load_pixels(trainer.plan.references[:1], 64).repeat(4, 1, 1, 1)
+        latents = (pipe.vae.encode(pixels).latent_dist.mean - pipe.vae.config.shift_factor) \
+            * pipe.vae.config.scaling_factor
+    torch.testing.assert_close(call["encoder_hidden_states"], prompt_embeds)
+    torch.testing.assert_close(call["pooled_projections"], pooled)
+    torch.testing.assert_close(call["txt_ids"], text_ids)
+    torch.testing.assert_close(call["img_ids"], FluxPipeline._prepare_latent_image_ids(4, 16, 16, "cpu", torch.float32))
+    # the timestep input is a scheduler timestep / 1000; its sigma scales the clean latents
+    scheduler = pipe.scheduler
+    rows = (scheduler.timesteps[None] - call["timestep"][:, None] * 1000).abs().argmin(dim=1)
+    sigma = scheduler.sigmas[rows].view(-1, 1, 1, 1)
+    torch.testing.assert_close(call["hidden_states"], FluxPipeline._pack_latents((1 - sigma) * latents, 4, 4, 32, 32))
+    assert call["guidance"].tolist() == [3.5] * 4
