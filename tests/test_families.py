@@ -138,16 +138,21 @@ def test_sdxl_sfsl_gradients_reach_the_lora_of_the_unet_and_both_text_encoders(t
         trainer.close()
 
 
-def test_sdxl_three_steps_plus_resume_equals_six_steps(tiny_sdxl_dir: Path, rigged, tmp_path: Path) -> None:
+# FLUX.1's native side is 1,024 px; its tiny folder trains at 64 like the others.
+@pytest.mark.parametrize("model, extra", [("tiny_sdxl_dir", {}), ("tiny_flux_dir", {"resolution": 64})])
+def test_sdxl_and_flux_three_steps_plus_resume_equal_six_steps(model: str, extra: dict[str, Any],
+                                                               request: pytest.FixtureRequest, rigged,
+                                                               tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
+    folder = request.getfixturevalue(model)
     flags = [rigged.flags["res-a"]]
     straight, split = write_refs(tmp_path / "a"), write_refs(tmp_path / "b")
     common = {"preset": "sfsl", "checkpointing_steps": 3, "sfsl_max_timestep": 600, "learning_rate": 1e-3,
-              "prior_preservation": False}
-    finetune(config(tiny_sdxl_dir, steps=6, **common), straight, flags)
-    finetune(config(tiny_sdxl_dir, steps=3, **common), split, flags)
-    [result] = finetune(config(tiny_sdxl_dir, steps=6, resume=True, **common), split, flags)
+              "prior_preservation": False, **extra}
+    finetune(config(folder, steps=6, **common), straight, flags)
+    finetune(config(folder, steps=3, **common), split, flags)
+    [result] = finetune(config(folder, steps=6, resume=True, **common), split, flags)
     assert (result.status, result.steps) == ("resumed", 6)
     a, b = straight.model_dir(HUMMINGBIRD, "sfsl"), split.model_dir(HUMMINGBIRD, "sfsl")
     assert loss_rows(a) == loss_rows(b)

@@ -210,24 +210,6 @@ def test_flux_sfsl_gradients_reach_the_lora_of_the_transformer_and_clip(tiny_flu
         trainer.close()
 
 
-def test_flux_three_steps_plus_resume_equals_six_steps(tiny_flux_dir: Path, rigged, tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
-    flags = [rigged.flags["res-a"]]
-    straight, split = write_refs(tmp_path / "a"), write_refs(tmp_path / "b")
-    common = {"preset": "sfsl", "checkpointing_steps": 3, "sfsl_max_timestep": 600, "learning_rate": 1e-3,
-              "prior_preservation": False, "resolution": 64}
-    finetune(config(tiny_flux_dir, steps=6, **common), straight, flags)
-    finetune(config(tiny_flux_dir, steps=3, **common), split, flags)
-    [result] = finetune(config(tiny_flux_dir, steps=6, resume=True, **common), split, flags)
-    assert (result.status, result.steps) == ("resumed", 6)
-    a, b = straight.model_dir(HUMMINGBIRD, "sfsl"), split.model_dir(HUMMINGBIRD, "sfsl")
-    assert loss_rows(a) == loss_rows(b)
-    weights_a = load_file(str(a / "pytorch_lora_weights.safetensors"))
-    weights_b = load_file(str(b / "pytorch_lora_weights.safetensors"))
-    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-
-
 @pytest.mark.parametrize("setting, message", [
     ({"lora": False}, r"--full is not offered for FLUX.1: its 12 B-parameter transformer"),
     ({"snr_gamma": 5.0}, r"--snr-gamma weights DDPM timesteps"),
