@@ -121,8 +121,6 @@ def _check_families(workspace: Workspace, classes: Sequence[ClassInfo], runs: di
     """
     from ._base_model import resolve_base_model
 
-    if not classes:
-        return
     _, tunes, gen = _stage_configs(workspace, classes[0], runs, set())  # the family settings are not per class
     for model, family in dict.fromkeys((config.model, config.family) for config in tunes.values()):
         base = resolve_base_model(model, family)
@@ -247,9 +245,11 @@ def run_all(config: RunConfig, workspace: Workspace, classifier_flags: Sequence[
     Raises:
         SpurgenError: bad settings (checked for every class and stage before any work), or the final evaluation.
     """
-    classes, _, evaluation_action = plan_run(config, workspace)  # checks every stage's settings up front
+    classes, plans, evaluation_action = plan_run(config, workspace)  # checks every stage's settings up front
     runs = run_names(config)
-    _check_families(workspace, classes, runs)
+    # Only when a model will be trained or sampled: a run that only evaluates needs no base model at hand.
+    if any(step.action != SKIP for steps in plans.values() for step in steps if step.stage != SELECT):
+        _check_families(workspace, classes, runs)
     workspace.ensure_writable()
     summary = RunSummary()
     record: dict[str, Any] = {"stage": "run", "created": utc_now(), "settings": vars(config),
