@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping, TypeVar
 from .errors import SpurgenError
 
 __all__ = ["setting", "same_setting", "help_for", "resolve_config", "SelectRefsConfig", "CROP_POLICIES", "PROTOCOLS",
-           "SCHEDULERS", "find_scheduler", "GenerateConfig", "LORA_FORMATS", "ExportLoraConfig", "EvaluateConfig",
-           "RunConfig"]
+           "SCHEDULERS", "ZERO_SNR_SCHEDULER", "ZERO_SNR_SCHEDULE", "find_scheduler", "GenerateConfig", "LORA_FORMATS",
+           "ExportLoraConfig", "EvaluateConfig", "RunConfig"]
 
 C = TypeVar("C")
 
@@ -248,6 +248,11 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "DEIS": ("DEISMultistepScheduler", {}),
 }
 MODEL_SCHEDULER = "model"
+# A zero-terminal-SNR run (finetune --zero-terminal-snr) is trained on rescaled betas and sampled from the last
+# timestep (Lin et al. 2024): its validation images use this sampler with these scheduler settings, training.json
+# records the settings, and generate samples the run the same way.
+ZERO_SNR_SCHEDULER = "DDIM"
+ZERO_SNR_SCHEDULE: dict[str, Any] = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -307,7 +312,11 @@ class GenerateConfig:
     scheduler: str | None = setting(None, f"Sampler: {', '.join(SCHEDULERS)}, or '{MODEL_SCHEDULER}' (the scheduler "
                                           "saved with the model). Default: the model family's, DPM-Solver++ for SD "
                                           f"1.x/2.x and SDXL, '{MODEL_SCHEDULER}' for FLUX.1 (its own flow-matching "
-                                          "sampler, the only one it takes); generation.json records the sampler used.")
+                                          "sampler, the only one it takes); a run trained with --zero-terminal-snr "
+                                          f"samples with {ZERO_SNR_SCHEDULER} over its rescaled betas and trailing "
+                                          "timesteps, as its validation images did, and any sampler given for it "
+                                          "gets the same schedule (one that cannot take rescaled betas is refused). "
+                                          "generation.json records the sampler used.")
     batch_size: int = setting(4, "Images per pipeline call; it does not change the images.")
     seed: int = setting(0, (
         "Image i uses seed SEED + i, whatever the batch size, so re-runs and other batch sizes give the same picture "
@@ -682,7 +691,7 @@ class FinetuneConfig:
         False,
         "Rescale the training noise schedule to zero terminal SNR (v-prediction models only), so the last timestep is "
         "pure noise and the model learns to set a sample's overall colour and brightness itself; validation images "
-        "then sample with DDIM, trailing timesteps. Generate with the same scheduler settings (docs/method.md).")
+        "then sample with DDIM over the rescaled betas, trailing timesteps, and so does generate (docs/method.md).")
     validation_steps: int = setting(200, "Save validation images every N steps (0: only at the end).")
     num_validation_images: int = setting(4, "Validation images per save, with seeds seed, seed+1, ... (0: none).")
     validation_prompt: str | None = setting(

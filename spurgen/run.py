@@ -25,7 +25,7 @@ from .errors import SpurgenError
 from .evaluate import Evaluation, evaluate
 from .finetune import finetune
 from .families import get_family
-from .generate import check_family_settings, generate
+from .generate import check_family_settings, generate, trained_schedule
 from .labels import ClassInfo, get_label_set
 from .select_refs import select_refs
 from .workspace import (CHECKPOINTS, EVALUATION_FILE, GENERATION_FILE, SELECTION_FILE, TRAINING_FILE, Workspace,
@@ -97,18 +97,22 @@ def _generation_action(config: GenerateConfig, folder: Path, model: Path) -> str
         folder: The run's ``generated/<class>/<run>/``.
         model: The run's ``models/<class>/<run>/``: its training.json names the family whose default guidance
             and sampler an unset ``--guidance`` and ``--scheduler`` stand for (SD when it names none: it predates the
-            other families); without one, the images are resumed and generate decides.
+            other families), and the schedule it was trained on (zero terminal SNR: its own sampler and schedule, as
+            generate resolves them); without one, the images are resumed and generate decides.
     """
     manifest = read_json(folder / GENERATION_FILE) if (folder / GENERATION_FILE).is_file() else {}
     if not manifest:
         return RUN
     if not (model / TRAINING_FILE).is_file():
         return RESUME
-    family = get_family(read_json(model / TRAINING_FILE).get("family", "sd"))
+    training = read_json(model / TRAINING_FILE)
+    family, schedule = get_family(training.get("family", "sd")), trained_schedule(training)
     recorded = manifest.get("settings", {})
     same = manifest.get("num_images") == config.num_images and (
-        recorded.get("steps"), recorded.get("guidance"), recorded.get("scheduler"), recorded.get("seed")
-    ) == (config.steps, family.guidance(config.guidance), family.scheduler(config.scheduler), config.seed)
+        recorded.get("steps"), recorded.get("guidance"), recorded.get("scheduler"), recorded.get("schedule"),
+        recorded.get("seed")
+    ) == (config.steps, family.guidance(config.guidance), family.scheduler(config.scheduler, schedule), schedule,
+          config.seed)
     return SKIP if same and manifest.get("status") == "complete" else RESUME
 
 

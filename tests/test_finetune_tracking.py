@@ -3,9 +3,11 @@ zero terminal SNR), on the tiny random Stable Diffusion folder."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -18,8 +20,9 @@ from spurgen.finetune import finetune, prepare_finetune
 from spurgen.finetune.noise import min_snr_weights, training_noise
 from spurgen.finetune.plan import _RESUMABLE, resume_key
 from spurgen.labels import get_label_set
+from spurgen.workspace import Workspace
 
-from test_finetune import HUMMINGBIRD, config, manifest, one_thread, write_refs  # noqa: F401 (a fixture)
+from test_finetune import HUMMINGBIRD, config, manifest, one_thread, png, write_refs  # noqa: F401 (a fixture)
 
 
 def test_tensorboard_gets_every_column_hyperparameters_the_metric_and_images(tiny_sd_dir: Path, rigged,
@@ -221,3 +224,99 @@ def test_knobs_are_recorded_and_enter_the_resume_key(tiny_sd_dir: Path, tmp_path
         prepare_finetune(config(tiny_sd_dir, preset="dreambooth", zero_terminal_snr=True), workspace)
     with pytest.raises(SpurgenError, match="--snr-gamma must be positive"):
         config(tiny_sd_dir, snr_gamma=0.0)
+
+
+# --- Generating a zero-terminal-SNR run --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zero_snr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace with a tiny v-prediction LoRA run 'dreambooth' trained with --zero-terminal-snr and two
+    validation images of its final weights; copy it per test."""
+    from spurgen.testing import build_stable_diffusion
+
+    root = tmp_path_factory.mktemp("zero-snr")
+    base = build_stable_diffusion(root / "tiny-v", "tiny", prediction_type="v_prediction", seed=0)
+    workspace = write_refs(root / "ws")
+    finetune(config(base, preset="dreambooth", zero_terminal_snr=True, prior_preservation=False,
+                    num_validation_images=2), workspace)
+    return workspace.root
+
+
+def _zero_snr_generate(root: Path, **overrides: Any) -> Any:
+    """generate's settings for the run, those of its validation images (steps, guidance, seeds) one image a call."""
+    from spurgen.config import GenerateConfig, resolve_config
+
+    validation = manifest(Workspace(root).model_dir(HUMMINGBIRD, "dreambooth"))["validation"]
+    values = {"classes": ["94"], "num_images": 2, "steps": validation["num_inference_steps"],
+              "guidance": validation["guidance_scale"], "seed": validation["seeds"][0], "batch_size": 1,
+              "device": "cpu"}
+    return resolve_config(GenerateConfig, {}, "generate", {**values, **overrides})
+
+
+def test_generate_samples_a_zero_terminal_snr_run_as_its_validation_images_and_skips_a_rerun(
+        zero_snr_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from spurgen.config import ZERO_SNR_SCHEDULE
+    from spurgen.generate import generate
+    from spurgen.run import RESUME, SKIP, _generation_action
+
+    shutil.copytree(zero_snr_run, tmp_path / "ws")
+    workspace = Workspace(tmp_path / "ws")
+    model = workspace.model_dir(HUMMINGBIRD, "dreambooth")
+    assert manifest(model)["noise"]["sampler"] == ZERO_SNR_SCHEDULE
+    assert manifest(model)["validation"]["scheduler"] == "DDIMScheduler"
+    gen = _zero_snr_generate(workspace.root)
+    generate(gen, workspace)
+    folder = workspace.generated_dir(HUMMINGBIRD, "dreambooth")
+    settings = json.loads((folder / "generation.json").read_text())["settings"]
+    assert settings["scheduler"] == "DDIM" and settings["schedule"] == ZERO_SNR_SCHEDULE
+    for i in range(2):  # the final weights' validation images, same seed, steps and guidance
+        ours, validation = png(folder / f"{i:05d}.png"), png(model / "validation" / "step-000002" / f"{i:02d}.png")
+        assert np.abs(ours - validation).max() <= 1
+    # A rerun, and spurgen run's skip check, resolve the unset sampler the same way.
+    [again] = generate(gen, workspace)
+    assert again.made == 0 and again.existing == 2
+    assert _generation_action(gen, folder, model) == SKIP
+    assert _generation_action(_zero_snr_generate(workspace.root, scheduler="DDIM"), folder, model) == SKIP
+    assert _generation_action(_zero_snr_generate(workspace.root, scheduler="Euler"), folder, model) == RESUME
+
+
+def test_an_explicit_sampler_of_a_zero_terminal_snr_run_gets_its_schedule_or_is_refused(
+        zero_snr_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from spurgen.config import ZERO_SNR_SCHEDULE
+    from spurgen.generate import build_scheduler, generate
+
+    shutil.copytree(zero_snr_run, tmp_path / "ws")
+    workspace = Workspace(tmp_path / "ws")
+    model = workspace.model_dir(HUMMINGBIRD, "dreambooth")
+    folder = workspace.generated_dir(HUMMINGBIRD, "dreambooth")
+    with pytest.raises(SpurgenError, match=r"--scheduler Heun \(HeunDiscreteScheduler\) cannot sample the schedule "
+                                           r"this run was trained on .*pick one of DDIM, DDPM, Euler"):
+        generate(_zero_snr_generate(workspace.root, scheduler="heun"), workspace)
+    assert not folder.exists()  # refused before any model loads
+    gen = _zero_snr_generate(workspace.root, scheduler="Euler")
+    generate(gen, workspace)
+    settings = json.loads((folder / "generation.json").read_text())["settings"]
+    assert settings["scheduler"] == "Euler" and settings["schedule"] == ZERO_SNR_SCHEDULE
+    # Plain diffusers with the LoRA and Euler over the rescaled betas and trailing timesteps: the same images.
+    training = manifest(model)
+    pipe = StableDiffusionPipeline.from_pretrained(training["base_model"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=True,
+                                                        timestep_spacing="trailing")
+    pipe.load_lora_weights(model)
+    for i in range(2):
+        image = pipe(training["instance_prompt"], height=64, width=64, num_inference_steps=gen.steps,
+                     guidance_scale=gen.guidance, generator=torch.Generator().manual_seed(gen.seed + i)).images[0]
+        assert np.abs(np.asarray(image, dtype=np.int16) - png(folder / f"{i:05d}.png")).max() <= 1
+    # 'model': the model's own scheduler class (the tiny model's DDPM), over the run's schedule.
+    base_config = json.loads((Path(training["base_model"]) / "scheduler" / "scheduler_config.json").read_text())
+    own = build_scheduler("model", base_config, ZERO_SNR_SCHEDULE)
+    assert type(own).__name__ == "DDPMScheduler" and float(own.alphas_cumprod[-1]) == 0.0
+    assert own.config.timestep_spacing == "trailing"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..config import find_scheduler
+from ..config import ZERO_SNR_SCHEDULER, find_scheduler
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -71,15 +71,20 @@ class ModelFamily(ABC):
         """
         return self.default_guidance if requested is None else requested
 
-    def scheduler(self, requested: str | None) -> str | None:
-        """The sampler to sample with, by its canonical name: ``requested``'s when given, else
+    def scheduler(self, requested: str | None, schedule: dict[str, Any] | None = None) -> str | None:
+        """The sampler to sample with, by its canonical name: ``requested``'s when given, else the one a run trained
+        on a rescaled schedule was sampled with during training (:data:`~spurgen.config.ZERO_SNR_SCHEDULER`), else
         :attr:`default_scheduler`; ``None`` for a name :func:`~spurgen.config.find_scheduler` does not know (which
         :class:`~spurgen.config.GenerateConfig` refuses).
 
         Args:
             requested: ``--scheduler``; ``None`` when not given.
+            schedule: The scheduler settings the run was trained to be sampled with (training.json's
+                ``noise.sampler``: a zero-terminal-SNR run's); ``None`` for the model's own schedule.
         """
-        return self.default_scheduler if requested is None else find_scheduler(requested)
+        if requested is None:
+            return ZERO_SNR_SCHEDULER if schedule else self.default_scheduler
+        return find_scheduler(requested)
 
     def check_config(self, config: "FinetuneConfig") -> None:
         """Refuses finetune settings the family cannot train with; every family takes all of them by default.

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from ..config import SCHEDULERS, ZERO_SNR_SCHEDULE, ZERO_SNR_SCHEDULER
+
 if TYPE_CHECKING:
     from .._base_model import Components
 
@@ -87,8 +89,9 @@ def zero_terminal_snr(parts: "Components") -> "Components":
     Args:
         parts: The base model's parts, whose schedulers' configurations are kept otherwise.
     """
-    from diffusers import DDIMScheduler, DDPMScheduler
+    import diffusers
 
-    noise = DDPMScheduler.from_config(parts.noise_scheduler.config, rescale_betas_zero_snr=True)
-    sampler = DDIMScheduler.from_config(parts.sampler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    noise = diffusers.DDPMScheduler.from_config(parts.noise_scheduler.config, rescale_betas_zero_snr=True)
+    sampler_class = getattr(diffusers, SCHEDULERS[ZERO_SNR_SCHEDULER][0])
+    sampler = sampler_class.from_config(parts.sampler.config, **ZERO_SNR_SCHEDULE)
     return dataclasses.replace(parts, noise_scheduler=noise, sampler=sampler)

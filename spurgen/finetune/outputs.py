@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from .._base_model import BaseModel, base_model_license
 from .._lora import LORA_WEIGHTS_NAME
-from ..config import FinetuneConfig
+from ..config import ZERO_SNR_SCHEDULE, FinetuneConfig
 from ..images import file_sha256
 from ..labels import ClassInfo
 from ..workspace import (LOSSES_FILE, TRAINING_FILE, atomic_write_json, atomic_write_text,
@@ -153,8 +153,7 @@ def training_manifest(plan: ClassPlan, config: FinetuneConfig, trainer: Trainer,
                        "metrics": metric_records(log), "best": best_record(log)},
         "noise": {"offset": config.noise_offset, "snr_gamma": config.snr_gamma,
                   "zero_terminal_snr": config.zero_terminal_snr,
-                  "sampler": {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
-                  if config.zero_terminal_snr else None},
+                  "sampler": dict(ZERO_SNR_SCHEDULE) if config.zero_terminal_snr else None},
         "keep_best": config.keep_best,
         "weights_step": step,
         "distributed": {"processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,

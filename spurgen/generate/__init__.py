@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from .._base_model import _read_config
 from .._file_hashes import FileHashes
 from .._runtime import console, distributed_state, progress_bar, resolve_device, warn
 from ..config import MODEL_SCHEDULER, GenerateConfig
@@ -39,7 +40,7 @@ from ..labels import ClassInfo, get_label_set
 from ..workspace import Workspace, environment_versions, utc_now, workspace_classes
 from .filters import ImageFilters
 from .runs import (RunState, Until, check_folder, image_name, model_record, plan_class,
-                   run_fingerprint, run_settings)
+                   run_fingerprint, run_settings, trained_schedule)
 from .sampling import PipelineSlot, build_scheduler, fill_run, torch_dtype
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ __all__ = [
     "GenerationResult",
     "generate",
     "check_family_settings",
+    "trained_schedule",
     "image_name",
     "build_scheduler",
     "torch_dtype",
@@ -105,6 +107,10 @@ def generate(config: GenerateConfig, workspace: Workspace,
     plans = [plan for cls in classes for plan in plan_class(config, workspace, cls)]
     for plan in plans:
         check_family_settings(config, plan.pipeline.family, plan.negative_prompt, f"{plan.cls} run '{plan.run}'")
+        if plan.schedule:  # a sampler that cannot take the run's schedule is refused before any model loads
+            build_scheduler(plan.pipeline.family.scheduler(config.scheduler, plan.schedule),
+                            _read_config(plan.pipeline.path / "scheduler" / "scheduler_config.json",
+                                         str(plan.pipeline.path)), plan.schedule)
     device = resolve_device(config.device)
     dtype = torch_dtype(config.dtype, device)
     workspace.ensure_writable(*(workspace.generated_dir(plan.cls, plan.run) for plan in plans), workspace.cache_dir())

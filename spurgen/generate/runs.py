@@ -27,8 +27,8 @@ from .filters import ImageFilters, Verdict
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["image_name", "ModelPlan", "checkpoint_lora", "plan_class", "model_record", "run_settings",
-           "run_fingerprint", "Until", "RunState", "check_folder"]
+__all__ = ["image_name", "ModelPlan", "trained_schedule", "checkpoint_lora", "plan_class", "model_record",
+           "run_settings", "run_fingerprint", "Until", "RunState", "check_folder"]
 
 _IMAGE_NAME = re.compile(r"^\d{5,}\.png$")
 
@@ -52,11 +52,22 @@ class ModelPlan:
     resolution: int | None
     lora_file: Path | None = None  # the LoRA weights loaded onto ``pipeline``
     lora_source: str | None = None  # where they came from, as named: a run or checkpoint folder, a path, a hub id
+    schedule: dict[str, Any] | None = None  # the scheduler settings the run was trained on (trained_schedule)
 
 
 def _fill(template: str, cls: ClassInfo) -> str:
     # Plain replacement rather than str.format, so other braces in a prompt stay as the user wrote them.
     return template.replace("{class}", cls.name).replace("{feature}", cls.spurious_feature or cls.name)
+
+
+def trained_schedule(training: dict[str, Any]) -> dict[str, Any] | None:
+    """The scheduler settings a run must be sampled with, as its training.json records them: a zero-terminal-SNR
+    run's rescaled betas and trailing timesteps (``noise.sampler``); ``None`` for the base model's own schedule.
+
+    Args:
+        training: The run's training.json; empty for a LoRA trained elsewhere.
+    """
+    return (training.get("noise") or {}).get("sampler") or None
 
 
 def _base_of_training(training: dict[str, Any]) -> str:
@@ -115,7 +126,8 @@ def _lora_plan(config: GenerateConfig, cls: ClassInfo, run: str, lora_file: Path
         raise SpurgenError(f"no base model for the LoRA {source}; pass --model, the Stable Diffusion folder or hub id "
                            "it was trained on")
     return ModelPlan(cls, run, "lora", base_model, base, prompt, _fill(config.negative_prompt, cls),
-                     config.resolution or training.get("resolution"), lora_file=lora_file, lora_source=source)
+                     config.resolution or training.get("resolution"), lora_file=lora_file, lora_source=source,
+                     schedule=trained_schedule(training))
 
 
 def _outside_lora_file(source: str) -> Path:
@@ -271,7 +283,8 @@ def plan_class(config: GenerateConfig, workspace: Workspace, cls: ClassInfo) -> 
             plans.append(_lora_plan(config, cls, run, run_dir / LORA_WEIGHTS_NAME, str(run_dir), training, prompt))
         elif training.get("weights") == "full":
             plans.append(ModelPlan(cls, run, "full", resolve_base_model(str(run_dir)),
-                                   str(training.get("base_model", "")), prompt, negative, resolution))
+                                   str(training.get("base_model", "")), prompt, negative, resolution,
+                                   schedule=trained_schedule(training)))
         else:
             raise SpurgenError(f"{run_dir / TRAINING_FILE}: weights is {training.get('weights')!r}, expected 'lora' or "
                                "'full'; re-run 'spurgen finetune'")
@@ -313,7 +326,8 @@ def run_fingerprint(model: dict[str, Any], settings: dict[str, Any]) -> str:
 
 
 def run_settings(config: GenerateConfig, plan: ModelPlan, dtype: "torch.dtype") -> dict[str, Any]:
-    """The settings that change an image (batch size, device and n do not), the family's defaults filled in."""
+    """The settings that change an image (batch size, device and n do not), the family's defaults filled in; a run
+    trained on a rescaled schedule (zero terminal SNR) adds it as ``schedule``, which every sampler is built with."""
     import torch
 
     return {
@@ -321,7 +335,8 @@ def run_settings(config: GenerateConfig, plan: ModelPlan, dtype: "torch.dtype") 
         "negative_prompt": plan.negative_prompt,
         "steps": config.steps,
         "guidance": plan.pipeline.family.guidance(config.guidance),
-        "scheduler": plan.pipeline.family.scheduler(config.scheduler),
+        "scheduler": plan.pipeline.family.scheduler(config.scheduler, plan.schedule),
+        **({"schedule": plan.schedule} if plan.schedule else {}),
         "resolution": plan.resolution or plan.pipeline.resolution,
         "seed": config.seed,
         "dtype": {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import itertools
 import os
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from .._base_model import _read_config, image_generator
 from .._runtime import distributed_state, dtype_argument, library_progress_bars_off
-from ..config import MODEL_SCHEDULER, SCHEDULERS, GenerateConfig, find_scheduler
+from ..config import MODEL_SCHEDULER, SCHEDULERS, ZERO_SNR_SCHEDULER, GenerateConfig, find_scheduler
 from ..errors import SpurgenError
 from ..workspace import atomic_write_bytes
 from .filters import ImageFilters
@@ -39,21 +40,46 @@ def torch_dtype(name: str, device: "torch.device") -> "torch.dtype":
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def build_scheduler(name: str, model_config: Any) -> Any:
+def build_scheduler(name: str, model_config: Any, schedule: dict[str, Any] | None = None) -> Any:
     """A diffusers scheduler by its user-facing name, built from the model's scheduler config.
 
     Building from the model's config keeps its noise schedule and prediction type (v-prediction for
-    SD 2.x-768); ``"model"`` returns ``None`` (keep the model's own scheduler).
+    SD 2.x-768); ``"model"`` returns ``None`` (keep the model's own scheduler) unless ``schedule`` asks for
+    another schedule, which is then built on the model's own scheduler class.
+
+    Args:
+        name: ``--scheduler``, any spelling :func:`~spurgen.config.find_scheduler` knows.
+        model_config: The model's scheduler config (its ``_class_name`` is the class of ``"model"``).
+        schedule: Scheduler settings the run was trained on (a zero-terminal-SNR run's rescaled betas and trailing
+            timesteps), applied over the sampler's own.
+
+    Raises:
+        SpurgenError: an unknown name, or a sampler whose class has no such settings (from_config would drop them
+            with a warning and sample the schedule the run was not trained on).
     """
     import diffusers
 
     canonical = find_scheduler(name)
     if canonical is None:
         raise SpurgenError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or '{MODEL_SCHEDULER}'")
-    if canonical == MODEL_SCHEDULER:
+    if canonical == MODEL_SCHEDULER and not schedule:
         return None
-    class_name, overrides = SCHEDULERS[canonical]
-    return getattr(diffusers, class_name).from_config(model_config, **overrides)
+    class_name, overrides = ((model_config["_class_name"], {}) if canonical == MODEL_SCHEDULER
+                             else SCHEDULERS[canonical])
+    if schedule and not _takes(class_name, schedule):
+        able = [n for n, (other, _) in SCHEDULERS.items() if _takes(other, schedule)]
+        settings = ", ".join(f"{key}={value!r}" for key, value in schedule.items())
+        raise SpurgenError(f"--scheduler {name} ({class_name}) cannot sample the schedule this run was trained on "
+                           f"({settings}: --zero-terminal-snr); pick one of {', '.join(able)}, or leave --scheduler "
+                           f"unset for {ZERO_SNR_SCHEDULER}, the sampler of its validation images")
+    return getattr(diffusers, class_name).from_config(model_config, **overrides, **(schedule or {}))
+
+
+def _takes(class_name: str, schedule: dict[str, Any]) -> bool:
+    """Whether the diffusers scheduler class has every setting of ``schedule``."""
+    import diffusers
+
+    return set(schedule) <= set(inspect.signature(getattr(diffusers, class_name).__init__).parameters)
 
 
 def _load_pipeline(folder: Path, dtype: "torch.dtype", device: "torch.device",
@@ -264,7 +290,8 @@ def fill_run(pipelines: PipelineSlot, state: RunState, config: GenerateConfig, p
     """Loads the run's model (LoRA onto its base) and makes its missing images; returns the flagged count."""
     plan = state.plan
     pipe = pipelines.get(plan.pipeline.path)
-    pipe.scheduler = (build_scheduler(state.header["settings"]["scheduler"], pipelines.scheduler.config)
+    settings = state.header["settings"]
+    pipe.scheduler = (build_scheduler(settings["scheduler"], pipelines.scheduler.config, settings.get("schedule"))
                       or pipelines.scheduler)
     if plan.lora_file:
         # Before anything is written: a LoRA of another base model is bad input.
