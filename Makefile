@@ -25,7 +25,8 @@ PYTEST := $(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 test: install lint
 	$(PYTEST)
 
-# The everyday loop: every test but the slow end-to-end ones (crash, distributed, fuzz, world pipeline).
+# The everyday loop: every test but the slow end-to-end ones (crash, distributed, fuzz, world pipeline, the
+# 20-class run, bench subprocesses).
 test-fast: install
 	$(PYTEST) -m "not slow"
 

@@ -82,6 +82,7 @@ def test_full_size_flux_on_a_cpu_says_it_is_too_large_instead_of_shrinking_it(mo
     ("sdxl", "SDXL", "train_dreambooth_lora_sdxl.py", "sdxl-tiny"),
     ("flux", "FLUX.1", "train_dreambooth_lora_flux.py", "flux-tiny"),
 ])
+@pytest.mark.slow  # a bench subprocess, about 13 s each: CI runs them, make test-fast does not
 def test_the_family_stage_at_tiny_size_prints_and_stores_its_three_rows(tmp_path: Path, stage: str, title: str,
                                                                          script: str, arch: str) -> None:
     import os

@@ -244,6 +244,7 @@ def test_cli_reports_the_acceptance_rate(rigged_forward, tiny_sd_dir: Path, tmp_
     assert f"2 of {made} images passed --filter consistent (acceptance rate {2 / made:.0%})" in result.output
 
 
+@pytest.mark.slow  # three processes, one killed: CI runs it, make test-fast does not
 def test_sigkill_in_the_middle_then_rerun_equals_an_uninterrupted_run(
     rigged, tiny_sd_dir: Path, tmp_path: Path
 ) -> None:

@@ -48,6 +48,8 @@ def _command(workspace: Path, classifier: str, *extra: str) -> list[str]:
             f"--classifier={classifier}", *extra]
 
 
+# The tests marked slow below read one 20-class `spurgen run`, killed and restarted (about a minute): CI runs them,
+# make test-fast does not.
 @pytest.fixture(scope="module")
 def finished(setup: tuple[Path, str]) -> tuple[Path, dict, dict[str, float]]:
     """Runs `spurgen run`, kills it once the first class's model is complete, and runs it again to the end.
@@ -74,6 +76,7 @@ def finished(setup: tuple[Path, str]) -> tuple[Path, dict, dict[str, float]]:
     return workspace, json.loads((workspace / "run.json").read_text()), manifests
 
 
+@pytest.mark.slow
 def test_every_class_completes_and_the_failing_one_is_reported(finished) -> None:
     workspace, summary, _ = finished
     assert list(summary["failures"]) == [str(MISSING)]
@@ -85,6 +88,7 @@ def test_every_class_completes_and_the_failing_one_is_reported(finished) -> None
     assert (workspace / "reports" / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_the_restart_redoes_nothing_that_was_complete(finished) -> None:
     _, summary, manifests = finished
     first = next(entry for entry in summary["classes"] if entry["class"] == CLASSES[0].index)
@@ -97,6 +101,7 @@ def test_the_restart_redoes_nothing_that_was_complete(finished) -> None:
                for entry in later)
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_the_number_of_classes(finished) -> None:
     _, summary, _ = finished
     rss = [entry["rss_mb"] for entry in summary["classes"] if "stages" in entry]
@@ -105,6 +110,7 @@ def test_memory_does_not_grow_with_the_number_of_classes(finished) -> None:
     assert max(rss[3:]) - rss[2] < 64, rss
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_of_a_grid(finished, setup) -> None:
     workspace, _ = setup
     classes = f"{CLASSES[0].index},{CLASSES[1].index}"
