@@ -320,3 +320,27 @@ def test_an_explicit_sampler_of_a_zero_terminal_snr_run_gets_its_schedule_or_is_
     own = build_scheduler("model", base_config, ZERO_SNR_SCHEDULE)
     assert type(own).__name__ == "DDPMScheduler" and float(own.alphas_cumprod[-1]) == 0.0
     assert own.config.timestep_spacing == "trailing"
+
+
+def test_a_run_still_training_already_records_its_sampling_schedule(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate --checkpoint N samples a run that is still training: its training.json says how from the start."""
+    from spurgen.config import ZERO_SNR_SCHEDULE
+    from spurgen.finetune.trainer import Trainer
+    from spurgen.generate.runs import trained_schedule
+    from spurgen.testing import build_stable_diffusion
+
+    base = build_stable_diffusion(tmp_path / "tiny-v", "tiny", prediction_type="v_prediction", seed=0)
+    workspace = write_refs(tmp_path / "ws")
+    seen: list[dict[str, Any]] = []
+    step = Trainer.train_step
+
+    def reading_the_manifest(self: Trainer, *args: Any, **kwargs: Any) -> Any:
+        seen.append(manifest(workspace.model_dir(HUMMINGBIRD, "dreambooth")))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", reading_the_manifest)
+    finetune(config(base, preset="dreambooth", zero_terminal_snr=True, prior_preservation=False, steps=1,
+                    num_validation_images=0), workspace)
+    [running] = seen
+    assert running["status"] == "running" and trained_schedule(running) == ZERO_SNR_SCHEDULE

@@ -60,7 +60,7 @@ from ..workspace import (CHECKPOINT_STATE, TRAINING_FILE, Workspace, atomic_writ
                          read_json, utc_now)
 from .compile import check_compile
 from .diffusion import predicted_original, training_target
-from .outputs import loss_summary, progress_text, training_manifest, write_final_outputs, write_losses
+from .outputs import loss_summary, noise_record, progress_text, training_manifest, write_final_outputs, write_losses
 from .plan import ClassPlan, latest_checkpoint, plan_classes, resume_key
 from .sfsl import SpuriousFeature, load_sfsl_decoder, spurious_feature
 from .trackers import finish_trackers, log_rows, resolve_trackers, start_trackers
@@ -297,7 +297,9 @@ def _train_class(plan: ClassPlan, config: FinetuneConfig, workspace: Workspace, 
         trainer.close()
         raise
     if main:  # from now until the end, the folder says it is not a finished model
-        atomic_write_json(plan.folder / TRAINING_FILE, {"stage": "finetune", "status": "running", "started": started})
+        # The noise settings already: generate --checkpoint samples a run still training with its schedule.
+        atomic_write_json(plan.folder / TRAINING_FILE, {"stage": "finetune", "status": "running", "started": started,
+                                                        "noise": noise_record(config)})
     accelerator.wait_for_everyone()
     validation = Validation(trainer, setup.scorers(plan, config))
     try:

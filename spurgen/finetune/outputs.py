@@ -30,7 +30,7 @@ from .validation import BEST_FILE, best_record, metric_records, validation_file
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["loss_summary", "progress_text", "training_manifest", "write_final_outputs",
+__all__ = ["loss_summary", "progress_text", "noise_record", "training_manifest", "write_final_outputs",
            "write_losses"]
 
 # The loss terms of the log; its other columns are SFSL's rows and quarters of t, the gradient's diagnostics and lr.
@@ -102,6 +102,17 @@ def progress_text(cls: ClassInfo, log: list[dict[str, Any]]) -> str:
     return text
 
 
+def noise_record(config: FinetuneConfig) -> dict[str, Any]:
+    """training.json's ``noise``: the noise knobs, and the scheduler settings that a zero-terminal-SNR run must be
+    sampled with (generate reads them, for the final weights and for a checkpoint of a run still training).
+
+    Args:
+        config: The run's settings.
+    """
+    return {"offset": config.noise_offset, "snr_gamma": config.snr_gamma, "zero_terminal_snr": config.zero_terminal_snr,
+            "sampler": dict(ZERO_SNR_SCHEDULE) if config.zero_terminal_snr else None}
+
+
 def training_manifest(plan: ClassPlan, config: FinetuneConfig, trainer: Trainer, status: str, step: int,
               log: list[dict[str, Any]], started: str, **extra: Any) -> dict[str, Any]:
     """The run's ``training.json``: what was trained, from what, how, and the loss summary."""
@@ -151,9 +162,7 @@ def training_manifest(plan: ClassPlan, config: FinetuneConfig, trainer: Trainer,
                        "num_inference_steps": config.sample_steps, "guidance_scale": config.guidance_scale,
                        "scheduler": type(trainer.parts.sampler).__name__, "resolution": trainer.resolution,
                        "metrics": metric_records(log), "best": best_record(log)},
-        "noise": {"offset": config.noise_offset, "snr_gamma": config.snr_gamma,
-                  "zero_terminal_snr": config.zero_terminal_snr,
-                  "sampler": dict(ZERO_SNR_SCHEDULE) if config.zero_terminal_snr else None},
+        "noise": noise_record(config),
         "keep_best": config.keep_best,
         "weights_step": step,
         "distributed": {"processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
